@@ -1,0 +1,378 @@
+//! Layers with a backward pass that is both right and cheap.
+//!
+//! Stock candle 0.11.1 gets two things wrong for this project:
+//! - `candle_nn::ops::softmax_last_dim` and the fused `LayerNorm` have no backward, so a graph
+//!   through them silently loses gradient (wrong `to_q`/`to_k`/`norm` gradients, wrong-signed
+//!   context gradient);
+//! - a matmul or conv always computes the gradient of both operands, so in stage 1 (gradient with
+//!   respect to the text embeddings only) every frozen weight would still cost a full weight
+//!   gradient in time and memory.
+//!
+//! Both are fixed the same way: run the fast forward on a detached input, then re-attach it to the
+//! graph with [`attach_backward`], a custom op whose backward computes only the input gradient.
+//! When nothing tracks gradients (sampling), the plain fast path runs with no overhead.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, DType, Layout, Module, Result, Shape, Storage, Tensor, D};
+use candle_nn::VarBuilder;
+use std::sync::Mutex;
+
+type Backward = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
+
+/// Forward: hands out `value` (computed beforehand, off the graph). Backward: `backward(arg, res, grad)`.
+struct WithBackward {
+    value: Mutex<Option<Tensor>>,
+    backward: Box<Backward>,
+}
+
+impl WithBackward {
+    fn take(&self) -> Result<Tensor> {
+        let value = self.value.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?.take();
+        value.ok_or_else(|| candle_core::Error::Msg("with-backward op applied twice".into()))
+    }
+}
+
+impl candle_core::CustomOp1 for WithBackward {
+    fn name(&self) -> &'static str {
+        "with-backward"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("with-backward: value and argument on different devices"),
+        }
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("with-backward: value and argument on different devices"),
+        }
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        (self.backward)(arg, res, grad_res).map(Some)
+    }
+}
+
+/// Puts `value` (a function of `arg` computed off the graph) back on the graph as a child of `arg`,
+/// with `backward(arg, value, grad_value) -> grad_arg`. Costs one copy of `value`.
+pub fn attach_backward(
+    arg: &Tensor,
+    value: Tensor,
+    backward: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !arg.track_op() {
+        return Ok(value);
+    }
+    // `try_clone` copies the whole buffer, so hand it a tensor that owns exactly its elements.
+    let owns_its_buffer = {
+        let (_, layout) = value.storage_and_layout();
+        layout.is_contiguous() && layout.start_offset() == 0
+    };
+    let value = if owns_its_buffer { value } else { value.copy()? };
+    arg.apply_op1(WithBackward { value: Mutex::new(Some(value)), backward: Box::new(backward) })
+}
+
+/// True when the backward pass must compute this weight's gradient.
+fn trainable(w: &Tensor) -> bool {
+    w.track_op()
+}
+
+/// Softmax over the last dimension: candle's fused kernel forward, `y * (g - sum(g * y))` backward.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let ys = candle_nn::ops::softmax_last_dim(&xs.detach())?;
+    attach_backward(xs, ys, |_, ys, grad| {
+        let dot = (grad * ys)?.sum_keepdim(D::Minus1)?;
+        ys * grad.broadcast_sub(&dot)?
+    })
+}
+
+/// A linear layer, `y = x W^T + b`, as `torch.nn.Linear`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
+        let w = self.weight.t()?;
+        let ys = match xs.rank() {
+            // A 2-D matmul on the flattened rows is much faster than a batched one on CPU.
+            3 | 4 => {
+                let dims = xs.dims().to_vec();
+                let rows: usize = dims[..dims.len() - 1].iter().product();
+                let ys = xs.reshape((rows, dims[dims.len() - 1]))?.matmul(&w)?;
+                let mut out_dims = dims;
+                *out_dims.last_mut().expect("rank >= 3") = self.weight.dim(0)?;
+                ys.reshape(out_dims)?
+            }
+            _ => xs.matmul(&w)?,
+        };
+        match &self.bias {
+            Some(b) => ys.broadcast_add(b),
+            None => Ok(ys),
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let frozen = !trainable(&self.weight) && !self.bias.as_ref().is_some_and(trainable);
+        if !(frozen && xs.track_op()) {
+            return self.forward_plain(xs);
+        }
+        let ys = self.forward_plain(&xs.detach())?;
+        let weight = self.weight.clone();
+        attach_backward(xs, ys, move |_, _, grad| grad.broadcast_matmul(&weight))
+    }
+}
+
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = vb.get(out_dim, "bias")?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?, None))
+}
+
+/// Linear with or without bias, as `torch.nn.Linear(.., bias=bias)`.
+pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    if bias {
+        linear(in_dim, out_dim, vb)
+    } else {
+        linear_no_bias(in_dim, out_dim, vb)
+    }
+}
+
+/// Padding, stride and dilation of a 2-D convolution (groups are always 1 in SD v1).
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dConfig {
+    pub padding: usize,
+    pub stride: usize,
+    pub dilation: usize,
+}
+
+impl Default for Conv2dConfig {
+    fn default() -> Self {
+        Self { padding: 0, stride: 1, dilation: 1 }
+    }
+}
+
+/// A 2-D convolution, as `torch.nn.Conv2d`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    cfg: Conv2dConfig,
+}
+
+impl Conv2d {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Self {
+        Self { weight, bias, cfg }
+    }
+
+    fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
+        let c = self.cfg;
+        let ys = xs.conv2d(&self.weight, c.padding, c.stride, c.dilation, 1)?;
+        match &self.bias {
+            Some(b) => ys.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(ys),
+        }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let frozen = !trainable(&self.weight) && !self.bias.as_ref().is_some_and(trainable);
+        if !(frozen && xs.track_op()) {
+            return self.forward_plain(xs);
+        }
+        let ys = self.forward_plain(&xs.detach())?;
+        let (weight, c) = (self.weight.clone(), self.cfg);
+        attach_backward(xs, ys, move |arg, _, grad| {
+            // The input gradient of a convolution is the transposed convolution of the output
+            // gradient, padded back to the input's size (as candle's own conv2d backward).
+            let k_h = weight.dim(2)?;
+            let out_size = (grad.dim(2)? - 1) * c.stride + c.dilation * (k_h - 1) + 1 - 2 * c.padding;
+            let out_padding = arg.dim(2)? - out_size;
+            grad.conv_transpose2d(&weight, c.padding, out_padding, c.stride, c.dilation)
+        })
+    }
+}
+
+pub fn conv2d(in_c: usize, out_c: usize, kernel: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
+    let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
+    let bias = vb.get(out_c, "bias")?;
+    Ok(Conv2d::new(weight, Some(bias), cfg))
+}
+
+/// Layer norm over the last dimension, as `torch.nn.LayerNorm`.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
+
+    /// Differentiable in everything: plain tensor ops, in f32 at least.
+    fn forward_composed(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(internal_dtype(dtype))?;
+        let xs = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
+        let var = xs.sqr()?.mean_keepdim(D::Minus1)?;
+        let xs = xs.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        xs.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if trainable(&self.weight) || trainable(&self.bias) {
+            return self.forward_composed(xs);
+        }
+        let ys = candle_nn::ops::layer_norm(&xs.detach(), &self.weight, &self.bias, self.eps as f32)?;
+        let (weight, eps) = (self.weight.clone(), self.eps);
+        attach_backward(xs, ys, move |arg, _, grad| {
+            // dx = (g' - mean(g') - x̂ mean(g' x̂)) / σ with g' = g w and x̂ the normalized input.
+            let dtype = arg.dtype();
+            let x = arg.to_dtype(internal_dtype(dtype))?;
+            let g = grad.to_dtype(x.dtype())?.broadcast_mul(&weight.to_dtype(x.dtype())?)?;
+            let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+            let std = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+            let x_hat = centered.broadcast_div(&std)?;
+            let dx = g
+                .broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
+                .sub(&x_hat.broadcast_mul(&(&g * &x_hat)?.mean_keepdim(D::Minus1)?)?)?
+                .broadcast_div(&std)?;
+            dx.to_dtype(dtype)
+        })
+    }
+}
+
+pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    Ok(LayerNorm::new(vb.get(dim, "weight")?, vb.get(dim, "bias")?, eps))
+}
+
+/// Group norm, as `torch.nn.GroupNorm` (candle's is already made of differentiable ops).
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<candle_nn::GroupNorm> {
+    candle_nn::GroupNorm::new(vb.get(channels, "weight")?, vb.get(channels, "bias")?, channels, groups, eps)
+}
+
+/// Reductions in half precision lose too much; do them in f32 (f64 stays f64).
+fn internal_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Central finite difference of `f` with respect to every element of `x`, in f64.
+    fn numeric_grad(x: &Tensor, f: &dyn Fn(&Tensor) -> Result<f64>) -> Result<Vec<f64>> {
+        let base = x.flatten_all()?.to_vec1::<f64>()?;
+        let h = 1e-6;
+        let mut grads = Vec::with_capacity(base.len());
+        for i in 0..base.len() {
+            let mut plus = base.clone();
+            plus[i] += h;
+            let mut minus = base.clone();
+            minus[i] -= h;
+            let fp = f(&Tensor::from_vec(plus, x.shape(), x.device())?)?;
+            let fm = f(&Tensor::from_vec(minus, x.shape(), x.device())?)?;
+            grads.push((fp - fm) / (2.0 * h));
+        }
+        Ok(grads)
+    }
+
+    /// Checks `d sum(f(x) * probe) / dx` from backprop against finite differences.
+    fn check_grad(x0: &Tensor, f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+        let x = Var::from_tensor(x0)?;
+        let out = f(x.as_tensor())?;
+        let probe = Tensor::randn(0f64, 1.0, out.shape(), x0.device())?;
+        let loss = (&out * &probe)?.sum_all()?;
+        let grads = loss.backward()?;
+        let analytic = grads.get(x.as_tensor()).expect("x gets a gradient").flatten_all()?.to_vec1::<f64>()?;
+        let numeric = numeric_grad(x0, &|x| (f(x)? * &probe)?.sum_all()?.to_scalar::<f64>())?;
+        for (a, n) in analytic.iter().zip(&numeric) {
+            assert!((a - n).abs() < 1e-6 * (1.0 + n.abs()), "backprop {a} vs finite difference {n}");
+        }
+        Ok(())
+    }
+
+    fn randn(shape: &[usize]) -> Result<Tensor> {
+        Tensor::randn(0f64, 1.0, shape, &Device::Cpu)
+    }
+
+    #[test]
+    fn softmax_gradient_matches_finite_differences() -> Result<()> {
+        check_grad(&randn(&[2, 3, 5])?, &|x| softmax_last_dim(x))
+    }
+
+    #[test]
+    fn frozen_linear_gradient_matches_finite_differences() -> Result<()> {
+        let lin = Linear::new(randn(&[4, 6])?, Some(randn(&[4])?));
+        check_grad(&randn(&[2, 3, 6])?, &|x| lin.forward(x))
+    }
+
+    #[test]
+    fn frozen_conv_gradient_matches_finite_differences() -> Result<()> {
+        for (padding, stride) in [(1, 1), (1, 2), (0, 1)] {
+            let conv = Conv2d::new(randn(&[3, 2, 3, 3])?, Some(randn(&[3])?), Conv2dConfig { padding, stride, dilation: 1 });
+            check_grad(&randn(&[1, 2, 6, 6])?, &|x| conv.forward(x))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_layer_norm_gradient_matches_finite_differences() -> Result<()> {
+        let ln = LayerNorm::new(randn(&[5])?, randn(&[5])?, 1e-5);
+        check_grad(&randn(&[2, 3, 5])?, &|x| ln.forward(x))
+    }
+
+    #[test]
+    fn frozen_weights_get_no_gradient() -> Result<()> {
+        let lin = Linear::new(randn(&[4, 6])?, Some(randn(&[4])?));
+        let x = Var::from_tensor(&randn(&[3, 6])?)?;
+        let grads = lin.forward(x.as_tensor())?.sum_all()?.backward()?;
+        assert!(grads.get(lin.weight()).is_none());
+        assert!(grads.get(x.as_tensor()).is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn trainable_layer_norm_matches_fused_forward() -> Result<()> {
+        let (w, b) = (randn(&[5])?, randn(&[5])?);
+        let x = randn(&[2, 3, 5])?;
+        let fused = LayerNorm::new(w.clone(), b.clone(), 1e-5).forward(&x)?;
+        let composed = LayerNorm::new(Var::from_tensor(&w)?.as_tensor().clone(), b, 1e-5).forward(&x)?;
+        let diff = (fused - composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-10, "fused and composed layer norm differ by {diff}");
+        Ok(())
+    }
+}

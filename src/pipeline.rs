@@ -1,0 +1,221 @@
+//! Stable Diffusion text-to-image and image-to-image, read top-down like diffusers'
+//! `StableDiffusionPipeline.__call__` and `StableDiffusionImg2ImgPipeline.__call__`.
+
+use crate::error::{bad_input, Result};
+use crate::models::clip_text::{ClipTextConfig, ClipTextTransformer};
+use crate::models::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::schedulers::{DdimConfig, DdimScheduler};
+use crate::sources::{Component, ModelFiles};
+use crate::tokenizer::ClipTokenizer;
+use candle_core::{DType, Device, Module, Tensor};
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// The four parts of a Stable Diffusion v1.x pipeline, loaded in one dtype on one device.
+pub struct StableDiffusion {
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub text_encoder: ClipTextTransformer,
+    pub tokenizer: ClipTokenizer,
+    pub scheduler_config: DdimConfig,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl StableDiffusion {
+    pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        let unet_cfg = UNet2DConditionModelConfig::from_json(&files.unet_config)?;
+        let vae_cfg = AutoencoderKLConfig::from_json(&files.vae_config)?;
+        let clip_cfg = ClipTextConfig::from_json(&files.text_encoder_config)?;
+        let load = |c: Component| files.var_builder(c, dtype, device);
+        let unet = UNet2DConditionModel::new(load(Component::Unet)?, unet_cfg)
+            .map_err(|e| files.weights_error(Component::Unet, e))?;
+        let vae = AutoencoderKL::new(load(Component::Vae)?, vae_cfg)
+            .map_err(|e| files.weights_error(Component::Vae, e))?;
+        let text_encoder = ClipTextTransformer::new(load(Component::TextEncoder)?, clip_cfg)
+            .map_err(|e| files.weights_error(Component::TextEncoder, e))?;
+        Ok(Self {
+            unet,
+            vae,
+            text_encoder,
+            tokenizer: files.tokenizer()?,
+            scheduler_config: DdimConfig::from_json(&files.scheduler_config)?,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// A fresh DDIM scheduler with this model's configuration.
+    pub fn scheduler(&self) -> Result<DdimScheduler> {
+        DdimScheduler::new(self.scheduler_config.clone())
+    }
+
+    /// The VAE's downsampling factor (8 for SD v1): image sides must be multiples of it.
+    pub fn vae_factor(&self) -> usize {
+        self.vae.downsampling_factor()
+    }
+
+    /// `c(T)`: the CLIP text encoder's last hidden state for a prompt, `[1, 77, D]`.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode(prompt)?;
+        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        Ok(self.text_encoder.forward(&ids)?.to_dtype(self.dtype)?)
+    }
+
+    /// `z = scaling_factor * E(image)`: the posterior mean, or a sample when `noise` is given.
+    pub fn encode_image(&self, image: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
+        let posterior = self.vae.encode(&image.to_dtype(self.dtype)?)?;
+        let z = match noise {
+            Some(n) => posterior.sample(n)?,
+            None => posterior.mean().clone(),
+        };
+        Ok((z * self.vae.scaling_factor())?)
+    }
+
+    /// Latents to an image tensor in [-1, 1].
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(self.vae.decode(&(latents / self.vae.scaling_factor())?)?)
+    }
+
+    /// One classifier-free-guided noise prediction: `eps_u + w (eps_c - eps_u)`, both halves in one
+    /// batched UNet call. `w <= 1` skips the unconditional half, as diffusers does.
+    pub fn guided_noise(&self, latents: &Tensor, t: usize, cond: &Tensor, uncond: &Tensor, scale: f64) -> Result<Tensor> {
+        if scale <= 1.0 {
+            return Ok(self.unet.forward(latents, t as f64, cond)?);
+        }
+        let batch = latents.dim(0)?;
+        let input = Tensor::cat(&[latents, latents], 0)?;
+        let context = Tensor::cat(&[uncond.repeat((batch, 1, 1))?, cond.repeat((batch, 1, 1))?], 0)?;
+        let eps = self.unet.forward(&input, t as f64, &context)?;
+        let (eps_u, eps_c) = (eps.narrow(0, 0, batch)?, eps.narrow(0, batch, batch)?);
+        Ok((&eps_u + ((eps_c - &eps_u)? * scale)?)?)
+    }
+
+    /// The denoising loop over `timesteps`, from `latents`, with classifier-free guidance.
+    pub fn denoise(
+        &self,
+        scheduler: &DdimScheduler,
+        timesteps: &[usize],
+        mut latents: Tensor,
+        cond: &Tensor,
+        uncond: &Tensor,
+        guidance_scale: f64,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = scheduler.scale_model_input(latents.clone(), t)?;
+            let eps = self.guided_noise(&input, t, cond, uncond, guidance_scale)?;
+            latents = scheduler.step(&eps, t, &latents)?;
+            on_step(i + 1, timesteps.len());
+        }
+        Ok(latents)
+    }
+}
+
+/// Standard normal noise from a seed, drawn on the CPU so that a seed gives the same image on
+/// every device.
+pub fn seeded_noise(seed: u64, shape: &[usize], device: &Device, dtype: DType) -> Result<Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+}
+
+/// Settings of `generate`; defaults as diffusers' StableDiffusionPipeline.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub width: usize,
+    pub height: usize,
+    pub seed: u64,
+    /// Used instead of seeded noise (diffusers' `latents=`), `[1, 4, height/f, width/f]`.
+    pub init_latents: Option<Tensor>,
+    /// img2img (SDEdit): the start image in [-1, 1], `[1, 3, height, width]`.
+    pub init_image: Option<Tensor>,
+    /// img2img: how much of the schedule to re-noise, in (0, 1].
+    pub strength: f64,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 50,
+            guidance_scale: 7.5,
+            width: 512,
+            height: 512,
+            seed: 0,
+            init_latents: None,
+            init_image: None,
+            strength: 0.8,
+        }
+    }
+}
+
+/// Text-to-image, or image-to-image when `init_image` is set. Returns the image in [-1, 1].
+pub fn generate(sd: &StableDiffusion, opts: &GenerateOptions, on_step: &mut dyn FnMut(usize, usize)) -> Result<Tensor> {
+    // 1. check inputs
+    let f = sd.vae_factor();
+    for (name, v) in [("--width", opts.width), ("--height", opts.height)] {
+        if v == 0 || v % f != 0 {
+            return Err(bad_input(name, format!("{v} is not a positive multiple of {f}"), format!("use a multiple of {f}, the model's VAE factor")));
+        }
+    }
+    if opts.steps == 0 {
+        return Err(bad_input("--steps", "0 denoising steps", "use at least 1 (50 is the default)"));
+    }
+    let latent_shape = [1, sd.unet.config().in_channels, opts.height / f, opts.width / f];
+
+    // 2. encode the prompt
+    let cond = sd.encode_prompt(&opts.prompt)?;
+    let uncond = sd.encode_prompt(&opts.negative_prompt)?;
+
+    // 3. prepare timesteps
+    let mut scheduler = sd.scheduler()?;
+    scheduler.set_timesteps(opts.steps)?;
+
+    // 4. prepare latents
+    let noise = match &opts.init_latents {
+        Some(l) => {
+            if l.dims() != latent_shape {
+                return Err(bad_input("--init-latents", format!("shape {:?}, expected {latent_shape:?}", l.dims()), "give latents for this width, height and model"));
+            }
+            l.to_device(&sd.device)?.to_dtype(sd.dtype)?
+        }
+        None => seeded_noise(opts.seed, &latent_shape, &sd.device, sd.dtype)?,
+    };
+    let (latents, timesteps) = match &opts.init_image {
+        None => ((noise * scheduler.init_noise_sigma())?, scheduler.timesteps().to_vec()),
+        Some(image) => {
+            let timesteps = scheduler.timesteps_for_strength(opts.strength)?.to_vec();
+            let posterior_noise = seeded_noise(opts.seed.wrapping_add(1 << 32), &latent_shape, &sd.device, sd.dtype)?;
+            let z = sd.encode_image(image, Some(&posterior_noise))?;
+            let Some(&t_start) = timesteps.first() else {
+                return Err(bad_input("--strength", format!("{} leaves no denoising step out of {}", opts.strength, opts.steps), "raise --strength or --steps"));
+            };
+            (scheduler.add_noise(&z, &noise, t_start)?, timesteps)
+        }
+    };
+
+    // 5. the denoising loop
+    let latents = sd.denoise(&scheduler, &timesteps, latents, &cond, &uncond, opts.guidance_scale, on_step)?;
+
+    // 6. decode
+    sd.decode_latents(&latents)
+}
+
+/// Reads `--init-latents`: a safetensors file holding a tensor named `latents`.
+pub fn load_latents(path: &std::path::Path, device: &Device, dtype: DType) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+        bad_input(path.display(), format!("not a readable safetensors file ({e})"), "give a .safetensors file with a tensor named `latents`")
+    })?;
+    let latents = tensors.get("latents").ok_or_else(|| {
+        bad_input(path.display(), "no tensor named `latents`", "save the tensor under the name `latents`")
+    })?;
+    Ok(latents.to_dtype(dtype)?.to_device(device)?)
+}
