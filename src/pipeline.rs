@@ -8,7 +8,7 @@ use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::schedulers::{DdimConfig, DdimScheduler};
 use crate::sources::{Component, ModelFiles};
 use crate::tokenizer::ClipTokenizer;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 

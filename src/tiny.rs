@@ -76,7 +76,7 @@ impl SeededWeights {
         };
         let mut rng = self.rng.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
         let data: Vec<f32> = (0..shape.elem_count())
-            .map(|_| offset + scale * StandardNormal.sample(&mut *rng) as f32)
+            .map(|_| offset + scale * Distribution::<f32>::sample(&StandardNormal, &mut *rng))
             .collect();
         Tensor::from_vec(data, shape.clone(), &Device::Cpu)
     }

@@ -9,8 +9,7 @@
 //!   with a `group_norm` and a residual connection).
 
 use crate::models::nn::{
-    conv2d, group_norm, layer_norm, linear, linear_b, softmax_last_dim, Conv2d, Conv2dConfig, LayerNorm,
-    Linear,
+    conv2d, group_norm, layer_norm, linear, linear_b, softmax_last_dim, Conv2d, Conv2dConfig, LayerNorm, Linear,
 };
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{GroupNorm, VarBuilder};
@@ -91,19 +90,21 @@ impl Attention {
     /// `(batch, seq, heads * dim)` -> `(batch * heads, seq, dim)`.
     fn heads_to_batch(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, n, dim) = xs.dims3()?;
-        xs.reshape((b, n, self.heads, dim / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * self.heads, n, dim / self.heads))
+        xs.reshape((b, n, self.heads, dim / self.heads))?.transpose(1, 2)?.contiguous()?.reshape((
+            b * self.heads,
+            n,
+            dim / self.heads,
+        ))
     }
 
     /// `(batch * heads, seq, dim)` -> `(batch, seq, heads * dim)`.
     fn batch_to_heads(&self, xs: &Tensor) -> Result<Tensor> {
         let (bh, n, dim) = xs.dims3()?;
-        xs.reshape((bh / self.heads, self.heads, n, dim))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((bh / self.heads, n, dim * self.heads))
+        xs.reshape((bh / self.heads, self.heads, n, dim))?.transpose(1, 2)?.contiguous()?.reshape((
+            bh / self.heads,
+            n,
+            dim * self.heads,
+        ))
     }
 
     /// `xs`: `(batch, seq, query_dim)`; `context`: `(batch, context_seq, context_dim)`.
@@ -264,7 +265,14 @@ impl Transformer2DModel {
         let vb_tb = vb.pp("transformer_blocks");
         let transformer_blocks = (0..config.depth)
             .map(|i| {
-                BasicTransformerBlock::new(vb_tb.pp(i), inner_dim, n_heads, d_head, config.context_dim, config.slice_size)
+                BasicTransformerBlock::new(
+                    vb_tb.pp(i),
+                    inner_dim,
+                    n_heads,
+                    d_head,
+                    config.context_dim,
+                    config.slice_size,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { norm, proj_in, transformer_blocks, proj_out, config })
@@ -348,11 +356,9 @@ impl AttentionBlock {
         let num_head_channels = config.num_head_channels.unwrap_or(channels);
         let num_heads = channels / num_head_channels;
         let group_norm = group_norm(config.num_groups, channels, config.eps, vb.pp("group_norm"))?;
-        let (q, k, v, out) = if vb.contains_tensor("query.weight") {
-            ("query", "key", "value", "proj_attn")
-        } else {
-            ("to_q", "to_k", "to_v", "to_out.0")
-        };
+        let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
+        let (q, k, v, out) =
+            if legacy { ("query", "key", "value", "proj_attn") } else { ("to_q", "to_k", "to_v", "to_out.0") };
         Ok(Self {
             group_norm,
             to_q: channel_linear(channels, vb.pp(q))?,

@@ -49,16 +49,13 @@ impl Module for Timesteps {
     fn forward(&self, timesteps: &Tensor) -> Result<Tensor> {
         let half_dim = self.num_channels / 2;
         // exponent = -ln(10000) * arange(half_dim) / (half_dim - downscale_freq_shift), in f32.
-        let exponent = (Tensor::arange(0u32, half_dim as u32, timesteps.device())?.to_dtype(DType::F32)?
-            * -f64::ln(10000.))?;
+        let exponent =
+            (Tensor::arange(0u32, half_dim as u32, timesteps.device())?.to_dtype(DType::F32)? * -f64::ln(10000.))?;
         // A true f32 division, as torch (dividing by a scalar in candle multiplies by its inverse).
         let denom = Tensor::new((half_dim as f64 - self.downscale_freq_shift) as f32, timesteps.device())?;
         let exponent = exponent.broadcast_div(&denom)?;
         let freqs = exponent.exp()?;
-        let emb = timesteps
-            .to_dtype(DType::F32)?
-            .unsqueeze(D::Minus1)?
-            .broadcast_mul(&freqs.unsqueeze(0)?)?;
+        let emb = timesteps.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?.broadcast_mul(&freqs.unsqueeze(0)?)?;
         let (sin, cos) = (emb.sin()?, emb.cos()?);
         let emb = if self.flip_sin_to_cos {
             Tensor::cat(&[&cos, &sin], D::Minus1)?

@@ -198,8 +198,37 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// candle's conv backward (and the frozen one below) pads the input gradient back to the input's
+    /// size with one `output_padding` for both height and width, wrong when they differ (e.g. a 5x4
+    /// input at stride 2 and padding 1). Then zero-pad the input at the bottom and right until the
+    /// windows tile it exactly in both dimensions, and crop the extra outputs: same result, and a
+    /// backward with no `output_padding`.
+    fn forward_tiled(&self, xs: &Tensor) -> Result<Option<Tensor>> {
+        let c = self.cfg;
+        let (_, _, h, w) = xs.dims4()?;
+        let (k_h, k_w) = (self.weight.dim(2)?, self.weight.dim(3)?);
+        // (outputs, rows or columns past the last window, zeros to add for an exact tiling)
+        let tiling = |size: usize, k: usize| {
+            let span = c.dilation * (k - 1) + 1;
+            let rest = (size + 2 * c.padding).saturating_sub(span) % c.stride;
+            let out = (size + 2 * c.padding).saturating_sub(span) / c.stride + 1;
+            (out, rest, if rest == 0 { 0 } else { c.stride - rest })
+        };
+        let ((out_h, rest_h, extra_h), (out_w, rest_w, extra_w)) = (tiling(h, k_h), tiling(w, k_w));
+        if rest_h == rest_w {
+            return Ok(None);
+        }
+        let xs = xs.pad_with_zeros(2, 0, extra_h)?.pad_with_zeros(3, 0, extra_w)?;
+        Ok(Some(self.forward(&xs)?.narrow(2, 0, out_h)?.narrow(3, 0, out_w)?))
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(ys) = self.forward_tiled(xs)? {
+            return Ok(ys);
+        }
         let frozen = !trainable(&self.weight) && !self.bias.as_ref().is_some_and(trainable);
         if !(frozen && xs.track_op()) {
             return self.forward_plain(xs);
@@ -252,7 +281,12 @@ impl Module for LayerNorm {
         if trainable(&self.weight) || trainable(&self.bias) {
             return self.forward_composed(xs);
         }
-        let ys = candle_nn::ops::layer_norm(&xs.detach(), &self.weight, &self.bias, self.eps as f32)?;
+        // candle's fused kernel has no f64 version: compose it there.
+        let ys = if xs.dtype() == DType::F64 {
+            self.forward_composed(&xs.detach())?
+        } else {
+            candle_nn::ops::layer_norm(&xs.detach(), &self.weight, &self.bias, self.eps as f32)?
+        };
         let (weight, eps) = (self.weight.clone(), self.eps);
         attach_backward(xs, ys, move |arg, _, grad| {
             // dx = (g' - mean(g') - x̂ mean(g' x̂)) / σ with g' = g w and x̂ the normalized input.
@@ -347,6 +381,18 @@ mod tests {
             check_grad(&randn(&[1, 2, 6, 6])?, &|x| conv.forward(x))?;
         }
         Ok(())
+    }
+
+    #[test]
+    fn conv_gradient_with_unread_border_matches_finite_differences() -> Result<()> {
+        // At stride 2 and padding 1, 5 rows are tiled exactly by the windows but 4 columns are not:
+        // frozen and trainable weights.
+        let (w, b) = (randn(&[3, 2, 3, 3])?, randn(&[3])?);
+        let cfg = Conv2dConfig { padding: 1, stride: 2, dilation: 1 };
+        let conv = Conv2d::new(w.clone(), Some(b.clone()), cfg);
+        check_grad(&randn(&[1, 2, 5, 4])?, &|x| conv.forward(x))?;
+        let conv = Conv2d::new(Var::from_tensor(&w)?.as_tensor().clone(), Some(b), cfg);
+        check_grad(&randn(&[1, 2, 4, 5])?, &|x| conv.forward(x))
     }
 
     #[test]

@@ -517,3 +517,147 @@ impl DdimScheduler {
         Ok(&self.timesteps[steps - init..])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use serde_json::json;
+
+    fn sd_v1() -> DdimScheduler {
+        DdimScheduler::new(
+            DdimConfig::from_json(&json!({
+                "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "clip_sample": false, "set_alpha_to_one": false, "steps_offset": 1
+            }))
+            .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn err_text<T: std::fmt::Debug>(r: Result<T>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_step_counts_are_errors() {
+        let mut s = sd_v1();
+        assert!(err_text(s.set_timesteps(0)).contains("number of inference steps"));
+        assert!(s.set_timesteps(1001).is_err());
+        assert!(s.set_timesteps(999).is_ok());
+        // diffusers would yield timestep 1000 here and fail inside step(); we fail up front.
+        assert!(err_text(s.set_timesteps(1000)).contains("steps_offset"));
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let e = err_text(DdimConfig::from_json(&json!({"beta_schedule": "sigmoid"})));
+        assert!(e.contains("beta_schedule") && e.contains("sigmoid") && e.contains("\"scaled_linear\""), "{e}");
+        let e = err_text(DdimConfig::from_json(&json!({"prediction_type": "flow"})));
+        assert!(e.contains("prediction_type") && e.contains("\"v_prediction\""), "{e}");
+        let e = err_text(DdimConfig::from_json(&json!({"timestep_spacing": "karras"})));
+        assert!(e.contains("timestep_spacing") && e.contains("\"linspace\""), "{e}");
+        assert!(err_text(DdimConfig::from_json(&json!({"trained_betas": [0.1, 0.2]}))).contains("trained_betas"));
+        assert!(err_text(DdimConfig::from_json(&json!({"thresholding": true}))).contains("thresholding"));
+        assert!(err_text(DdimConfig::from_json(&json!({"steps_offset": "one"}))).contains("wrong type"));
+        assert!(DdimConfig::from_json(&json!([1, 2])).is_err());
+        // null counts as absent, unknown keys are ignored
+        let c = DdimConfig::from_json(&json!({"prediction_type": null, "skip_prk_steps": true})).unwrap();
+        assert_eq!(c, DdimConfig::default());
+    }
+
+    #[test]
+    fn strength_selects_the_tail_like_diffusers_img2img() {
+        let mut s = sd_v1();
+        assert!(s.timesteps_for_strength(0.5).is_err(), "needs set_timesteps first");
+        s.set_timesteps(50).unwrap();
+        for bad in [0.0, -0.1, 1.5, f64::NAN] {
+            assert!(err_text(s.timesteps_for_strength(bad)).contains("strength"), "{bad}");
+        }
+        assert_eq!(s.timesteps_for_strength(1.0).unwrap(), s.timesteps());
+        let kept = s.timesteps_for_strength(0.3).unwrap();
+        assert_eq!(kept.len(), 15);
+        assert_eq!(kept, &s.timesteps()[35..]);
+        assert_eq!(kept[0], 281);
+        // int(50 * 0.01) == 0 steps: diffusers' pipeline refuses this too.
+        assert!(s.timesteps_for_strength(0.01).is_err());
+    }
+
+    #[test]
+    fn stepping_needs_set_timesteps_and_valid_inputs() {
+        let s = sd_v1();
+        let x = Tensor::ones((1, 2), DType::F32, &Device::Cpu).unwrap();
+        assert!(err_text(s.step(&x, 981, &x)).contains("set_timesteps"));
+        let mut s = sd_v1();
+        s.set_timesteps(10).unwrap();
+        assert!(err_text(s.step(&x, 1000, &x)).contains("timestep 1000"));
+        assert!(err_text(s.step_with(&x, 901, &x, 0.5, None)).contains("noise"));
+        assert!(s.add_noise(&x, &x, 1000).is_err());
+    }
+
+    #[test]
+    fn eta_adds_scaled_noise() {
+        let mut s = sd_v1();
+        s.set_timesteps(10).unwrap();
+        let x = Tensor::new(&[[0.3f32, -1.2]], &Device::Cpu).unwrap();
+        let eps = Tensor::new(&[[0.5f32, 0.1]], &Device::Cpu).unwrap();
+        let zeros = x.zeros_like().unwrap();
+        let noise = Tensor::new(&[[1.0f32, -2.0]], &Device::Cpu).unwrap();
+        let t = 901;
+        let (a, ap) = (s.alphas_cumprod()[t], s.alphas_cumprod()[t - 100]);
+        let eta = 0.7;
+        let std = eta * ((1.0 - ap) / (1.0 - a) * (1.0 - a / ap)).sqrt();
+        let with_noise = s.step_with(&eps, t, &x, eta, Some(&noise)).unwrap().prev_sample;
+        let without = s.step_with(&eps, t, &x, eta, Some(&zeros)).unwrap().prev_sample;
+        let diff: Vec<f32> = (with_noise - without).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!((diff[0] as f64 - std).abs() < 1e-6 && (diff[1] as f64 + 2.0 * std).abs() < 1e-6, "{diff:?}");
+    }
+
+    /// Values from diffusers 0.42 (torch 2.11, CPU) for the schedules the fixture file lacks.
+    #[test]
+    fn squaredcos_and_zero_snr_match_diffusers() {
+        let x = Tensor::new(&[[1.0f32, 1.0]], &Device::Cpu).unwrap();
+        let mo = Tensor::new(&[[0.5f32, -2.0]], &Device::Cpu).unwrap();
+        let check = |config: serde_json::Value,
+                     alphas: &[(usize, f64)],
+                     exact: bool,
+                     steps: [(usize, [f32; 2]); 2]| {
+            let mut s = DdimScheduler::new(DdimConfig::from_json(&config).unwrap()).unwrap();
+            for &(i, want) in alphas {
+                let got = s.alphas_cumprod()[i];
+                if exact {
+                    assert_eq!(got as f32, want as f32, "alphas_cumprod[{i}]");
+                } else {
+                    // torch's f32 sqrt is not correctly rounded, so not bit-exact here
+                    assert!((got - want).abs() <= 5e-6 * want, "alphas_cumprod[{i}] {got} vs {want}");
+                }
+            }
+            s.set_timesteps(7).unwrap();
+            assert_eq!(s.timesteps(), [999, 856, 713, 570, 428, 285, 142]);
+            for (k, want) in steps {
+                let got: Vec<f32> = s.step(&mo, s.timesteps()[k], &x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                for (g, w) in got.iter().zip(want) {
+                    assert!((g - w).abs() < 2e-6, "step {k}: {got:?} vs {want:?}");
+                }
+            }
+        };
+        check(
+            json!({"beta_schedule": "squaredcos_cap_v2", "clip_sample": true, "clip_sample_range": 0.5,
+                   "timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
+            &[(0, 0.9999586939811707), (1, 0.9999125599861145), (499, 0.4938434660434723),
+              (998, 2.428766265438753e-06), (999, 2.4287349909002387e-09)],
+            true,
+            [(0, [0.8658985495567322, 1.085265874862671]), (6, [0.5046112537384033, 0.4889853596687317])],
+        );
+        check(
+            json!({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                   "clip_sample": false, "set_alpha_to_one": false, "steps_offset": 1,
+                   "rescale_betas_zero_snr": true, "timestep_spacing": "trailing",
+                   "prediction_type": "v_prediction"}),
+            &[(0, 0.9991499781608582), (1, 0.9982334971427917), (499, 0.24235899746418),
+              (998, 1.9679633567193378e-07)],
+            false,
+            [(0, [0.9538033604621887, 1.1666347980499268]), (6, [0.7274227738380432, 1.698064923286438])],
+        );
+    }
+}

@@ -1,0 +1,705 @@
+//! Adapted from candle-transformers 0.11.1 (MIT OR Apache-2.0), stable_diffusion/unet_2d_blocks.rs
+//!
+//! The down, mid and up blocks of the UNet and the VAE, as diffusers'
+//! `models/unets/unet_2d_blocks.py`, `models/downsampling.py` and `models/upsampling.py`.
+
+use super::attention::{AttentionBlock, AttentionBlockConfig, Transformer2DModel, Transformer2DModelConfig};
+use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use crate::models::nn::{conv2d, Conv2d, Conv2dConfig};
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// Halves the resolution with a stride-2 3x3 convolution, as diffusers' `Downsample2D(use_conv=True)`.
+#[derive(Debug, Clone)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    padding: usize,
+}
+
+impl Downsample2D {
+    /// `padding`: 1 in the UNet; 0 in the VAE encoder, which then pads right and bottom by one.
+    pub fn new(vb: VarBuilder, in_channels: usize, out_channels: usize, padding: usize) -> Result<Self> {
+        let cfg = Conv2dConfig { stride: 2, padding, ..Default::default() };
+        let conv = conv2d(in_channels, out_channels, 3, cfg, vb.pp("conv"))?;
+        Ok(Self { conv, padding })
+    }
+}
+
+impl Module for Downsample2D {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.padding == 0 {
+            let xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+            self.conv.forward(&xs)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}
+
+/// Doubles the resolution (nearest neighbour) then a 3x3 convolution, as diffusers' `Upsample2D(use_conv=True)`.
+#[derive(Debug, Clone)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
+        let cfg = Conv2dConfig { padding: 1, ..Default::default() };
+        Ok(Self { conv: conv2d(in_channels, out_channels, 3, cfg, vb.pp("conv"))? })
+    }
+
+    /// `size`: the output height and width when not twice the input's (odd sizes in the UNet).
+    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let xs = match size {
+            None => {
+                let (_, _, h, w) = xs.dims4()?;
+                xs.upsample_nearest2d(2 * h, 2 * w)?
+            }
+            Some((h, w)) => upsample_nearest2d(xs, h, w)?,
+        };
+        self.conv.forward(&xs)
+    }
+}
+
+/// Nearest-neighbour resize to `(h, w)`, as torch's `F.interpolate(size=(h, w), mode="nearest")`:
+/// source index `min(floor(i * (in / out)), in - 1)` in f32. candle's own op only has a backward
+/// for equal integer factors; other sizes gather rows and columns (`index_select`, differentiable).
+fn upsample_nearest2d(xs: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (_, _, in_h, in_w) = xs.dims4()?;
+    if h.is_multiple_of(in_h) && w.is_multiple_of(in_w) && h / in_h == w / in_w {
+        return xs.upsample_nearest2d(h, w);
+    }
+    let indices = |input: usize, output: usize| -> Result<Tensor> {
+        let scale = input as f32 / output as f32;
+        let idx: Vec<u32> = (0..output).map(|i| ((i as f32 * scale).floor() as usize).min(input - 1) as u32).collect();
+        Tensor::from_vec(idx, output, xs.device())
+    };
+    xs.index_select(&indices(in_h, h)?, 2)?.index_select(&indices(in_w, w)?, 3)
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DownEncoderBlock2DConfig {
+    pub num_layers: usize,
+    pub resnet_eps: f64,
+    pub resnet_groups: usize,
+    pub output_scale_factor: f64,
+    pub add_downsample: bool,
+    pub downsample_padding: usize,
+}
+
+impl Default for DownEncoderBlock2DConfig {
+    fn default() -> Self {
+        Self {
+            num_layers: 1,
+            resnet_eps: 1e-6,
+            resnet_groups: 32,
+            output_scale_factor: 1.,
+            add_downsample: true,
+            downsample_padding: 1,
+        }
+    }
+}
+
+/// A down block of the VAE encoder: resnets without time embedding, then a downsampler.
+#[derive(Debug, Clone)]
+pub struct DownEncoderBlock2D {
+    resnets: Vec<ResnetBlock2D>,
+    downsampler: Option<Downsample2D>,
+    pub config: DownEncoderBlock2DConfig,
+}
+
+impl DownEncoderBlock2D {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        config: DownEncoderBlock2DConfig,
+    ) -> Result<Self> {
+        let resnet_cfg = ResnetBlock2DConfig {
+            out_channels: Some(out_channels),
+            temb_channels: None,
+            groups: config.resnet_groups,
+            eps: config.resnet_eps,
+            output_scale_factor: config.output_scale_factor,
+            ..Default::default()
+        };
+        let vb_resnets = vb.pp("resnets");
+        let resnets = (0..config.num_layers)
+            .map(|i| {
+                let in_channels = if i == 0 { in_channels } else { out_channels };
+                ResnetBlock2D::new(vb_resnets.pp(i), in_channels, resnet_cfg)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let downsampler = if config.add_downsample {
+            let vb = vb.pp("downsamplers").pp("0");
+            Some(Downsample2D::new(vb, out_channels, out_channels, config.downsample_padding)?)
+        } else {
+            None
+        };
+        Ok(Self { resnets, downsampler, config })
+    }
+}
+
+impl Module for DownEncoderBlock2D {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for resnet in self.resnets.iter() {
+            xs = resnet.forward(&xs, None)?
+        }
+        match &self.downsampler {
+            Some(downsampler) => downsampler.forward(&xs),
+            None => Ok(xs),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct UpDecoderBlock2DConfig {
+    pub num_layers: usize,
+    pub resnet_eps: f64,
+    pub resnet_groups: usize,
+    pub output_scale_factor: f64,
+    pub add_upsample: bool,
+}
+
+impl Default for UpDecoderBlock2DConfig {
+    fn default() -> Self {
+        Self { num_layers: 1, resnet_eps: 1e-6, resnet_groups: 32, output_scale_factor: 1., add_upsample: true }
+    }
+}
+
+/// An up block of the VAE decoder: resnets without time embedding, then an upsampler.
+#[derive(Debug, Clone)]
+pub struct UpDecoderBlock2D {
+    resnets: Vec<ResnetBlock2D>,
+    upsampler: Option<Upsample2D>,
+    pub config: UpDecoderBlock2DConfig,
+}
+
+impl UpDecoderBlock2D {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        config: UpDecoderBlock2DConfig,
+    ) -> Result<Self> {
+        let resnet_cfg = ResnetBlock2DConfig {
+            out_channels: Some(out_channels),
+            temb_channels: None,
+            groups: config.resnet_groups,
+            eps: config.resnet_eps,
+            output_scale_factor: config.output_scale_factor,
+            ..Default::default()
+        };
+        let vb_resnets = vb.pp("resnets");
+        let resnets = (0..config.num_layers)
+            .map(|i| {
+                let in_channels = if i == 0 { in_channels } else { out_channels };
+                ResnetBlock2D::new(vb_resnets.pp(i), in_channels, resnet_cfg)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let upsampler = if config.add_upsample {
+            Some(Upsample2D::new(vb.pp("upsamplers").pp("0"), out_channels, out_channels)?)
+        } else {
+            None
+        };
+        Ok(Self { resnets, upsampler, config })
+    }
+}
+
+impl Module for UpDecoderBlock2D {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for resnet in self.resnets.iter() {
+            xs = resnet.forward(&xs, None)?
+        }
+        match &self.upsampler {
+            Some(upsampler) => upsampler.forward(&xs, None),
+            None => Ok(xs),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct UNetMidBlock2DConfig {
+    pub num_layers: usize,
+    pub resnet_eps: f64,
+    pub resnet_groups: usize,
+    /// Channels per attention head; `None` for one head over all channels.
+    pub attn_num_head_channels: Option<usize>,
+    /// Whether there is an attention block between resnets (`mid_block_add_attention`).
+    pub add_attention: bool,
+    pub output_scale_factor: f64,
+}
+
+impl Default for UNetMidBlock2DConfig {
+    fn default() -> Self {
+        Self {
+            num_layers: 1,
+            resnet_eps: 1e-6,
+            resnet_groups: 32,
+            attn_num_head_channels: None,
+            add_attention: true,
+            output_scale_factor: 1.,
+        }
+    }
+}
+
+/// The VAE's mid block: resnet, then (attention, resnet) pairs.
+#[derive(Debug, Clone)]
+pub struct UNetMidBlock2D {
+    resnet: ResnetBlock2D,
+    attn_resnets: Vec<(Option<AttentionBlock>, ResnetBlock2D)>,
+    pub config: UNetMidBlock2DConfig,
+}
+
+impl UNetMidBlock2D {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        temb_channels: Option<usize>,
+        config: UNetMidBlock2DConfig,
+    ) -> Result<Self> {
+        let vb_resnets = vb.pp("resnets");
+        let vb_attns = vb.pp("attentions");
+        let resnet_cfg = ResnetBlock2DConfig {
+            eps: config.resnet_eps,
+            groups: config.resnet_groups,
+            output_scale_factor: config.output_scale_factor,
+            temb_channels,
+            ..Default::default()
+        };
+        let resnet = ResnetBlock2D::new(vb_resnets.pp("0"), in_channels, resnet_cfg)?;
+        let attn_cfg = AttentionBlockConfig {
+            num_head_channels: config.attn_num_head_channels,
+            num_groups: config.resnet_groups,
+            rescale_output_factor: config.output_scale_factor,
+            eps: config.resnet_eps,
+        };
+        let attn_resnets = (0..config.num_layers)
+            .map(|i| {
+                let attn = if config.add_attention {
+                    Some(AttentionBlock::new(vb_attns.pp(i), in_channels, attn_cfg)?)
+                } else {
+                    None
+                };
+                let resnet = ResnetBlock2D::new(vb_resnets.pp(i + 1), in_channels, resnet_cfg)?;
+                Ok((attn, resnet))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { resnet, attn_resnets, config })
+    }
+
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut xs = self.resnet.forward(xs, temb)?;
+        for (attn, resnet) in self.attn_resnets.iter() {
+            if let Some(attn) = attn {
+                xs = attn.forward(&xs)?
+            }
+            xs = resnet.forward(&xs, temb)?
+        }
+        Ok(xs)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct UNetMidBlock2DCrossAttnConfig {
+    pub num_layers: usize,
+    pub resnet_eps: f64,
+    pub resnet_groups: usize,
+    /// The number of attention heads.
+    pub num_attention_heads: usize,
+    pub output_scale_factor: f64,
+    pub cross_attn_dim: usize,
+    /// Attention slicing (see [`super::attention::Attention::new`]).
+    pub slice_size: Option<usize>,
+    pub use_linear_projection: bool,
+    pub transformer_layers_per_block: usize,
+}
+
+impl Default for UNetMidBlock2DCrossAttnConfig {
+    fn default() -> Self {
+        Self {
+            num_layers: 1,
+            resnet_eps: 1e-6,
+            resnet_groups: 32,
+            num_attention_heads: 1,
+            output_scale_factor: 1.,
+            cross_attn_dim: 1280,
+            slice_size: None,
+            use_linear_projection: false,
+            transformer_layers_per_block: 1,
+        }
+    }
+}
+
+/// The UNet's mid block: resnet, then (transformer, resnet) pairs.
+#[derive(Debug, Clone)]
+pub struct UNetMidBlock2DCrossAttn {
+    resnet: ResnetBlock2D,
+    attn_resnets: Vec<(Transformer2DModel, ResnetBlock2D)>,
+    pub config: UNetMidBlock2DCrossAttnConfig,
+}
+
+impl UNetMidBlock2DCrossAttn {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        temb_channels: Option<usize>,
+        config: UNetMidBlock2DCrossAttnConfig,
+    ) -> Result<Self> {
+        let vb_resnets = vb.pp("resnets");
+        let vb_attns = vb.pp("attentions");
+        let resnet_cfg = ResnetBlock2DConfig {
+            eps: config.resnet_eps,
+            groups: config.resnet_groups,
+            output_scale_factor: config.output_scale_factor,
+            temb_channels,
+            ..Default::default()
+        };
+        let resnet = ResnetBlock2D::new(vb_resnets.pp("0"), in_channels, resnet_cfg)?;
+        let n_heads = config.num_attention_heads;
+        let attn_cfg = Transformer2DModelConfig {
+            depth: config.transformer_layers_per_block,
+            num_groups: config.resnet_groups,
+            context_dim: Some(config.cross_attn_dim),
+            slice_size: config.slice_size,
+            use_linear_projection: config.use_linear_projection,
+        };
+        let attn_resnets = (0..config.num_layers)
+            .map(|i| {
+                let attn =
+                    Transformer2DModel::new(vb_attns.pp(i), in_channels, n_heads, in_channels / n_heads, attn_cfg)?;
+                let resnet = ResnetBlock2D::new(vb_resnets.pp(i + 1), in_channels, resnet_cfg)?;
+                Ok((attn, resnet))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { resnet, attn_resnets, config })
+    }
+
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: Option<&Tensor>,
+        encoder_hidden_states: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mut xs = self.resnet.forward(xs, temb)?;
+        for (attn, resnet) in self.attn_resnets.iter() {
+            xs = resnet.forward(&attn.forward(&xs, encoder_hidden_states)?, temb)?
+        }
+        Ok(xs)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DownBlock2DConfig {
+    pub num_layers: usize,
+    pub resnet_eps: f64,
+    pub resnet_groups: usize,
+    pub output_scale_factor: f64,
+    pub add_downsample: bool,
+    pub downsample_padding: usize,
+}
+
+impl Default for DownBlock2DConfig {
+    fn default() -> Self {
+        Self {
+            num_layers: 1,
+            resnet_eps: 1e-6,
+            resnet_groups: 32,
+            output_scale_factor: 1.,
+            add_downsample: true,
+            downsample_padding: 1,
+        }
+    }
+}
+
+/// A UNet down block without attention: resnets, then a downsampler; every output is kept for the skips.
+#[derive(Debug, Clone)]
+pub struct DownBlock2D {
+    resnets: Vec<ResnetBlock2D>,
+    downsampler: Option<Downsample2D>,
+    pub config: DownBlock2DConfig,
+}
+
+impl DownBlock2D {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        temb_channels: Option<usize>,
+        config: DownBlock2DConfig,
+    ) -> Result<Self> {
+        let vb_resnets = vb.pp("resnets");
+        let resnet_cfg = ResnetBlock2DConfig {
+            out_channels: Some(out_channels),
+            eps: config.resnet_eps,
+            groups: config.resnet_groups,
+            output_scale_factor: config.output_scale_factor,
+            temb_channels,
+            ..Default::default()
+        };
+        let resnets = (0..config.num_layers)
+            .map(|i| {
+                let in_channels = if i == 0 { in_channels } else { out_channels };
+                ResnetBlock2D::new(vb_resnets.pp(i), in_channels, resnet_cfg)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let downsampler = if config.add_downsample {
+            let vb = vb.pp("downsamplers").pp("0");
+            Some(Downsample2D::new(vb, out_channels, out_channels, config.downsample_padding)?)
+        } else {
+            None
+        };
+        Ok(Self { resnets, downsampler, config })
+    }
+
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = xs.clone();
+        let mut output_states = vec![];
+        for resnet in self.resnets.iter() {
+            xs = resnet.forward(&xs, temb)?;
+            output_states.push(xs.clone());
+        }
+        if let Some(downsampler) = &self.downsampler {
+            xs = downsampler.forward(&xs)?;
+            output_states.push(xs.clone());
+        }
+        Ok((xs, output_states))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CrossAttnDownBlock2DConfig {
+    pub downblock: DownBlock2DConfig,
+    /// The number of attention heads.
+    pub num_attention_heads: usize,
+    pub cross_attention_dim: usize,
+    /// Attention slicing (see [`super::attention::Attention::new`]).
+    pub slice_size: Option<usize>,
+    pub use_linear_projection: bool,
+    pub transformer_layers_per_block: usize,
+}
+
+impl Default for CrossAttnDownBlock2DConfig {
+    fn default() -> Self {
+        Self {
+            downblock: Default::default(),
+            num_attention_heads: 1,
+            cross_attention_dim: 1280,
+            slice_size: None,
+            use_linear_projection: false,
+            transformer_layers_per_block: 1,
+        }
+    }
+}
+
+/// A UNet down block with cross-attention: (resnet, transformer) pairs, then a downsampler.
+#[derive(Debug, Clone)]
+pub struct CrossAttnDownBlock2D {
+    downblock: DownBlock2D,
+    attentions: Vec<Transformer2DModel>,
+    pub config: CrossAttnDownBlock2DConfig,
+}
+
+impl CrossAttnDownBlock2D {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        temb_channels: Option<usize>,
+        config: CrossAttnDownBlock2DConfig,
+    ) -> Result<Self> {
+        let downblock = DownBlock2D::new(vb.clone(), in_channels, out_channels, temb_channels, config.downblock)?;
+        let n_heads = config.num_attention_heads;
+        let cfg = Transformer2DModelConfig {
+            depth: config.transformer_layers_per_block,
+            context_dim: Some(config.cross_attention_dim),
+            num_groups: config.downblock.resnet_groups,
+            slice_size: config.slice_size,
+            use_linear_projection: config.use_linear_projection,
+        };
+        let vb_attn = vb.pp("attentions");
+        let attentions = (0..config.downblock.num_layers)
+            .map(|i| Transformer2DModel::new(vb_attn.pp(i), out_channels, n_heads, out_channels / n_heads, cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { downblock, attentions, config })
+    }
+
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: Option<&Tensor>,
+        encoder_hidden_states: Option<&Tensor>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut output_states = vec![];
+        let mut xs = xs.clone();
+        for (resnet, attn) in self.downblock.resnets.iter().zip(self.attentions.iter()) {
+            xs = resnet.forward(&xs, temb)?;
+            xs = attn.forward(&xs, encoder_hidden_states)?;
+            output_states.push(xs.clone());
+        }
+        if let Some(downsampler) = &self.downblock.downsampler {
+            xs = downsampler.forward(&xs)?;
+            output_states.push(xs.clone());
+        }
+        Ok((xs, output_states))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct UpBlock2DConfig {
+    pub num_layers: usize,
+    pub resnet_eps: f64,
+    pub resnet_groups: usize,
+    pub output_scale_factor: f64,
+    pub add_upsample: bool,
+}
+
+impl Default for UpBlock2DConfig {
+    fn default() -> Self {
+        Self { num_layers: 1, resnet_eps: 1e-6, resnet_groups: 32, output_scale_factor: 1., add_upsample: true }
+    }
+}
+
+/// A UNet up block without attention: resnets, each on the concatenation of the previous output and
+/// a skip from the down path, then an upsampler.
+#[derive(Debug, Clone)]
+pub struct UpBlock2D {
+    pub resnets: Vec<ResnetBlock2D>,
+    upsampler: Option<Upsample2D>,
+    pub config: UpBlock2DConfig,
+}
+
+impl UpBlock2D {
+    /// `in_channels`: channels of the last skip; `prev_output_channels`: channels of the previous block's output.
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        prev_output_channels: usize,
+        out_channels: usize,
+        temb_channels: Option<usize>,
+        config: UpBlock2DConfig,
+    ) -> Result<Self> {
+        let vb_resnets = vb.pp("resnets");
+        let resnet_cfg = ResnetBlock2DConfig {
+            out_channels: Some(out_channels),
+            temb_channels,
+            eps: config.resnet_eps,
+            groups: config.resnet_groups,
+            output_scale_factor: config.output_scale_factor,
+            ..Default::default()
+        };
+        let resnets = (0..config.num_layers)
+            .map(|i| {
+                let res_skip_channels = if i == config.num_layers - 1 { in_channels } else { out_channels };
+                let resnet_in_channels = if i == 0 { prev_output_channels } else { out_channels };
+                ResnetBlock2D::new(vb_resnets.pp(i), resnet_in_channels + res_skip_channels, resnet_cfg)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let upsampler = if config.add_upsample {
+            Some(Upsample2D::new(vb.pp("upsamplers").pp("0"), out_channels, out_channels)?)
+        } else {
+            None
+        };
+        Ok(Self { resnets, upsampler, config })
+    }
+
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        res_xs: &[Tensor],
+        temb: Option<&Tensor>,
+        upsample_size: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (index, resnet) in self.resnets.iter().enumerate() {
+            xs = Tensor::cat(&[&xs, &res_xs[res_xs.len() - index - 1]], 1)?;
+            xs = resnet.forward(&xs, temb)?;
+        }
+        match &self.upsampler {
+            Some(upsampler) => upsampler.forward(&xs, upsample_size),
+            None => Ok(xs),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CrossAttnUpBlock2DConfig {
+    pub upblock: UpBlock2DConfig,
+    /// The number of attention heads.
+    pub num_attention_heads: usize,
+    pub cross_attention_dim: usize,
+    /// Attention slicing (see [`super::attention::Attention::new`]).
+    pub slice_size: Option<usize>,
+    pub use_linear_projection: bool,
+    pub transformer_layers_per_block: usize,
+}
+
+impl Default for CrossAttnUpBlock2DConfig {
+    fn default() -> Self {
+        Self {
+            upblock: Default::default(),
+            num_attention_heads: 1,
+            cross_attention_dim: 1280,
+            slice_size: None,
+            use_linear_projection: false,
+            transformer_layers_per_block: 1,
+        }
+    }
+}
+
+/// A UNet up block with cross-attention: (resnet, transformer) pairs on the skips, then an upsampler.
+#[derive(Debug, Clone)]
+pub struct CrossAttnUpBlock2D {
+    pub upblock: UpBlock2D,
+    pub attentions: Vec<Transformer2DModel>,
+    pub config: CrossAttnUpBlock2DConfig,
+}
+
+impl CrossAttnUpBlock2D {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        prev_output_channels: usize,
+        out_channels: usize,
+        temb_channels: Option<usize>,
+        config: CrossAttnUpBlock2DConfig,
+    ) -> Result<Self> {
+        let upblock =
+            UpBlock2D::new(vb.clone(), in_channels, prev_output_channels, out_channels, temb_channels, config.upblock)?;
+        let n_heads = config.num_attention_heads;
+        let cfg = Transformer2DModelConfig {
+            depth: config.transformer_layers_per_block,
+            context_dim: Some(config.cross_attention_dim),
+            num_groups: config.upblock.resnet_groups,
+            slice_size: config.slice_size,
+            use_linear_projection: config.use_linear_projection,
+        };
+        let vb_attn = vb.pp("attentions");
+        let attentions = (0..config.upblock.num_layers)
+            .map(|i| Transformer2DModel::new(vb_attn.pp(i), out_channels, n_heads, out_channels / n_heads, cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { upblock, attentions, config })
+    }
+
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        res_xs: &[Tensor],
+        temb: Option<&Tensor>,
+        upsample_size: Option<(usize, usize)>,
+        encoder_hidden_states: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (index, resnet) in self.upblock.resnets.iter().enumerate() {
+            xs = Tensor::cat(&[&xs, &res_xs[res_xs.len() - index - 1]], 1)?;
+            xs = resnet.forward(&xs, temb)?;
+            xs = self.attentions[index].forward(&xs, encoder_hidden_states)?;
+        }
+        match &self.upblock.upsampler {
+            Some(upsampler) => upsampler.forward(&xs, upsample_size),
+            None => Ok(xs),
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The command line as a user meets it: the demo, the tiny-model writer, and one-line errors that
+//! leave nothing partial behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn layerdiff(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_layerdiff"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", std::env::temp_dir().join("layerdiff-cli-test-hf-home"))
+        .output()
+        .expect("runs")
+}
+
+fn tiny_sd() -> String {
+    format!("{}/tests/fixtures/tiny-sd", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn demo_model() -> String {
+    format!("{}/assets/tiny-sd", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs a command that must fail; returns its one-line error.
+fn error_of(args: &[&str]) -> String {
+    let out = layerdiff(args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let last = stderr.lines().last().unwrap_or_default().to_string();
+    assert!(last.starts_with("error: "), "{stderr}");
+    last
+}
+
+fn generate_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec!["generate", "--model", model, "--prompt", "a photo of a dog", "--width", "64", "--height", "64", "--steps", "2", "--seed", "1", "--out", out]
+}
+
+#[test]
+fn readme_demo_writes_a_png_of_the_asked_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo.png");
+    let model = demo_model();
+    let status = layerdiff(&generate_args(&model, out.to_str().unwrap()));
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+}
+
+#[test]
+fn num_images_writes_numbered_files_that_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let model = tiny_sd();
+    let mut args = generate_args(&model, out.to_str().unwrap());
+    args.extend(["--num-images", "2"]);
+    assert!(layerdiff(&args).status.success());
+    let a = image::open(dir.path().join("x-0.png")).unwrap();
+    let b = image::open(dir.path().join("x-1.png")).unwrap();
+    assert_ne!(a.as_bytes(), b.as_bytes());
+}
+
+#[test]
+fn tiny_model_is_deterministic_and_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, seed: &str| {
+        let path = dir.path().join(name);
+        assert!(layerdiff(&["tiny-model", "--out", path.to_str().unwrap(), "--seed", seed]).status.success());
+        path
+    };
+    let (a, b, c) = (write("a", "5"), write("b", "5"), write("c", "6"));
+    let unet = |p: &Path| std::fs::read(p.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert_eq!(unet(&a), unet(&b));
+    assert_ne!(unet(&a), unet(&c));
+    for f in ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"] {
+        assert!(a.join(f).is_file(), "{f} missing");
+    }
+    let out = dir.path().join("o.png");
+    assert!(layerdiff(&generate_args(a.to_str().unwrap(), out.to_str().unwrap())).status.success());
+}
+
+#[test]
+fn tiny_model_config_overrides_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg.json");
+    std::fs::write(&cfg, r#"{"unet": {"block_out_channels": [16, 32, 32]}}"#).unwrap();
+    let out = dir.path().join("m");
+    assert!(layerdiff(&["tiny-model", "--out", out.to_str().unwrap(), "--config", cfg.to_str().unwrap()]).status.success());
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("unet/config.json")).unwrap()).unwrap();
+    assert_eq!(config["block_out_channels"], serde_json::json!([16, 32, 32]));
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors_and_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("never.png");
+    let out_s = out.to_str().unwrap().to_string();
+    let model = tiny_sd();
+    let ckpt = dir.path().join("model.ckpt");
+    std::fs::write(&ckpt, b"PK\x03\x04 pickle").unwrap();
+    let bad_image = dir.path().join("bad.png");
+    std::fs::write(&bad_image, b"not a png").unwrap();
+    let missing = dir.path().join("no-such-model");
+
+    let (missing, ckpt, bad_image) = (missing.to_str().unwrap(), ckpt.to_str().unwrap(), bad_image.to_str().unwrap());
+    // (model, width, steps, extra flags, what the error must name)
+    let cases: [(&str, &str, &str, &[&str], &str); 6] = [
+        (missing, "64", "2", &[], "no-such-model"),
+        (ckpt, "64", "2", &[], "safetensors"),
+        ("some-org/not-cached-model", "64", "2", &[], "offline"),
+        (&model, "60", "2", &[], "--width"),
+        (&model, "64", "0", &[], "--steps"),
+        (&model, "64", "2", &["--init-image", bad_image], "bad.png"),
+    ];
+    for (model, width, steps, extra, must_mention) in cases {
+        let mut args = vec!["generate", "--model", model, "--prompt", "x", "--width", width, "--height", "64", "--steps", steps, "--out", &out_s];
+        args.extend_from_slice(extra);
+        let err = error_of(&args);
+        assert!(err.contains(must_mention), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} wrote an output");
+    }
+}
+
+#[test]
+fn incomplete_model_directory_names_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("m");
+    copy_dir(Path::new(&tiny_sd()), &copy);
+    std::fs::remove_file(copy.join("vae/config.json")).unwrap();
+    let out = dir.path().join("o.png");
+    let err = error_of(&generate_args(copy.to_str().unwrap(), out.to_str().unwrap()));
+    assert!(err.contains("vae"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn truncated_weights_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("m");
+    copy_dir(Path::new(&tiny_sd()), &copy);
+    let weights = copy.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let out = dir.path().join("o.png");
+    let err = error_of(&generate_args(copy.to_str().unwrap(), out.to_str().unwrap()));
+    assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target: PathBuf = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Forward parity of the UNet, VAE and CLIP text encoder with diffusers 0.42.1 / transformers 5.23.0
+//! (fixtures from `tools/make_fixtures.py`, tiny random-weight models), in f32.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use layerdiff::models::clip_text::{ClipTextConfig, ClipTextTransformer};
+use layerdiff::models::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use layerdiff::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+const TOL: f32 = 1e-4;
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+fn read_json(rel: &str) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(fixture(rel))?)?)
+}
+
+fn tensors(rel: &str) -> Result<HashMap<String, Tensor>> {
+    Ok(candle_core::safetensors::load(fixture(rel), &Device::Cpu)?)
+}
+
+fn weights(rel: &str, dtype: DType) -> Result<VarBuilder<'static>> {
+    // SAFETY: the fixture files are not modified while the tests run.
+    Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[fixture(rel)], dtype, &Device::Cpu)? })
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?)
+}
+
+fn check(component: &str, ours: &Tensor, theirs: &Tensor) -> Result<f32> {
+    let err = max_abs_diff(ours, theirs)?;
+    eprintln!("{component}: max abs error {err:.3e}");
+    assert!(err <= TOL, "{component}: max abs error {err:e} > {TOL:e}");
+    Ok(err)
+}
+
+fn unet(slice_size: Option<usize>) -> Result<UNet2DConditionModel> {
+    let mut cfg = UNet2DConditionModelConfig::from_json(&read_json("tiny-sd/unet/config.json")?)?;
+    cfg.attention_slice_size = slice_size;
+    let vb = weights("tiny-sd/unet/diffusion_pytorch_model.safetensors", DType::F32)?;
+    Ok(UNet2DConditionModel::new(vb, cfg)?)
+}
+
+#[test]
+fn unet_matches_diffusers() -> Result<()> {
+    let unet = unet(None)?;
+    let fx = tensors("unet.safetensors")?;
+    for case in ["a", "b"] {
+        let t = fx[&format!("{case}.timestep")].to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let out = unet.forward(&fx[&format!("{case}.sample")], t, &fx[&format!("{case}.context")])?;
+        check(&format!("unet case {case} (t = {t})"), &out, &fx[&format!("{case}.out")])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn unet_sliced_attention_matches_unsliced() -> Result<()> {
+    let fx = tensors("unet.safetensors")?;
+    let (sample, context) = (&fx["a.sample"], &fx["a.context"]);
+    let full = unet(None)?.forward(sample, 981., context)?;
+    // Batch 2 x 4 heads = 8 (batch, head) pairs: slices of 3 leave a remainder.
+    for slice in [1, 3] {
+        let sliced = unet(Some(slice))?.forward(sample, 981., context)?;
+        let err = max_abs_diff(&full, &sliced)?;
+        eprintln!("unet attention slice {slice}: max abs difference to unsliced {err:.3e}");
+        assert!(err <= 1e-6, "slice {slice}: {err:e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn unet_config_from_json() -> Result<()> {
+    let json = read_json("tiny-sd/unet/config.json")?;
+    let cfg = UNet2DConditionModelConfig::from_json(&json)?;
+    assert_eq!(cfg.blocks.len(), 3);
+    assert_eq!(cfg.blocks.iter().map(|b| b.out_channels).collect::<Vec<_>>(), [32, 64, 64]);
+    assert_eq!(cfg.blocks.iter().map(|b| b.down_cross_attn).collect::<Vec<_>>(), [true, true, false]);
+    assert_eq!(cfg.blocks.iter().map(|b| b.up_cross_attn).collect::<Vec<_>>(), [true, true, false]);
+    // `attention_head_dim` is the number of heads when `num_attention_heads` is null.
+    assert!(cfg.blocks.iter().all(|b| b.num_attention_heads == 4));
+    assert_eq!((cfg.norm_num_groups, cfg.cross_attention_dim, cfg.layers_per_block), (8, 32, 2));
+    // `num_attention_heads` wins when given; missing keys take diffusers' defaults.
+    let mut j = json.clone();
+    j["num_attention_heads"] = serde_json::json!([2, 4, 8]);
+    let cfg = UNet2DConditionModelConfig::from_json(&j)?;
+    assert_eq!(cfg.blocks.iter().map(|b| b.num_attention_heads).collect::<Vec<_>>(), [2, 4, 8]);
+    let cfg = UNet2DConditionModelConfig::from_json(&serde_json::json!({"cross_attention_dim": 768}))?;
+    assert_eq!(cfg, UNet2DConditionModelConfig { sample_size: None, ..Default::default() });
+    // Features this UNet lacks are refused, naming the file and the key.
+    for (key, value) in [
+        ("dual_cross_attention", serde_json::json!(true)),
+        ("class_embed_type", serde_json::json!("timestep")),
+        ("addition_embed_type", serde_json::json!("text_time")),
+        ("only_cross_attention", serde_json::json!([true, false, false])),
+        ("time_cond_proj_dim", serde_json::json!(256)),
+        ("mid_block_type", serde_json::json!("UNetMidBlock2DSimpleCrossAttn")),
+        ("down_block_types", serde_json::json!(["SimpleCrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"])),
+    ] {
+        let mut j = json.clone();
+        j[key] = value;
+        let err = UNet2DConditionModelConfig::from_json(&j).expect_err(key).to_string();
+        assert!(err.starts_with("unet/config.json: ") && err.contains(&format!("`{key}`")), "{err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn vae_matches_diffusers() -> Result<()> {
+    let cfg = AutoencoderKLConfig::from_json(&read_json("tiny-sd/vae/config.json")?)?;
+    let vae = AutoencoderKL::new(weights("tiny-sd/vae/diffusion_pytorch_model.safetensors", DType::F32)?, cfg)?;
+    assert_eq!(vae.downsampling_factor(), 8);
+    assert_eq!(vae.scaling_factor(), 0.18215);
+    let fx = tensors("vae.safetensors")?;
+    let posterior = vae.encode(&fx["image"])?;
+    check("vae encode mean", posterior.mean(), &fx["mean"])?;
+    check("vae encode logvar", posterior.logvar(), &fx["logvar"])?;
+    let std = max_abs_diff(posterior.std(), &(&fx["logvar"] * 0.5)?.exp()?)?;
+    assert!(std <= TOL, "std {std:e}");
+    let noise = fx["latents"].clone();
+    let sample = posterior.sample(&noise)?;
+    let expected = (&fx["mean"] + (&fx["logvar"] * 0.5)?.exp()?.mul(&noise)?)?;
+    check("vae posterior sample", &sample, &expected)?;
+    check("vae decode", &vae.decode(&fx["latents"])?, &fx["decoded"])?;
+    // Configs outside AutoencoderKL are refused with the file and key.
+    let mut j = read_json("tiny-sd/vae/config.json")?;
+    j["shift_factor"] = serde_json::json!(0.1159);
+    let err = AutoencoderKLConfig::from_json(&j).expect_err("shift_factor").to_string();
+    assert!(err.starts_with("vae/config.json: ") && err.contains("`shift_factor`"), "{err}");
+    Ok(())
+}
+
+fn check_text_encoder(dir: &str, key: &str, label: &str) -> Result<()> {
+    let cfg = ClipTextConfig::from_json(&read_json(&format!("{dir}/config.json"))?)?;
+    let clip = ClipTextTransformer::new(weights(&format!("{dir}/model.safetensors"), DType::F32)?, cfg)?;
+    let fx = tensors("text.safetensors")?;
+    let n_prompts = read_json("prompts.json")?["prompts"].as_array().map_or(0, Vec::len);
+    assert!(n_prompts > 0);
+    let mut worst = 0f32;
+    for i in 0..n_prompts {
+        let hidden = clip.forward(&fx[&format!("ids.{i}")])?;
+        worst = worst.max(check(&format!("clip {label} prompt {i}"), &hidden, &fx[&format!("{key}.{i}")])?);
+    }
+    eprintln!("clip {label}: worst max abs error over {n_prompts} prompts {worst:.3e}");
+    Ok(())
+}
+
+#[test]
+fn clip_quick_gelu_matches_transformers() -> Result<()> {
+    check_text_encoder("tiny-sd/text_encoder", "hidden", "quick_gelu")
+}
+
+#[test]
+fn clip_gelu_matches_transformers() -> Result<()> {
+    let cfg = ClipTextConfig::from_json(&read_json("tiny-text-gelu/config.json")?)?;
+    assert_eq!(cfg.hidden_act, layerdiff::models::clip_text::Activation::Gelu);
+    check_text_encoder("tiny-text-gelu", "hidden_gelu", "gelu")
+}
