@@ -66,6 +66,12 @@ struct ModelArgs {
     /// Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1).
     #[arg(long)]
     offline: bool,
+    /// Weight file variant, e.g. fp16 for `diffusion_pytorch_model.fp16.safetensors`.
+    #[arg(long)]
+    variant: Option<String>,
+    /// A tokenizer folder to use instead of the model's (tokenizer.json, or vocab.json + merges.txt).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Run on the CPU (same as --device cpu).
     #[arg(long)]
     cpu: bool,
@@ -184,7 +190,14 @@ fn device(cpu: bool, device: Option<&str>) -> Result<Device> {
 }
 
 fn load_model(args: &ModelArgs) -> Result<StableDiffusion> {
-    let opts = SourceOptions { offline: args.offline, revision: args.revision.clone(), ..SourceOptions::from_env() };
+    let env = SourceOptions::from_env();
+    let opts = SourceOptions {
+        offline: args.offline || env.offline,
+        revision: args.revision.clone(),
+        variant: args.variant.clone(),
+        tokenizer: args.tokenizer.clone(),
+        ..env
+    };
     let files = ModelFiles::resolve(&args.model, &opts)?;
     Ok(StableDiffusion::load(&files, &device(args.cpu, args.device.as_deref())?, args.dtype.into())?)
 }

@@ -5,7 +5,9 @@ use std::path::Path;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::normalizers::{replace::ReplacePattern, Lowercase, Replace, Sequence as NormSequence, NFC};
+use tokenizers::normalizers::{
+    replace::ReplacePattern, Lowercase, Replace, Sequence as NormSequence, NFC,
+};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -32,25 +34,44 @@ pub struct ClipTokenizer {
 
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClipTokenizer").field("pad_id", &self.pad_id).field("max_len", &self.max_len).finish()
+        f.debug_struct("ClipTokenizer")
+            .field("pad_id", &self.pad_id)
+            .field("max_len", &self.max_len)
+            .finish()
     }
 }
 
-fn tok_err<'a>(input: &'a Path, what: &str) -> impl FnOnce(tokenizers::Error) -> crate::error::Error + 'a {
+fn tok_err<'a>(
+    input: &'a Path,
+    what: &str,
+) -> impl FnOnce(tokenizers::Error) -> crate::error::Error + 'a {
     let what = what.to_string();
-    move |e| bad_input(input.display(), format!("{what}: {e}"), "use the tokenizer files from the model repository")
+    move |e| {
+        bad_input(
+            input.display(),
+            format!("{what}: {e}"),
+            "use the tokenizer files from the model repository",
+        )
+    }
 }
 
 impl ClipTokenizer {
     /// Loads a `tokenizer.json` (as newer transformers saves it), padding with `<|endoftext|>`.
     pub fn from_json(path: &Path) -> Result<Self> {
         if !path.is_file() {
-            return Err(bad_input(path.display(), "no such file", "give the path of a tokenizer.json"));
+            return Err(bad_input(
+                path.display(),
+                "no such file",
+                "give the path of a tokenizer.json",
+            ));
         }
-        let mut tokenizer = Tokenizer::from_file(path).map_err(tok_err(path, "is not a valid tokenizer.json"))?;
+        let mut tokenizer =
+            Tokenizer::from_file(path).map_err(tok_err(path, "is not a valid tokenizer.json"))?;
         // Ids are padded and truncated here, so settings saved in the file must not interfere.
         tokenizer.with_padding(None);
-        tokenizer.with_truncation(None).map_err(tok_err(path, "cannot disable truncation"))?;
+        tokenizer
+            .with_truncation(None)
+            .map_err(tok_err(path, "cannot disable truncation"))?;
         Self::finish(tokenizer, path)
     }
 
@@ -59,13 +80,23 @@ impl ClipTokenizer {
     pub fn from_vocab_merges(vocab: &Path, merges: &Path) -> Result<Self> {
         let vocab_text = std::fs::read_to_string(vocab).map_err(io_err(vocab))?;
         let vocab_map: Vocab = serde_json::from_str(&vocab_text).map_err(|e| {
-            bad_input(vocab.display(), format!("is not a token -> id JSON map: {e}"), "use CLIP's vocab.json")
+            bad_input(
+                vocab.display(),
+                format!("is not a token -> id JSON map: {e}"),
+                "use CLIP's vocab.json",
+            )
         })?;
         let merges_text = std::fs::read_to_string(merges).map_err(io_err(merges))?;
         // Like the slow tokenizer: the first line is the "#version" header, and at most
         // MAX_MERGES merges follow.
         let mut merge_pairs = Vec::new();
-        for (n, line) in merges_text.trim().split('\n').skip(1).take(MAX_MERGES).enumerate() {
+        for (n, line) in merges_text
+            .trim()
+            .split('\n')
+            .skip(1)
+            .take(MAX_MERGES)
+            .enumerate()
+        {
             let mut parts = line.split_whitespace();
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(a), Some(b), None) => merge_pairs.push((a.to_string(), b.to_string())),
@@ -87,12 +118,21 @@ impl ClipTokenizer {
             .map_err(tok_err(merges, "does not fit the vocabulary"))?;
 
         let mut tokenizer = Tokenizer::new(model);
-        let replace = Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(tok_err(vocab, "regex"))?;
-        tokenizer
-            .with_normalizer(Some(NormSequence::new(vec![NFC.into(), replace.into(), Lowercase.into()])))
-            .map_err(tok_err(vocab, "normalizer"))?;
-        let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
+        let replace = Replace::new(ReplacePattern::Regex(r"\s+".into()), " ")
             .map_err(tok_err(vocab, "regex"))?;
+        tokenizer
+            .with_normalizer(Some(NormSequence::new(vec![
+                NFC.into(),
+                replace.into(),
+                Lowercase.into(),
+            ])))
+            .map_err(tok_err(vocab, "normalizer"))?;
+        let split = Split::new(
+            SplitPattern::Regex(CLIP_PATTERN.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(tok_err(vocab, "regex"))?;
         tokenizer.with_pre_tokenizer(Some(PreSequence::new(vec![
             split.into(),
             ByteLevel::new(false, true, true).into(),
@@ -101,12 +141,18 @@ impl ClipTokenizer {
 
         let id = |token: &str| {
             tokenizer.token_to_id(token).ok_or_else(|| {
-                bad_input(vocab.display(), format!("has no {token} token"), "use CLIP's vocab.json")
+                bad_input(
+                    vocab.display(),
+                    format!("has no {token} token"),
+                    "use CLIP's vocab.json",
+                )
             })
         };
         let (bos, eos) = (id(BOS)?, id(EOS)?);
         tokenizer.with_post_processor(Some(
-            RobertaProcessing::new((EOS.into(), eos), (BOS.into(), bos)).trim_offsets(false).add_prefix_space(false),
+            RobertaProcessing::new((EOS.into(), eos), (BOS.into(), bos))
+                .trim_offsets(false)
+                .add_prefix_space(false),
         ));
         tokenizer
             .add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
@@ -141,8 +187,13 @@ impl ClipTokenizer {
                 continue;
             }
             let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| bad_input(path.display(), format!("is not valid JSON: {e}"), "re-download it"))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                bad_input(
+                    path.display(),
+                    format!("is not valid JSON: {e}"),
+                    "re-download it",
+                )
+            })?;
             match &v["pad_token"] {
                 serde_json::Value::String(s) => pad_token = Some(s.clone()),
                 serde_json::Value::Object(o) => {
@@ -153,13 +204,20 @@ impl ClipTokenizer {
                 _ => {}
             }
             // Tokenizers without a limit store a huge sentinel (1e30); keep the default then.
-            if let Some(n) = v["model_max_length"].as_u64().filter(|&n| (2..=1 << 20).contains(&n)) {
+            if let Some(n) = v["model_max_length"]
+                .as_u64()
+                .filter(|&n| (2..=1 << 20).contains(&n))
+            {
                 max_len = Some(n as usize);
             }
         }
         if let Some(token) = pad_token {
             tok.pad_id = tok.tokenizer.token_to_id(&token).ok_or_else(|| {
-                bad_input(dir.display(), format!("the pad token {token:?} is not in the vocabulary"), "fix pad_token")
+                bad_input(
+                    dir.display(),
+                    format!("the pad token {token:?} is not in the vocabulary"),
+                    "fix pad_token",
+                )
             })?;
         }
         if let Some(n) = max_len {
@@ -170,23 +228,36 @@ impl ClipTokenizer {
 
     fn finish(tokenizer: Tokenizer, source: &Path) -> Result<Self> {
         let pad_id = tokenizer.token_to_id(EOS).ok_or_else(|| {
-            bad_input(source.display(), format!("has no {EOS} token"), "use CLIP's tokenizer files")
+            bad_input(
+                source.display(),
+                format!("has no {EOS} token"),
+                "use CLIP's tokenizer files",
+            )
         })?;
-        Ok(Self { tokenizer, pad_id, max_len: DEFAULT_MAX_LEN })
+        Ok(Self {
+            tokenizer,
+            pad_id,
+            max_len: DEFAULT_MAX_LEN,
+        })
     }
 
     /// `max_len` ids: BOS, the prompt's tokens, EOS, then padding. A prompt too long keeps its
     /// first `max_len - 2` tokens, with EOS still last, as HF truncation does; a warning says so.
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .tokenizer
-            .encode(prompt, true)
-            .map_err(|e| bad_input(format!("prompt {prompt:?}"), format!("cannot be tokenized: {e}"), "edit the prompt"))?;
+        let encoding = self.tokenizer.encode(prompt, true).map_err(|e| {
+            bad_input(
+                format!("prompt {prompt:?}"),
+                format!("cannot be tokenized: {e}"),
+                "edit the prompt",
+            )
+        })?;
         let mut ids = encoding.get_ids().to_vec();
         if ids.len() > self.max_len {
             let dropped = ids.len() - self.max_len;
             let eos = ids[ids.len() - 1];
-            let lost = self.decode(&ids[self.max_len - 1..ids.len() - 1]).unwrap_or_default();
+            let lost = self
+                .decode(&ids[self.max_len - 1..ids.len() - 1])
+                .unwrap_or_default();
             tracing::warn!(
                 "prompt {prompt:?} is {} tokens, over CLIP's limit of {}: the last {dropped} tokens are ignored ({lost:?})",
                 ids.len(),
@@ -210,10 +281,13 @@ impl ClipTokenizer {
 
     /// Turns ids back into text, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        let text = self
-            .tokenizer
-            .decode(ids, true)
-            .map_err(|e| bad_input("token ids", format!("cannot be decoded: {e}"), "pass ids from encode"))?;
+        let text = self.tokenizer.decode(ids, true).map_err(|e| {
+            bad_input(
+                "token ids",
+                format!("cannot be decoded: {e}"),
+                "pass ids from encode",
+            )
+        })?;
         // The ByteLevel decoder leaves CLIP's end-of-word marks; transformers swaps them for spaces.
         Ok(text.replace("</w>", " ").trim().to_string())
     }

@@ -22,13 +22,21 @@ fn from_json() -> ClipTokenizer {
 }
 
 fn from_vocab_merges() -> ClipTokenizer {
-    ClipTokenizer::from_vocab_merges(&assets().join("vocab.json"), &assets().join("merges.txt")).unwrap()
+    ClipTokenizer::from_vocab_merges(&assets().join("vocab.json"), &assets().join("merges.txt"))
+        .unwrap()
 }
 
 fn fixture_prompts() -> Vec<String> {
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/prompts.json")).unwrap()).unwrap();
-    v["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect()
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/prompts.json")).unwrap(),
+    )
+    .unwrap();
+    v["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
 }
 
 fn long_prompt() -> String {
@@ -37,13 +45,27 @@ fn long_prompt() -> String {
 
 #[test]
 fn matches_transformers_clip_tokenizer() {
-    let ids = candle_core::safetensors::load(root().join("tests/fixtures/text.safetensors"), &Device::Cpu).unwrap();
+    let ids = candle_core::safetensors::load(
+        root().join("tests/fixtures/text.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let prompts = fixture_prompts();
     assert!(!prompts.is_empty());
-    for tok in [from_json(), from_vocab_merges(), ClipTokenizer::from_dir(&root().join("tests/fixtures/tiny-sd/tokenizer")).unwrap()] {
+    for tok in [
+        from_json(),
+        from_vocab_merges(),
+        ClipTokenizer::from_dir(&root().join("tests/fixtures/tiny-sd/tokenizer")).unwrap(),
+    ] {
         for (i, prompt) in prompts.iter().enumerate() {
-            let want: Vec<u32> =
-                ids[&format!("ids.{i}")].flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&v| v as u32).collect();
+            let want: Vec<u32> = ids[&format!("ids.{i}")]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<i64>()
+                .unwrap()
+                .iter()
+                .map(|&v| v as u32)
+                .collect();
             assert_eq!(tok.encode(prompt).unwrap(), want, "prompt {i}: {prompt:?}");
         }
     }
@@ -68,15 +90,27 @@ fn tricky_prompts_match_transformers() {
     let cases: [(&str, &[u32]); 4] = [
         (
             "café naïve ﬁancée Ångström, NFC vs NFD: cafe\u{301}",
-            &[BOS, 15304, 1097, 35689, 563, 171, 105, 223, 1124, 13489, 23176, 10352, 807, 7255, 332, 267, 23695, 1547, 77, 11525, 281, 15304, EOS],
+            &[
+                BOS, 15304, 1097, 35689, 563, 171, 105, 223, 1124, 13489, 23176, 10352, 807, 7255,
+                332, 267, 23695, 1547, 77, 11525, 281, 15304, EOS,
+            ],
         ),
         (
             "un chien qui saute — dans la forêt 🌲🐕 👩\u{200d}👩\u{200d}👧 🇫🇷",
-            &[BOS, 2271, 1337, 576, 18046, 2096, 756, 2005, 16241, 1210, 645, 27515, 339, 34071, 41069, 26304, 26304, 964, 356, 16223, EOS],
+            &[
+                BOS, 2271, 1337, 576, 18046, 2096, 756, 2005, 16241, 1210, 645, 27515, 339, 34071,
+                41069, 26304, 26304, 964, 356, 16223, EOS,
+            ],
         ),
-        ("tabs\tand\nnewlines\r\n  and   spaces", &[BOS, 29163, 537, 1218, 3418, 537, 9006, EOS]),
+        (
+            "tabs\tand\nnewlines\r\n  and   spaces",
+            &[BOS, 29163, 537, 1218, 3418, 537, 9006, EOS],
+        ),
         // special tokens typed in the prompt are matched as such
-        ("<|startoftext|> literal special tokens <|endoftext|>", &[BOS, BOS, 24269, 1689, 23562, EOS, EOS]),
+        (
+            "<|startoftext|> literal special tokens <|endoftext|>",
+            &[BOS, BOS, 24269, 1689, 23562, EOS, EOS],
+        ),
     ];
     for tok in [from_json(), from_vocab_merges()] {
         for (prompt, want) in cases {
@@ -118,7 +152,10 @@ fn long_prompts_keep_bos_and_end_with_eos() {
     assert_eq!(ids.len(), 77);
     assert_eq!(ids[0], BOS);
     assert_eq!(ids[76], EOS);
-    assert!(ids[1..76].iter().all(|&id| id != EOS), "no padding inside a truncated prompt");
+    assert!(
+        ids[1..76].iter().all(|&id| id != EOS),
+        "no padding inside a truncated prompt"
+    );
     // Exactly 75 content tokens: unchanged, and dropped beyond.
     let short = tok.encode(&"dog ".repeat(75)).unwrap();
     assert!(short[1..76].iter().all(|&id| id == 1929) && short[76] == EOS);
@@ -140,15 +177,22 @@ fn from_dir_reads_pad_token_and_length() {
         r#"{"pad_token": {"content": "!", "lstrip": false, "normalized": false, "rstrip": false, "single_word": false}}"#,
     )
     .unwrap();
-    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"model_max_length": 77, "pad_token": "<|endoftext|>"}"#)
-        .unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"model_max_length": 77, "pad_token": "<|endoftext|>"}"#,
+    )
+    .unwrap();
     let tok = ClipTokenizer::from_dir(dir.path()).unwrap();
     assert_eq!(tok.pad_id(), 0);
     let ids = tok.encode("a photo of a dog").unwrap();
     assert_eq!(&ids[..8], &[BOS, 320, 1125, 539, 320, 1929, EOS, 0]);
     assert!(ids[7..].iter().all(|&id| id == 0));
 
-    std::fs::write(dir.path().join("special_tokens_map.json"), r#"{"pad_token": "<|nope|>"}"#).unwrap();
+    std::fs::write(
+        dir.path().join("special_tokens_map.json"),
+        r#"{"pad_token": "<|nope|>"}"#,
+    )
+    .unwrap();
     let e = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
     assert!(e.contains("<|nope|>"), "{e}");
 }
@@ -157,7 +201,16 @@ fn from_dir_reads_pad_token_and_length() {
 fn missing_files_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let e = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
-    assert!(e.contains(&dir.path().display().to_string()) && e.contains("vocab.json") && e.contains("tokenizer.json"), "{e}");
+    assert!(
+        e.contains(&dir.path().display().to_string())
+            && e.contains("vocab.json")
+            && e.contains("tokenizer.json"),
+        "{e}"
+    );
     assert!(ClipTokenizer::from_json(&dir.path().join("tokenizer.json")).is_err());
-    assert!(ClipTokenizer::from_vocab_merges(&dir.path().join("vocab.json"), &dir.path().join("merges.txt")).is_err());
+    assert!(ClipTokenizer::from_vocab_merges(
+        &dir.path().join("vocab.json"),
+        &dir.path().join("merges.txt")
+    )
+    .is_err());
 }

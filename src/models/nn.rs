@@ -216,7 +216,9 @@ impl Conv2d {
             (out, rest, if rest == 0 { 0 } else { c.stride - rest })
         };
         let ((out_h, rest_h, extra_h), (out_w, rest_w, extra_w)) = (tiling(h, k_h), tiling(w, k_w));
-        if rest_h == rest_w {
+        // Only a backward pass reads the output padding; a forward alone needs no tiling.
+        let backward_ahead = xs.track_op() || trainable(&self.weight);
+        if rest_h == rest_w || !backward_ahead {
             return Ok(None);
         }
         let xs = xs.pad_with_zeros(2, 0, extra_h)?.pad_with_zeros(3, 0, extra_w)?;

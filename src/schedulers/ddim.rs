@@ -132,13 +132,25 @@ impl DdimConfig {
     /// as absent.
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
         let obj = v.as_object().ok_or_else(|| {
-            bad_input(CONFIG, "is not a JSON object", "give the contents of scheduler/scheduler_config.json")
+            bad_input(
+                CONFIG,
+                "is not a JSON object",
+                "give the contents of scheduler/scheduler_config.json",
+            )
         })?;
-        let present: serde_json::Map<String, serde_json::Value> =
-            obj.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
-        let raw: RawConfig = serde_json::from_value(serde_json::Value::Object(present)).map_err(|e| {
-            bad_input(CONFIG, format!("has a value of the wrong type: {e}"), "fix or remove that key")
-        })?;
+        let present: serde_json::Map<String, serde_json::Value> = obj
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let raw: RawConfig =
+            serde_json::from_value(serde_json::Value::Object(present)).map_err(|e| {
+                bad_input(
+                    CONFIG,
+                    format!("has a value of the wrong type: {e}"),
+                    "fix or remove that key",
+                )
+            })?;
         if raw.trained_betas.is_some() {
             return Err(bad_input(
                 format!("{CONFIG} key \"trained_betas\""),
@@ -197,8 +209,13 @@ impl DdimConfig {
     /// Reads and parses a `scheduler_config.json` file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| bad_input(path.display(), format!("is not valid JSON: {e}"), "re-download the scheduler config"))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            bad_input(
+                path.display(),
+                format!("is not valid JSON: {e}"),
+                "re-download the scheduler config",
+            )
+        })?;
         Self::from_json(&v)
     }
 
@@ -210,11 +227,14 @@ impl DdimConfig {
                 "use the value the model was trained with (1000 for Stable Diffusion)",
             ));
         }
-        let betas_ok = |b: f64| b.is_finite() && b >= 0.0 && b < 1.0;
+        let betas_ok = |b: f64| (0.0..1.0).contains(&b);
         if !betas_ok(self.beta_start) || !betas_ok(self.beta_end) {
             return Err(bad_input(
                 format!("{CONFIG} keys \"beta_start\"/\"beta_end\""),
-                format!("{} and {} are not both in [0, 1)", self.beta_start, self.beta_end),
+                format!(
+                    "{} and {} are not both in [0, 1)",
+                    self.beta_start, self.beta_end
+                ),
                 "use the model's values (0.00085 and 0.012 for Stable Diffusion)",
             ));
         }
@@ -256,7 +276,11 @@ fn cumprod_f32(xs: &[f32]) -> Vec<f32> {
 
 /// diffusers' `betas_for_alpha_bar` with the cosine transform (computed in f64, stored in f32).
 fn cosine_betas(n: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2)
+    };
     (0..n)
         .map(|i| {
             let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -306,10 +330,12 @@ impl DdimScheduler {
         let n = config.num_train_timesteps;
         let mut betas = match config.beta_schedule {
             BetaSchedule::Linear => linspace_f32(config.beta_start, config.beta_end, n),
-            BetaSchedule::ScaledLinear => linspace_f32(config.beta_start.sqrt(), config.beta_end.sqrt(), n)
-                .into_iter()
-                .map(|b| b * b)
-                .collect(),
+            BetaSchedule::ScaledLinear => {
+                linspace_f32(config.beta_start.sqrt(), config.beta_end.sqrt(), n)
+                    .into_iter()
+                    .map(|b| b * b)
+                    .collect()
+            }
             BetaSchedule::SquaredcosCapV2 => cosine_betas(n),
         };
         if config.rescale_betas_zero_snr {
@@ -317,7 +343,11 @@ impl DdimScheduler {
         }
         let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
         let alphas_cumprod: Vec<f64> = cumprod_f32(&alphas).into_iter().map(f64::from).collect();
-        let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        let final_alpha_cumprod = if config.set_alpha_to_one {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
         Ok(Self {
             timesteps: (0..n).rev().collect(),
             config,
@@ -342,18 +372,29 @@ impl DdimScheduler {
             TimestepSpacing::Linspace => {
                 // np.linspace(0, n - 1, steps).round(), reversed
                 let last = (n - 1) as f64;
-                let step = if steps > 1 { last / (steps - 1) as f64 } else { 0.0 };
+                let step = if steps > 1 {
+                    last / (steps - 1) as f64
+                } else {
+                    0.0
+                };
                 (0..steps)
                     .rev()
                     .map(|i| {
-                        let v = if i + 1 == steps && steps > 1 { last } else { i as f64 * step };
+                        let v = if i + 1 == steps && steps > 1 {
+                            last
+                        } else {
+                            i as f64 * step
+                        };
                         v.round_ties_even() as i64
                     })
                     .collect()
             }
             TimestepSpacing::Leading => {
                 let ratio = n / steps;
-                (0..steps).rev().map(|i| (i * ratio + self.config.steps_offset) as i64).collect()
+                (0..steps)
+                    .rev()
+                    .map(|i| (i * ratio + self.config.steps_offset) as i64)
+                    .collect()
             }
             TimestepSpacing::Trailing => {
                 // np.round(np.arange(n, 0, -n / steps)) - 1, with numpy's arange arithmetic:
@@ -377,7 +418,9 @@ impl DdimScheduler {
         if let Some(&bad) = timesteps.iter().find(|&&t| t < 0 || t as usize >= n) {
             return Err(bad_input(
                 format!("{CONFIG} key \"steps_offset\""),
-                format!("gives timestep {bad}, outside the {n} training timesteps with {steps} steps"),
+                format!(
+                    "gives timestep {bad}, outside the {n} training timesteps with {steps} steps"
+                ),
                 "use a smaller steps_offset (1 for Stable Diffusion)",
             ));
         }
@@ -415,7 +458,10 @@ impl DdimScheduler {
         self.alphas_cumprod.get(timestep).copied().ok_or_else(|| {
             bad_input(
                 format!("timestep {timestep}"),
-                format!("is outside the {} training timesteps", self.config.num_train_timesteps),
+                format!(
+                    "is outside the {} training timesteps",
+                    self.config.num_train_timesteps
+                ),
                 "use a timestep from timesteps()",
             )
         })
@@ -425,15 +471,25 @@ impl DdimScheduler {
     /// `timestep - num_train_timesteps / num_inference_steps`, whatever the spacing.
     pub fn prev_alpha_cumprod(&self, timestep: usize) -> Result<f64> {
         let steps = self.num_inference_steps.ok_or_else(|| {
-            bad_input("DDIM scheduler", "set_timesteps was not called", "call set_timesteps before stepping")
+            bad_input(
+                "DDIM scheduler",
+                "set_timesteps was not called",
+                "call set_timesteps before stepping",
+            )
         })?;
         let prev = timestep as i64 - (self.config.num_train_timesteps / steps) as i64;
-        Ok(if prev >= 0 { self.alphas_cumprod[prev as usize] } else { self.final_alpha_cumprod })
+        Ok(if prev >= 0 {
+            self.alphas_cumprod[prev as usize]
+        } else {
+            self.final_alpha_cumprod
+        })
     }
 
     /// One deterministic DDIM step (eta = 0): x_t -> x_{t-1}.
     pub fn step(&self, model_output: &Tensor, timestep: usize, sample: &Tensor) -> Result<Tensor> {
-        Ok(self.step_with(model_output, timestep, sample, 0.0, None)?.prev_sample)
+        Ok(self
+            .step_with(model_output, timestep, sample, 0.0, None)?
+            .prev_sample)
     }
 
     /// One DDIM step with diffusers' `eta` (0 = DDIM, 1 = DDPM-like); `eta > 0` needs
@@ -447,7 +503,11 @@ impl DdimScheduler {
         variance_noise: Option<&Tensor>,
     ) -> Result<DdimStep> {
         if !(eta.is_finite() && eta >= 0.0) {
-            return Err(bad_input("eta", format!("{eta} is not a non-negative number"), "use 0 for DDIM"));
+            return Err(bad_input(
+                "eta",
+                format!("{eta} is not a non-negative number"),
+                "use 0 for DDIM",
+            ));
         }
         let alpha_t = self.alpha_at(timestep)?;
         let alpha_prev = self.prev_alpha_cumprod(timestep)?;
@@ -480,11 +540,18 @@ impl DdimScheduler {
         let mut prev = (pred_x0.affine(alpha_prev.sqrt(), 0.0)? + direction)?;
         if eta > 0.0 {
             let noise = variance_noise.ok_or_else(|| {
-                bad_input("DDIM step", format!("eta is {eta} but no noise was given"), "pass variance noise or use eta 0")
+                bad_input(
+                    "DDIM step",
+                    format!("eta is {eta} but no noise was given"),
+                    "pass variance noise or use eta 0",
+                )
             })?;
             prev = (prev + noise.affine(std_dev, 0.0)?)?;
         }
-        Ok(DdimStep { prev_sample: prev, pred_original_sample: pred_x0 })
+        Ok(DdimStep {
+            prev_sample: prev,
+            pred_original_sample: pred_x0,
+        })
     }
 
     /// Forward diffusion: sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·noise.
@@ -504,14 +571,21 @@ impl DdimScheduler {
             ));
         }
         let steps = self.num_inference_steps.ok_or_else(|| {
-            bad_input("DDIM scheduler", "set_timesteps was not called", "call set_timesteps before timesteps_for_strength")
+            bad_input(
+                "DDIM scheduler",
+                "set_timesteps was not called",
+                "call set_timesteps before timesteps_for_strength",
+            )
         })?;
         let init = ((steps as f64 * strength) as usize).min(steps);
         if init == 0 {
             return Err(bad_input(
                 "strength",
                 format!("{strength} with {steps} steps leaves no denoising step"),
-                format!("raise strength to at least {} or use more steps", 1.0 / steps as f64),
+                format!(
+                    "raise strength to at least {} or use more steps",
+                    1.0 / steps as f64
+                ),
             ));
         }
         Ok(&self.timesteps[steps - init..])
@@ -552,27 +626,53 @@ mod tests {
     #[test]
     fn config_errors_name_the_key() {
         let e = err_text(DdimConfig::from_json(&json!({"beta_schedule": "sigmoid"})));
-        assert!(e.contains("beta_schedule") && e.contains("sigmoid") && e.contains("\"scaled_linear\""), "{e}");
+        assert!(
+            e.contains("beta_schedule") && e.contains("sigmoid") && e.contains("\"scaled_linear\""),
+            "{e}"
+        );
         let e = err_text(DdimConfig::from_json(&json!({"prediction_type": "flow"})));
-        assert!(e.contains("prediction_type") && e.contains("\"v_prediction\""), "{e}");
-        let e = err_text(DdimConfig::from_json(&json!({"timestep_spacing": "karras"})));
-        assert!(e.contains("timestep_spacing") && e.contains("\"linspace\""), "{e}");
-        assert!(err_text(DdimConfig::from_json(&json!({"trained_betas": [0.1, 0.2]}))).contains("trained_betas"));
-        assert!(err_text(DdimConfig::from_json(&json!({"thresholding": true}))).contains("thresholding"));
-        assert!(err_text(DdimConfig::from_json(&json!({"steps_offset": "one"}))).contains("wrong type"));
+        assert!(
+            e.contains("prediction_type") && e.contains("\"v_prediction\""),
+            "{e}"
+        );
+        let e = err_text(DdimConfig::from_json(
+            &json!({"timestep_spacing": "karras"}),
+        ));
+        assert!(
+            e.contains("timestep_spacing") && e.contains("\"linspace\""),
+            "{e}"
+        );
+        assert!(
+            err_text(DdimConfig::from_json(&json!({"trained_betas": [0.1, 0.2]})))
+                .contains("trained_betas")
+        );
+        assert!(
+            err_text(DdimConfig::from_json(&json!({"thresholding": true})))
+                .contains("thresholding")
+        );
+        assert!(
+            err_text(DdimConfig::from_json(&json!({"steps_offset": "one"}))).contains("wrong type")
+        );
         assert!(DdimConfig::from_json(&json!([1, 2])).is_err());
         // null counts as absent, unknown keys are ignored
-        let c = DdimConfig::from_json(&json!({"prediction_type": null, "skip_prk_steps": true})).unwrap();
+        let c = DdimConfig::from_json(&json!({"prediction_type": null, "skip_prk_steps": true}))
+            .unwrap();
         assert_eq!(c, DdimConfig::default());
     }
 
     #[test]
     fn strength_selects_the_tail_like_diffusers_img2img() {
         let mut s = sd_v1();
-        assert!(s.timesteps_for_strength(0.5).is_err(), "needs set_timesteps first");
+        assert!(
+            s.timesteps_for_strength(0.5).is_err(),
+            "needs set_timesteps first"
+        );
         s.set_timesteps(50).unwrap();
         for bad in [0.0, -0.1, 1.5, f64::NAN] {
-            assert!(err_text(s.timesteps_for_strength(bad)).contains("strength"), "{bad}");
+            assert!(
+                err_text(s.timesteps_for_strength(bad)).contains("strength"),
+                "{bad}"
+            );
         }
         assert_eq!(s.timesteps_for_strength(1.0).unwrap(), s.timesteps());
         let kept = s.timesteps_for_strength(0.3).unwrap();
@@ -607,14 +707,29 @@ mod tests {
         let (a, ap) = (s.alphas_cumprod()[t], s.alphas_cumprod()[t - 100]);
         let eta = 0.7;
         let std = eta * ((1.0 - ap) / (1.0 - a) * (1.0 - a / ap)).sqrt();
-        let with_noise = s.step_with(&eps, t, &x, eta, Some(&noise)).unwrap().prev_sample;
-        let without = s.step_with(&eps, t, &x, eta, Some(&zeros)).unwrap().prev_sample;
-        let diff: Vec<f32> = (with_noise - without).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        assert!((diff[0] as f64 - std).abs() < 1e-6 && (diff[1] as f64 + 2.0 * std).abs() < 1e-6, "{diff:?}");
+        let with_noise = s
+            .step_with(&eps, t, &x, eta, Some(&noise))
+            .unwrap()
+            .prev_sample;
+        let without = s
+            .step_with(&eps, t, &x, eta, Some(&zeros))
+            .unwrap()
+            .prev_sample;
+        let diff: Vec<f32> = (with_noise - without)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            (diff[0] as f64 - std).abs() < 1e-6 && (diff[1] as f64 + 2.0 * std).abs() < 1e-6,
+            "{diff:?}"
+        );
     }
 
     /// Values from diffusers 0.42 (torch 2.11, CPU) for the schedules the fixture file lacks.
     #[test]
+    #[allow(clippy::excessive_precision)] // printed by Python as f64
     fn squaredcos_and_zero_snr_match_diffusers() {
         let x = Tensor::new(&[[1.0f32, 1.0]], &Device::Cpu).unwrap();
         let mo = Tensor::new(&[[0.5f32, -2.0]], &Device::Cpu).unwrap();
@@ -629,13 +744,22 @@ mod tests {
                     assert_eq!(got as f32, want as f32, "alphas_cumprod[{i}]");
                 } else {
                     // torch's f32 sqrt is not correctly rounded, so not bit-exact here
-                    assert!((got - want).abs() <= 5e-6 * want, "alphas_cumprod[{i}] {got} vs {want}");
+                    assert!(
+                        (got - want).abs() <= 5e-6 * want,
+                        "alphas_cumprod[{i}] {got} vs {want}"
+                    );
                 }
             }
             s.set_timesteps(7).unwrap();
             assert_eq!(s.timesteps(), [999, 856, 713, 570, 428, 285, 142]);
             for (k, want) in steps {
-                let got: Vec<f32> = s.step(&mo, s.timesteps()[k], &x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let got: Vec<f32> = s
+                    .step(&mo, s.timesteps()[k], &x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 for (g, w) in got.iter().zip(want) {
                     assert!((g - w).abs() < 2e-6, "step {k}: {got:?} vs {want:?}");
                 }
@@ -644,20 +768,35 @@ mod tests {
         check(
             json!({"beta_schedule": "squaredcos_cap_v2", "clip_sample": true, "clip_sample_range": 0.5,
                    "timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
-            &[(0, 0.9999586939811707), (1, 0.9999125599861145), (499, 0.4938434660434723),
-              (998, 2.428766265438753e-06), (999, 2.4287349909002387e-09)],
+            &[
+                (0, 0.9999586939811707),
+                (1, 0.9999125599861145),
+                (499, 0.4938434660434723),
+                (998, 2.428766265438753e-06),
+                (999, 2.4287349909002387e-09),
+            ],
             true,
-            [(0, [0.8658985495567322, 1.085265874862671]), (6, [0.5046112537384033, 0.4889853596687317])],
+            [
+                (0, [0.8658985495567322, 1.085265874862671]),
+                (6, [0.5046112537384033, 0.4889853596687317]),
+            ],
         );
         check(
             json!({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                    "clip_sample": false, "set_alpha_to_one": false, "steps_offset": 1,
                    "rescale_betas_zero_snr": true, "timestep_spacing": "trailing",
                    "prediction_type": "v_prediction"}),
-            &[(0, 0.9991499781608582), (1, 0.9982334971427917), (499, 0.24235899746418),
-              (998, 1.9679633567193378e-07)],
+            &[
+                (0, 0.9991499781608582),
+                (1, 0.9982334971427917),
+                (499, 0.24235899746418),
+                (998, 1.9679633567193378e-07),
+            ],
             false,
-            [(0, [0.9538033604621887, 1.1666347980499268]), (6, [0.7274227738380432, 1.698064923286438])],
+            [
+                (0, [0.9538033604621887, 1.1666347980499268]),
+                (6, [0.7274227738380432, 1.698064923286438]),
+            ],
         );
     }
 }

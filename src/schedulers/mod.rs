@@ -1,4 +1,6 @@
 //! Noise schedulers.
 pub mod ddim;
 
-pub use ddim::{BetaSchedule, DdimConfig, DdimScheduler, DdimStep, PredictionType, TimestepSpacing};
+pub use ddim::{
+    BetaSchedule, DdimConfig, DdimScheduler, DdimStep, PredictionType, TimestepSpacing,
+};
