@@ -39,6 +39,7 @@ pub struct UnetBench {
 
 /// Times the full-size UNet at `latent_size` x `latent_size` latents, median of `runs` after a warm-up.
 pub fn bench_unet(device: &Device, dtype: DType, latent_size: usize, runs: usize) -> Result<UnetBench> {
+    crate::pipeline::check_dtype(device, dtype)?;
     let cfg = UNet2DConditionModelConfig::from_json(&sd_v14_unet_config())?;
     let (unet, _) = crate::tiny::seeded_model(0, dtype, device, |vb| Ok(UNet2DConditionModel::new(vb, cfg)?))?;
     let sample = seeded_noise(1, &[1, 4, latent_size, latent_size], device, dtype)?;

@@ -71,7 +71,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let mut tmp = tempfile::Builder::new().prefix(".layerdiff-").tempfile_in(dir).map_err(io_err(dir))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".layerdiff-");
+    // A temporary file is private (0600); the result should read like any other output file.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    let mut tmp = builder.tempfile_in(dir).map_err(io_err(dir))?;
     std::io::Write::write_all(&mut tmp, bytes).map_err(io_err(path))?;
     tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
     Ok(())
@@ -105,6 +110,12 @@ mod tests {
         save_png_atomic(&RgbImage::new(4, 4), &path)?;
         assert_eq!(load_rgb(&path)?.dimensions(), (4, 4));
         assert_eq!(std::fs::read_dir(dir.path()).map_err(io_err(dir.path()))?.count(), 1);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).map_err(io_err(&path))?.permissions().mode();
+            assert_eq!(mode & 0o777, 0o644);
+        }
         Ok(())
     }
 

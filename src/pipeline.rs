@@ -25,6 +25,7 @@ pub struct StableDiffusion {
 
 impl StableDiffusion {
     pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        check_dtype(device, dtype)?;
         let unet_cfg = UNet2DConditionModelConfig::from_json(&files.unet_config)?;
         let vae_cfg = AutoencoderKLConfig::from_json(&files.vae_config)?;
         let clip_cfg = ClipTextConfig::from_json(&files.text_encoder_config)?;
@@ -111,6 +112,14 @@ impl StableDiffusion {
         }
         Ok(latents)
     }
+}
+
+/// candle 0.11.1 has no bf16 matrix multiply on the CPU: say so before loading anything.
+pub fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
+    if device.is_cpu() && dtype == DType::BF16 {
+        return Err(bad_input("--dtype bf16", "the CPU backend has no bf16 matrix multiply", "use --dtype f32 or f16 on the CPU, bf16 on a GPU"));
+    }
+    Ok(())
 }
 
 /// Standard normal noise from a seed, drawn on the CPU so that a seed gives the same image on

@@ -103,13 +103,14 @@ fn bad_inputs_give_one_line_errors_and_no_output() {
 
     let (missing, ckpt, bad_image) = (missing.to_str().unwrap(), ckpt.to_str().unwrap(), bad_image.to_str().unwrap());
     // (model, width, steps, extra flags, what the error must name)
-    let cases: [(&str, &str, &str, &[&str], &str); 6] = [
+    let cases: [(&str, &str, &str, &[&str], &str); 7] = [
         (missing, "64", "2", &[], "no-such-model"),
         (ckpt, "64", "2", &[], "safetensors"),
         ("some-org/not-cached-model", "64", "2", &[], "offline"),
         (&model, "60", "2", &[], "--width"),
         (&model, "64", "0", &[], "--steps"),
         (&model, "64", "2", &["--init-image", bad_image], "bad.png"),
+        (&model, "64", "2", &["--cpu", "--dtype", "bf16"], "bf16"),
     ];
     for (model, width, steps, extra, must_mention) in cases {
         let mut args = vec!["generate", "--model", model, "--prompt", "x", "--width", width, "--height", "64", "--steps", steps, "--out", &out_s];

@@ -163,3 +163,33 @@ fn clip_gelu_matches_transformers() -> Result<()> {
     assert_eq!(cfg.hidden_act, layerdiff::models::clip_text::Activation::Gelu);
     check_text_encoder("tiny-text-gelu", "hidden_gelu", "gelu")
 }
+
+/// A config asking for what the models do not implement is refused with a one-line error that
+/// names the file and the key, instead of building a different network.
+#[test]
+fn unsupported_config_values_are_refused() {
+    use layerdiff::models::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionModelConfig};
+    let read = |c: &str| -> serde_json::Value {
+        let path = format!("{}/tests/fixtures/tiny-sd/{c}/config.json", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let with = |mut v: serde_json::Value, key: &str, value: serde_json::Value| {
+        v[key] = value;
+        v
+    };
+    let cases = [
+        UNet2DConditionModelConfig::from_json(&with(read("unet"), "class_embed_type", "timestep".into())).err(),
+        UNet2DConditionModelConfig::from_json(&with(read("unet"), "down_block_types", serde_json::json!(["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D", "DownBlock2D"]))).err(),
+        AutoencoderKLConfig::from_json(&with(read("vae"), "act_fn", "relu".into())).err(),
+        ClipTextConfig::from_json(&with(read("text_encoder"), "hidden_act", "swish".into())).err(),
+    ];
+    for (err, (file, key)) in cases.into_iter().zip([
+        ("unet/config.json", "class_embed_type"),
+        ("unet/config.json", "down_block_types"),
+        ("vae/config.json", "act_fn"),
+        ("text_encoder/config.json", "hidden_act"),
+    ]) {
+        let msg = err.expect("refused").to_string();
+        assert!(msg.contains(file) && msg.contains(key) && !msg.contains('\n'), "{msg}");
+    }
+}

@@ -174,10 +174,8 @@ impl ModelFiles {
             TokenizerFiles::Bundled => {
                 // ClipTokenizer reads files: give it the bundled ones in a scratch folder.
                 let dir = tempfile::tempdir().map_err(io_err(&std::env::temp_dir()))?;
-                let (vocab, merges) = (dir.path().join("vocab.json"), dir.path().join("merges.txt"));
-                std::fs::write(&vocab, crate::assets::CLIP_VOCAB).map_err(io_err(&vocab))?;
-                std::fs::write(&merges, crate::assets::CLIP_MERGES).map_err(io_err(&merges))?;
-                ClipTokenizer::from_vocab_merges(&vocab, &merges)
+                crate::assets::write_clip_tokenizer(dir.path())?;
+                ClipTokenizer::from_dir(dir.path())
             }
         }
     }
