@@ -9,7 +9,7 @@
 //!   with a `group_norm` and a residual connection).
 
 use crate::models::nn::{
-    conv2d, group_norm, layer_norm, linear, linear_b, softmax_last_dim, Conv2d, Conv2dConfig, LayerNorm, Linear,
+    attention_probs, conv2d, group_norm, layer_norm, linear, linear_b, Conv2d, Conv2dConfig, LayerNorm, Linear,
 };
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{GroupNorm, VarBuilder};
@@ -35,8 +35,7 @@ fn scaled_dot_product_attention(
     let dtype = attention_dtype(in_dtype);
     let (q, k, v) = (q.to_dtype(dtype)?, k.to_dtype(dtype)?, v.to_dtype(dtype)?);
     let attend = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        softmax_last_dim(&scores)?.matmul(v)
+        attention_probs(q, k, scale)?.matmul(v)
     };
     let n = q.dim(0)?;
     let xs = match slice_size {

@@ -17,27 +17,30 @@ use candle_core::{CpuStorage, CudaStorage, DType, Layout, Module, Result, Shape,
 use candle_nn::VarBuilder;
 use std::sync::Mutex;
 
-type Backward = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
-
-/// Forward: hands out `value` (computed beforehand, off the graph). Backward: `backward(arg, res, grad)`.
-struct WithBackward {
+/// Forward: hands out `value`, computed beforehand off the graph. Backward: the closure `F`, with
+/// one signature for one argument ([`attach_backward`]) and another for two ([`attach_backward2`]).
+struct WithBackward<F> {
     value: Mutex<Option<Tensor>>,
-    backward: Box<Backward>,
+    backward: F,
 }
 
-impl WithBackward {
+impl<F> WithBackward<F> {
+    fn new(value: Tensor, backward: F) -> Result<Self> {
+        // `try_clone` copies the whole buffer, so hand it a tensor that owns exactly its elements.
+        let owns_its_buffer = {
+            let (_, layout) = value.storage_and_layout();
+            layout.is_contiguous() && layout.start_offset() == 0
+        };
+        let value = if owns_its_buffer { value } else { value.copy()? };
+        Ok(Self { value: Mutex::new(Some(value)), backward })
+    }
+
     fn take(&self) -> Result<Tensor> {
         let value = self.value.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?.take();
         value.ok_or_else(|| candle_core::Error::Msg("with-backward op applied twice".into()))
     }
-}
 
-impl candle_core::CustomOp1 for WithBackward {
-    fn name(&self) -> &'static str {
-        "with-backward"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_value(&self) -> Result<(CpuStorage, Shape)> {
         let value = self.take()?;
         let (storage, layout) = value.storage_and_layout();
         match &*storage {
@@ -46,7 +49,7 @@ impl candle_core::CustomOp1 for WithBackward {
         }
     }
 
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_value(&self) -> Result<(CudaStorage, Shape)> {
         let value = self.take()?;
         let (storage, layout) = value.storage_and_layout();
         match &*storage {
@@ -54,9 +57,45 @@ impl candle_core::CustomOp1 for WithBackward {
             _ => candle_core::bail!("with-backward: value and argument on different devices"),
         }
     }
+}
+
+impl<F: Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync> candle_core::CustomOp1 for WithBackward<F> {
+    fn name(&self) -> &'static str {
+        "with-backward"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_value()
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.cuda_value()
+    }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         (self.backward)(arg, res, grad_res).map(Some)
+    }
+}
+
+type Grads2 = (Option<Tensor>, Option<Tensor>);
+
+impl<F: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads2> + Send + Sync> candle_core::CustomOp2
+    for WithBackward<F>
+{
+    fn name(&self) -> &'static str {
+        "with-backward2"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_value()
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.cuda_value()
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Grads2> {
+        (self.backward)(a, b, res, grad_res)
     }
 }
 
@@ -70,13 +109,21 @@ pub fn attach_backward(
     if !arg.track_op() {
         return Ok(value);
     }
-    // `try_clone` copies the whole buffer, so hand it a tensor that owns exactly its elements.
-    let owns_its_buffer = {
-        let (_, layout) = value.storage_and_layout();
-        layout.is_contiguous() && layout.start_offset() == 0
-    };
-    let value = if owns_its_buffer { value } else { value.copy()? };
-    arg.apply_op1(WithBackward { value: Mutex::new(Some(value)), backward: Box::new(backward) })
+    arg.apply_op1(WithBackward::new(value, backward)?)
+}
+
+/// [`attach_backward`] for a function of two tensors: `backward(a, b, value, grad_value)` returns
+/// the gradients of `a` and `b`.
+pub fn attach_backward2(
+    a: &Tensor,
+    b: &Tensor,
+    value: Tensor,
+    backward: impl Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads2> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !(a.track_op() || b.track_op()) {
+        return Ok(value);
+    }
+    a.apply_op2(b, WithBackward::new(value, backward)?)
 }
 
 /// True when the backward pass must compute this weight's gradient.
@@ -90,6 +137,20 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     attach_backward(xs, ys, |_, ys, grad| {
         let dot = (grad * ys)?.sum_keepdim(D::Minus1)?;
         ys * grad.broadcast_sub(&dot)?
+    })
+}
+
+/// Attention probabilities `P = softmax(scale q k^T)` for `(batch, seq, head_dim)` queries and keys.
+/// One fused op on the graph: its backward keeps only `q`, `k` and `P`, where composing matmul,
+/// scale and softmax would keep three `seq x seq` matrices per attention layer.
+pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
+    let scores = (q.detach() * scale)?.matmul(&k.detach().t()?)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    attach_backward2(q, k, probs, move |q, k, probs, grad| {
+        // dS = P (dP - sum(dP P)) scaled; dq = dS k, dk = dS^T q.
+        let dot = (grad * probs)?.sum_keepdim(D::Minus1)?;
+        let d_scores = ((probs * grad.broadcast_sub(&dot)?)? * scale)?;
+        Ok((Some(d_scores.matmul(k)?), Some(d_scores.t()?.matmul(q)?)))
     })
 }
 
@@ -368,6 +429,23 @@ mod tests {
     #[test]
     fn softmax_gradient_matches_finite_differences() -> Result<()> {
         check_grad(&randn(&[2, 3, 5])?, &|x| softmax_last_dim(x))
+    }
+
+    #[test]
+    fn attention_probs_gradient_matches_finite_differences() -> Result<()> {
+        let k = randn(&[2, 4, 3])?;
+        check_grad(&randn(&[2, 5, 3])?, &|q| attention_probs(q, &k, 0.7))?;
+        let q = randn(&[2, 5, 3])?;
+        check_grad(&k, &|k| attention_probs(&q, k, 0.7))
+    }
+
+    #[test]
+    fn attention_probs_equal_the_composed_softmax() -> Result<()> {
+        let (q, k) = (randn(&[2, 5, 3])?, randn(&[2, 4, 3])?);
+        let composed = softmax_last_dim(&(q.matmul(&k.t()?)? * 0.7)?)?;
+        let diff = (attention_probs(&q, &k, 0.7)? - composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "fused and composed attention differ by {diff}");
+        Ok(())
     }
 
     #[test]
