@@ -81,7 +81,8 @@ impl StableDiffusion {
 
     /// One classifier-free-guided noise prediction: `eps_u + w (eps_c - eps_u)`, both halves in one
     /// batched UNet call. `w <= 1` skips the unconditional half, as diffusers does.
-    pub fn guided_noise(&self, latents: &Tensor, t: usize, cond: &Tensor, uncond: &Tensor, scale: f64) -> Result<Tensor> {
+    pub fn guided_noise(&self, latents: &Tensor, t: usize, guidance: &Guidance) -> Result<Tensor> {
+        let Guidance { cond, uncond, scale } = *guidance;
         if scale <= 1.0 {
             return Ok(self.unet.forward(latents, t as f64, cond)?);
         }
@@ -99,19 +100,27 @@ impl StableDiffusion {
         scheduler: &DdimScheduler,
         timesteps: &[usize],
         mut latents: Tensor,
-        cond: &Tensor,
-        uncond: &Tensor,
-        guidance_scale: f64,
+        guidance: &Guidance,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         for (i, &t) in timesteps.iter().enumerate() {
             let input = scheduler.scale_model_input(latents.clone(), t)?;
-            let eps = self.guided_noise(&input, t, cond, uncond, guidance_scale)?;
+            let eps = self.guided_noise(&input, t, guidance)?;
             latents = scheduler.step(&eps, t, &latents)?;
             on_step(i + 1, timesteps.len());
         }
         Ok(latents)
     }
+}
+
+/// The text conditions of classifier-free guidance and its scale.
+#[derive(Clone, Copy)]
+pub struct Guidance<'a> {
+    /// `[1, 77, D]` embedding of the prompt.
+    pub cond: &'a Tensor,
+    /// `[1, 77, D]` embedding of the negative (unconditional) prompt.
+    pub uncond: &'a Tensor,
+    pub scale: f64,
 }
 
 /// candle 0.11.1 has no bf16 matrix multiply on the CPU: say so before loading anything.
@@ -171,7 +180,7 @@ pub fn generate(sd: &StableDiffusion, opts: &GenerateOptions, on_step: &mut dyn 
     // 1. check inputs
     let f = sd.vae_factor();
     for (name, v) in [("--width", opts.width), ("--height", opts.height)] {
-        if v == 0 || v % f != 0 {
+        if v == 0 || !v.is_multiple_of(f) {
             return Err(bad_input(name, format!("{v} is not a positive multiple of {f}"), format!("use a multiple of {f}, the model's VAE factor")));
         }
     }
@@ -212,7 +221,8 @@ pub fn generate(sd: &StableDiffusion, opts: &GenerateOptions, on_step: &mut dyn 
     };
 
     // 5. the denoising loop
-    let latents = sd.denoise(&scheduler, &timesteps, latents, &cond, &uncond, opts.guidance_scale, on_step)?;
+    let guidance = Guidance { cond: &cond, uncond: &uncond, scale: opts.guidance_scale };
+    let latents = sd.denoise(&scheduler, &timesteps, latents, &guidance, on_step)?;
 
     // 6. decode
     sd.decode_latents(&latents)

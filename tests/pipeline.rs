@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use layerdiff::image_io::{tensor_to_images, write_atomic};
-use layerdiff::pipeline::{generate, GenerateOptions, StableDiffusion};
+use layerdiff::pipeline::{generate, GenerateOptions, Guidance, StableDiffusion};
 use layerdiff::sources::{ModelFiles, SourceOptions};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -76,7 +76,8 @@ fn image_to_image_matches_diffusers() {
     let noisy = scheduler.add_noise(&z, &t["img2img.noise"], timesteps[0]).unwrap();
     let cond = sd.encode_prompt("a photo of a dog").unwrap();
     let uncond = sd.encode_prompt("").unwrap();
-    let latents = sd.denoise(&scheduler, &timesteps, noisy, &cond, &uncond, 7.5, &mut |_, _| {}).unwrap();
+    let guidance = Guidance { cond: &cond, uncond: &uncond, scale: 7.5 };
+    let latents = sd.denoise(&scheduler, &timesteps, noisy, &guidance, &mut |_, _| {}).unwrap();
     let err_final = max_abs(&latents, &t["img2img.final_latents"]);
     let levels = max_level_diff(&sd.decode_latents(&latents).unwrap(), &t["img2img.image"]);
     eprintln!("img2img: init latents {err_z:.2e}, final latents {err_final:.2e}, image {levels}/255 levels");

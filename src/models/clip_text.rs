@@ -3,6 +3,7 @@
 //! The CLIP text encoder of Stable Diffusion, as transformers' `CLIPTextModel`
 //! (`models/clip/modeling_clip.py`): token ids to the last hidden state, after the final layer norm.
 
+use super::{parse_config, unsupported};
 use crate::models::nn::{layer_norm, linear, softmax_last_dim, LayerNorm, Linear};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
@@ -98,11 +99,8 @@ impl ClipTextConfig {
     /// config is read from its `text_config`), with transformers' defaults for missing keys.
     pub fn from_json(config: &Value) -> crate::Result<Self> {
         let config = config.get("text_config").unwrap_or(config);
-        let raw: RawClipTextConfig = serde_json::from_value(config.clone())
-            .map_err(|e| crate::bad_input(CONFIG_FILE, format!("unreadable config: {e}"), CONFIG_FIX))?;
-        let bad = |key: &str, value: String| {
-            crate::bad_input(CONFIG_FILE, format!("`{key}` = {value} is not supported"), CONFIG_FIX)
-        };
+        let raw: RawClipTextConfig = parse_config(config, CONFIG_FILE, CONFIG_FIX, &[])?;
+        let bad = |key: &str, value: String| unsupported(CONFIG_FILE, key, value, CONFIG_FIX);
         let hidden_act = match raw.hidden_act.as_str() {
             "quick_gelu" => Activation::QuickGelu,
             "gelu" => Activation::Gelu,

@@ -6,6 +6,7 @@
 
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::unet_2d_blocks::*;
+use super::{parse_config, unsupported};
 use crate::models::nn::{conv2d, group_norm, Conv2d, Conv2dConfig};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{GroupNorm, VarBuilder};
@@ -180,24 +181,8 @@ const UNSUPPORTED_UNLESS: &[(&str, &[&str])] = &[
     ("reverse_transformer_layers_per_block", &["null"]),
 ];
 
-/// `config[key]` is absent or one of the values that leave the feature off (a list of them too).
-pub(crate) fn check_unsupported(config: &Value, file: &str, fix: &str, keys: &[(&str, &[&str])]) -> crate::Result<()> {
-    for (key, allowed) in keys {
-        let Some(value) = config.get(*key) else { continue };
-        let ok = |v: &Value| allowed.contains(&v.to_string().as_str());
-        let fine = match value {
-            Value::Array(items) => items.iter().all(ok),
-            v => ok(v),
-        };
-        if !fine {
-            return Err(crate::bad_input(file, format!("`{key}` = {value} is not supported"), fix));
-        }
-    }
-    Ok(())
-}
-
 fn bad(key: &str, value: impl std::fmt::Display) -> crate::Error {
-    crate::bad_input(CONFIG_FILE, format!("`{key}` = {value} is not supported"), CONFIG_FIX)
+    unsupported(CONFIG_FILE, key, value, CONFIG_FIX)
 }
 
 /// An int, or a list with one int per block.
@@ -223,9 +208,7 @@ fn same_for_all(key: &str, value: &Value, n_blocks: usize) -> crate::Result<usiz
 impl UNet2DConditionModelConfig {
     /// Reads diffusers' `unet/config.json`, with diffusers' defaults for missing keys.
     pub fn from_json(config: &Value) -> crate::Result<Self> {
-        check_unsupported(config, CONFIG_FILE, CONFIG_FIX, UNSUPPORTED_UNLESS)?;
-        let raw: RawUNetConfig = serde_json::from_value(config.clone())
-            .map_err(|e| crate::bad_input(CONFIG_FILE, format!("unreadable config: {e}"), CONFIG_FIX))?;
+        let raw: RawUNetConfig = parse_config(config, CONFIG_FILE, CONFIG_FIX, UNSUPPORTED_UNLESS)?;
         let n = raw.block_out_channels.len();
         if n == 0 {
             return Err(bad("block_out_channels", "[]"));

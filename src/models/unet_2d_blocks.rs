@@ -77,6 +77,75 @@ fn upsample_nearest2d(xs: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     xs.index_select(&indices(in_h, h)?, 2)?.index_select(&indices(in_w, w)?, 3)
 }
 
+/// The settings diffusers passes alike to every resnet of a block (dropout 0, SiLU and pre-norm are
+/// fixed here); the output channels default to the input's.
+fn resnet_config(
+    temb_channels: Option<usize>,
+    groups: usize,
+    eps: f64,
+    output_scale_factor: f64,
+) -> ResnetBlock2DConfig {
+    ResnetBlock2DConfig { temb_channels, groups, eps, output_scale_factor, ..Default::default() }
+}
+
+/// diffusers' `resnets` list of the down and up blocks: `num_layers` resnets to `out_channels`,
+/// resnet `i` taking `in_channels(i)` channels (the blocks differ only in how their channels chain).
+fn resnet_stack(
+    vb: &VarBuilder,
+    num_layers: usize,
+    in_channels: impl Fn(usize) -> usize,
+    out_channels: usize,
+    config: ResnetBlock2DConfig,
+) -> Result<Vec<ResnetBlock2D>> {
+    let vb = vb.pp("resnets");
+    let config = ResnetBlock2DConfig { out_channels: Some(out_channels), ..config };
+    (0..num_layers).map(|i| ResnetBlock2D::new(vb.pp(i), in_channels(i), config)).collect()
+}
+
+/// diffusers' `downsamplers`: one [`Downsample2D`] keeping the channels, when the block has one.
+fn downsampler(vb: &VarBuilder, add_downsample: bool, channels: usize, padding: usize) -> Result<Option<Downsample2D>> {
+    add_downsample.then(|| Downsample2D::new(vb.pp("downsamplers").pp("0"), channels, channels, padding)).transpose()
+}
+
+/// diffusers' `upsamplers`: one [`Upsample2D`] keeping the channels, when the block has one.
+fn upsampler(vb: &VarBuilder, add_upsample: bool, channels: usize) -> Result<Option<Upsample2D>> {
+    add_upsample.then(|| Upsample2D::new(vb.pp("upsamplers").pp("0"), channels, channels)).transpose()
+}
+
+/// diffusers' `attentions` of the cross-attention down and up blocks: `num_layers` transformers on
+/// `channels`, in `n_heads` heads of `channels / n_heads`.
+fn transformer_stack(
+    vb: &VarBuilder,
+    num_layers: usize,
+    channels: usize,
+    n_heads: usize,
+    config: Transformer2DModelConfig,
+) -> Result<Vec<Transformer2DModel>> {
+    let vb = vb.pp("attentions");
+    (0..num_layers).map(|i| Transformer2DModel::new(vb.pp(i), channels, n_heads, channels / n_heads, config)).collect()
+}
+
+/// The mid blocks' layers, as diffusers' `resnets[0]`, then `zip(attentions, resnets[1:])`, all on
+/// `channels`; built in that interleaved order, which seeded weights depend on.
+fn mid_block_layers<A>(
+    vb: &VarBuilder,
+    num_layers: usize,
+    channels: usize,
+    resnet_cfg: ResnetBlock2DConfig,
+    attention: impl Fn(VarBuilder) -> Result<A>,
+) -> Result<(ResnetBlock2D, Vec<(A, ResnetBlock2D)>)> {
+    let vb_resnets = vb.pp("resnets");
+    let vb_attns = vb.pp("attentions");
+    let resnet = ResnetBlock2D::new(vb_resnets.pp("0"), channels, resnet_cfg)?;
+    let attn_resnets = (0..num_layers)
+        .map(|i| {
+            let attn = attention(vb_attns.pp(i))?;
+            Ok((attn, ResnetBlock2D::new(vb_resnets.pp(i + 1), channels, resnet_cfg)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((resnet, attn_resnets))
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct DownEncoderBlock2DConfig {
     pub num_layers: usize,
@@ -115,27 +184,10 @@ impl DownEncoderBlock2D {
         out_channels: usize,
         config: DownEncoderBlock2DConfig,
     ) -> Result<Self> {
-        let resnet_cfg = ResnetBlock2DConfig {
-            out_channels: Some(out_channels),
-            temb_channels: None,
-            groups: config.resnet_groups,
-            eps: config.resnet_eps,
-            output_scale_factor: config.output_scale_factor,
-            ..Default::default()
-        };
-        let vb_resnets = vb.pp("resnets");
-        let resnets = (0..config.num_layers)
-            .map(|i| {
-                let in_channels = if i == 0 { in_channels } else { out_channels };
-                ResnetBlock2D::new(vb_resnets.pp(i), in_channels, resnet_cfg)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let downsampler = if config.add_downsample {
-            let vb = vb.pp("downsamplers").pp("0");
-            Some(Downsample2D::new(vb, out_channels, out_channels, config.downsample_padding)?)
-        } else {
-            None
-        };
+        let resnet_cfg = resnet_config(None, config.resnet_groups, config.resnet_eps, config.output_scale_factor);
+        let resnet_in = |i| if i == 0 { in_channels } else { out_channels };
+        let resnets = resnet_stack(&vb, config.num_layers, resnet_in, out_channels, resnet_cfg)?;
+        let downsampler = downsampler(&vb, config.add_downsample, out_channels, config.downsample_padding)?;
         Ok(Self { resnets, downsampler, config })
     }
 }
@@ -183,26 +235,10 @@ impl UpDecoderBlock2D {
         out_channels: usize,
         config: UpDecoderBlock2DConfig,
     ) -> Result<Self> {
-        let resnet_cfg = ResnetBlock2DConfig {
-            out_channels: Some(out_channels),
-            temb_channels: None,
-            groups: config.resnet_groups,
-            eps: config.resnet_eps,
-            output_scale_factor: config.output_scale_factor,
-            ..Default::default()
-        };
-        let vb_resnets = vb.pp("resnets");
-        let resnets = (0..config.num_layers)
-            .map(|i| {
-                let in_channels = if i == 0 { in_channels } else { out_channels };
-                ResnetBlock2D::new(vb_resnets.pp(i), in_channels, resnet_cfg)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let upsampler = if config.add_upsample {
-            Some(Upsample2D::new(vb.pp("upsamplers").pp("0"), out_channels, out_channels)?)
-        } else {
-            None
-        };
+        let resnet_cfg = resnet_config(None, config.resnet_groups, config.resnet_eps, config.output_scale_factor);
+        let resnet_in = |i| if i == 0 { in_channels } else { out_channels };
+        let resnets = resnet_stack(&vb, config.num_layers, resnet_in, out_channels, resnet_cfg)?;
+        let upsampler = upsampler(&vb, config.add_upsample, out_channels)?;
         Ok(Self { resnets, upsampler, config })
     }
 }
@@ -260,33 +296,17 @@ impl UNetMidBlock2D {
         temb_channels: Option<usize>,
         config: UNetMidBlock2DConfig,
     ) -> Result<Self> {
-        let vb_resnets = vb.pp("resnets");
-        let vb_attns = vb.pp("attentions");
-        let resnet_cfg = ResnetBlock2DConfig {
-            eps: config.resnet_eps,
-            groups: config.resnet_groups,
-            output_scale_factor: config.output_scale_factor,
-            temb_channels,
-            ..Default::default()
-        };
-        let resnet = ResnetBlock2D::new(vb_resnets.pp("0"), in_channels, resnet_cfg)?;
+        let resnet_cfg =
+            resnet_config(temb_channels, config.resnet_groups, config.resnet_eps, config.output_scale_factor);
         let attn_cfg = AttentionBlockConfig {
             num_head_channels: config.attn_num_head_channels,
             num_groups: config.resnet_groups,
             rescale_output_factor: config.output_scale_factor,
             eps: config.resnet_eps,
         };
-        let attn_resnets = (0..config.num_layers)
-            .map(|i| {
-                let attn = if config.add_attention {
-                    Some(AttentionBlock::new(vb_attns.pp(i), in_channels, attn_cfg)?)
-                } else {
-                    None
-                };
-                let resnet = ResnetBlock2D::new(vb_resnets.pp(i + 1), in_channels, resnet_cfg)?;
-                Ok((attn, resnet))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let (resnet, attn_resnets) = mid_block_layers(&vb, config.num_layers, in_channels, resnet_cfg, |vb| {
+            config.add_attention.then(|| AttentionBlock::new(vb, in_channels, attn_cfg)).transpose()
+        })?;
         Ok(Self { resnet, attn_resnets, config })
     }
 
@@ -348,16 +368,8 @@ impl UNetMidBlock2DCrossAttn {
         temb_channels: Option<usize>,
         config: UNetMidBlock2DCrossAttnConfig,
     ) -> Result<Self> {
-        let vb_resnets = vb.pp("resnets");
-        let vb_attns = vb.pp("attentions");
-        let resnet_cfg = ResnetBlock2DConfig {
-            eps: config.resnet_eps,
-            groups: config.resnet_groups,
-            output_scale_factor: config.output_scale_factor,
-            temb_channels,
-            ..Default::default()
-        };
-        let resnet = ResnetBlock2D::new(vb_resnets.pp("0"), in_channels, resnet_cfg)?;
+        let resnet_cfg =
+            resnet_config(temb_channels, config.resnet_groups, config.resnet_eps, config.output_scale_factor);
         let n_heads = config.num_attention_heads;
         let attn_cfg = Transformer2DModelConfig {
             depth: config.transformer_layers_per_block,
@@ -366,14 +378,9 @@ impl UNetMidBlock2DCrossAttn {
             slice_size: config.slice_size,
             use_linear_projection: config.use_linear_projection,
         };
-        let attn_resnets = (0..config.num_layers)
-            .map(|i| {
-                let attn =
-                    Transformer2DModel::new(vb_attns.pp(i), in_channels, n_heads, in_channels / n_heads, attn_cfg)?;
-                let resnet = ResnetBlock2D::new(vb_resnets.pp(i + 1), in_channels, resnet_cfg)?;
-                Ok((attn, resnet))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let (resnet, attn_resnets) = mid_block_layers(&vb, config.num_layers, in_channels, resnet_cfg, |vb| {
+            Transformer2DModel::new(vb, in_channels, n_heads, in_channels / n_heads, attn_cfg)
+        })?;
         Ok(Self { resnet, attn_resnets, config })
     }
 
@@ -430,27 +437,11 @@ impl DownBlock2D {
         temb_channels: Option<usize>,
         config: DownBlock2DConfig,
     ) -> Result<Self> {
-        let vb_resnets = vb.pp("resnets");
-        let resnet_cfg = ResnetBlock2DConfig {
-            out_channels: Some(out_channels),
-            eps: config.resnet_eps,
-            groups: config.resnet_groups,
-            output_scale_factor: config.output_scale_factor,
-            temb_channels,
-            ..Default::default()
-        };
-        let resnets = (0..config.num_layers)
-            .map(|i| {
-                let in_channels = if i == 0 { in_channels } else { out_channels };
-                ResnetBlock2D::new(vb_resnets.pp(i), in_channels, resnet_cfg)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let downsampler = if config.add_downsample {
-            let vb = vb.pp("downsamplers").pp("0");
-            Some(Downsample2D::new(vb, out_channels, out_channels, config.downsample_padding)?)
-        } else {
-            None
-        };
+        let resnet_cfg =
+            resnet_config(temb_channels, config.resnet_groups, config.resnet_eps, config.output_scale_factor);
+        let resnet_in = |i| if i == 0 { in_channels } else { out_channels };
+        let resnets = resnet_stack(&vb, config.num_layers, resnet_in, out_channels, resnet_cfg)?;
+        let downsampler = downsampler(&vb, config.add_downsample, out_channels, config.downsample_padding)?;
         Ok(Self { resnets, downsampler, config })
     }
 
@@ -519,10 +510,7 @@ impl CrossAttnDownBlock2D {
             slice_size: config.slice_size,
             use_linear_projection: config.use_linear_projection,
         };
-        let vb_attn = vb.pp("attentions");
-        let attentions = (0..config.downblock.num_layers)
-            .map(|i| Transformer2DModel::new(vb_attn.pp(i), out_channels, n_heads, out_channels / n_heads, cfg))
-            .collect::<Result<Vec<_>>>()?;
+        let attentions = transformer_stack(&vb, config.downblock.num_layers, out_channels, n_heads, cfg)?;
         Ok(Self { downblock, attentions, config })
     }
 
@@ -581,27 +569,16 @@ impl UpBlock2D {
         temb_channels: Option<usize>,
         config: UpBlock2DConfig,
     ) -> Result<Self> {
-        let vb_resnets = vb.pp("resnets");
-        let resnet_cfg = ResnetBlock2DConfig {
-            out_channels: Some(out_channels),
-            temb_channels,
-            eps: config.resnet_eps,
-            groups: config.resnet_groups,
-            output_scale_factor: config.output_scale_factor,
-            ..Default::default()
+        let resnet_cfg =
+            resnet_config(temb_channels, config.resnet_groups, config.resnet_eps, config.output_scale_factor);
+        // Each resnet takes the previous output concatenated with a skip; the last skip has `in_channels`.
+        let resnet_in = |i| {
+            let res_skip_channels = if i == config.num_layers - 1 { in_channels } else { out_channels };
+            let prev_channels = if i == 0 { prev_output_channels } else { out_channels };
+            prev_channels + res_skip_channels
         };
-        let resnets = (0..config.num_layers)
-            .map(|i| {
-                let res_skip_channels = if i == config.num_layers - 1 { in_channels } else { out_channels };
-                let resnet_in_channels = if i == 0 { prev_output_channels } else { out_channels };
-                ResnetBlock2D::new(vb_resnets.pp(i), resnet_in_channels + res_skip_channels, resnet_cfg)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let upsampler = if config.add_upsample {
-            Some(Upsample2D::new(vb.pp("upsamplers").pp("0"), out_channels, out_channels)?)
-        } else {
-            None
-        };
+        let resnets = resnet_stack(&vb, config.num_layers, resnet_in, out_channels, resnet_cfg)?;
+        let upsampler = upsampler(&vb, config.add_upsample, out_channels)?;
         Ok(Self { resnets, upsampler, config })
     }
 
@@ -676,10 +653,7 @@ impl CrossAttnUpBlock2D {
             slice_size: config.slice_size,
             use_linear_projection: config.use_linear_projection,
         };
-        let vb_attn = vb.pp("attentions");
-        let attentions = (0..config.upblock.num_layers)
-            .map(|i| Transformer2DModel::new(vb_attn.pp(i), out_channels, n_heads, out_channels / n_heads, cfg))
-            .collect::<Result<Vec<_>>>()?;
+        let attentions = transformer_stack(&vb, config.upblock.num_layers, out_channels, n_heads, cfg)?;
         Ok(Self { upblock, attentions, config })
     }
 

@@ -4,11 +4,11 @@
 //! (`models/autoencoders/autoencoder_kl.py`, `models/autoencoders/vae.py`): images in [-1, 1] to
 //! a diagonal Gaussian over latents, and latents back to images.
 
-use super::unet_2d::check_unsupported;
 use super::unet_2d_blocks::{
     DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig, UpDecoderBlock2D,
     UpDecoderBlock2DConfig,
 };
+use super::{parse_config, unsupported};
 use crate::models::nn::{conv2d, group_norm, Conv2d, Conv2dConfig};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{GroupNorm, VarBuilder};
@@ -103,15 +103,13 @@ const UNSUPPORTED_UNLESS: &[(&str, &[&str])] =
     &[("shift_factor", &["null"]), ("latents_mean", &["null"]), ("latents_std", &["null"])];
 
 fn bad(key: &str, value: impl std::fmt::Display) -> crate::Error {
-    crate::bad_input(CONFIG_FILE, format!("`{key}` = {value} is not supported"), CONFIG_FIX)
+    unsupported(CONFIG_FILE, key, value, CONFIG_FIX)
 }
 
 impl AutoencoderKLConfig {
     /// Reads diffusers' `vae/config.json`, with diffusers' defaults for missing keys.
     pub fn from_json(config: &Value) -> crate::Result<Self> {
-        check_unsupported(config, CONFIG_FILE, CONFIG_FIX, UNSUPPORTED_UNLESS)?;
-        let raw: RawVaeConfig = serde_json::from_value(config.clone())
-            .map_err(|e| crate::bad_input(CONFIG_FILE, format!("unreadable config: {e}"), CONFIG_FIX))?;
+        let raw: RawVaeConfig = parse_config(config, CONFIG_FILE, CONFIG_FIX, UNSUPPORTED_UNLESS)?;
         let n = raw.block_out_channels.len();
         let groups = raw.norm_num_groups;
         if n == 0 || groups == 0 || raw.block_out_channels.iter().any(|c| !c.is_multiple_of(groups)) {
@@ -147,6 +145,19 @@ impl AutoencoderKLConfig {
     }
 }
 
+/// The mid block of the encoder and of the decoder, which diffusers builds alike: one attention
+/// head over all channels, no time embedding.
+fn mid_block(vb: VarBuilder, channels: usize, cfg: &AutoencoderKLConfig) -> Result<UNetMidBlock2D> {
+    let mid_cfg = UNetMidBlock2DConfig {
+        resnet_eps: 1e-6,
+        resnet_groups: cfg.norm_num_groups,
+        attn_num_head_channels: None,
+        add_attention: cfg.mid_block_add_attention,
+        ..Default::default()
+    };
+    UNetMidBlock2D::new(vb, channels, None, mid_cfg)
+}
+
 /// The VAE encoder, as diffusers' `Encoder` (`double_z = True`).
 #[derive(Debug, Clone)]
 pub struct Encoder {
@@ -179,14 +190,7 @@ impl Encoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let last = *channels.last().expect("at least one block");
-        let mid_cfg = UNetMidBlock2DConfig {
-            resnet_eps: 1e-6,
-            resnet_groups: cfg.norm_num_groups,
-            attn_num_head_channels: None,
-            add_attention: cfg.mid_block_add_attention,
-            ..Default::default()
-        };
-        let mid_block = UNetMidBlock2D::new(vb.pp("mid_block"), last, None, mid_cfg)?;
+        let mid_block = mid_block(vb.pp("mid_block"), last, cfg)?;
         let conv_norm_out = group_norm(cfg.norm_num_groups, last, 1e-6, vb.pp("conv_norm_out"))?;
         let conv_out = conv2d(last, 2 * out_channels, 3, conv_cfg, vb.pp("conv_out"))?;
         Ok(Self { conv_in, down_blocks, mid_block, conv_norm_out, conv_out })
@@ -221,14 +225,7 @@ impl Decoder {
         let reversed: Vec<usize> = cfg.block_out_channels.iter().copied().rev().collect();
         let conv_cfg = Conv2dConfig { padding: 1, ..Default::default() };
         let conv_in = conv2d(in_channels, reversed[0], 3, conv_cfg, vb.pp("conv_in"))?;
-        let mid_cfg = UNetMidBlock2DConfig {
-            resnet_eps: 1e-6,
-            resnet_groups: cfg.norm_num_groups,
-            attn_num_head_channels: None,
-            add_attention: cfg.mid_block_add_attention,
-            ..Default::default()
-        };
-        let mid_block = UNetMidBlock2D::new(vb.pp("mid_block"), reversed[0], None, mid_cfg)?;
+        let mid_block = mid_block(vb.pp("mid_block"), reversed[0], cfg)?;
         let vb_up = vb.pp("up_blocks");
         let up_blocks = (0..reversed.len())
             .map(|i| {
