@@ -2,7 +2,7 @@
 
 use crate::error::{bad_input, io_err, Result};
 use candle_core::{DType, Device, Tensor};
-use image::{imageops::FilterType, RgbImage};
+use image::{imageops::FilterType, GrayImage, ImageBuffer, Pixel, Rgb, RgbImage};
 use std::path::Path;
 
 /// Reads a photo as RGB, whatever its format or colour type.
@@ -17,16 +17,176 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     Ok(img.to_rgb8())
 }
 
-/// Scales `img` to cover `width` x `height` and crops the centre, keeping the aspect ratio.
-pub fn resize_center_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
-    if img.dimensions() == (width, height) {
+/// Scales `img` to cover `width` x `height` and crops the centre, keeping the aspect ratio; returns
+/// the crop it applied, to record and to replay on the image's mask ([`apply_crop`]). Colour images
+/// are resized with Lanczos3, single-channel ones (masks) with a linear filter, which keeps soft
+/// values without ringing.
+pub fn resize_center_crop<P>(img: &ImageBuffer<P, Vec<P::Subpixel>>, width: u32, height: u32) -> (ImageBuffer<P, Vec<P::Subpixel>>, Crop)
+where
+    P: Pixel + 'static,
+{
+    let filter = if P::CHANNEL_COUNT == 1 { FilterType::Triangle } else { FilterType::Lanczos3 };
+    resize_center_crop_recorded(img, width, height, filter)
+}
+
+/// How an image was fitted to the model's size: scaled by `scale` (to cover the target, aspect
+/// ratio kept), then the `width` x `height` window at (`x`, `y`) of the scaled image kept. Recorded
+/// in edit sessions; [`apply_crop`] replays it on another image of the same original size (a mask).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Crop {
+    pub scale: f64,
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Crop {
+    /// The centred crop that fits an image of `source` size (w, h) to `width` x `height`.
+    pub fn center(source: (u32, u32), width: u32, height: u32) -> Crop {
+        if source == (width, height) {
+            return Crop { scale: 1.0, x: 0, y: 0, width, height };
+        }
+        let scale = f64::max(width as f64 / source.0 as f64, height as f64 / source.1 as f64);
+        let (w, h) = Self::scaled_size(source, scale, width, height);
+        Crop { scale, x: (w - width) / 2, y: (h - height) / 2, width, height }
+    }
+
+    /// The size of the scaled image before cropping, for an image of `source` size.
+    pub fn resized_size(&self, source: (u32, u32)) -> (u32, u32) {
+        Self::scaled_size(source, self.scale, self.width, self.height)
+    }
+
+    fn scaled_size(source: (u32, u32), scale: f64, width: u32, height: u32) -> (u32, u32) {
+        let w = (source.0 as f64 * scale).round() as u32;
+        let h = (source.1 as f64 * scale).round() as u32;
+        (w.max(width), h.max(height))
+    }
+}
+
+/// [`resize_center_crop`] with a chosen filter.
+pub fn resize_center_crop_recorded<P>(
+    img: &ImageBuffer<P, Vec<P::Subpixel>>,
+    width: u32,
+    height: u32,
+    filter: FilterType,
+) -> (ImageBuffer<P, Vec<P::Subpixel>>, Crop)
+where
+    P: Pixel + 'static,
+{
+    let crop = Crop::center(img.dimensions(), width, height);
+    (apply_crop(img, &crop, filter), crop)
+}
+
+/// Scales `img` by `crop.scale` and keeps the crop's window: the same geometry as the image the
+/// crop was recorded on, when `img` has that image's size (its mask, say).
+pub fn apply_crop<P>(img: &ImageBuffer<P, Vec<P::Subpixel>>, crop: &Crop, filter: FilterType) -> ImageBuffer<P, Vec<P::Subpixel>>
+where
+    P: Pixel + 'static,
+{
+    let (w, h) = crop.resized_size(img.dimensions());
+    if (w, h) == img.dimensions() && (crop.x, crop.y, crop.width, crop.height) == (0, 0, w, h) {
         return img.clone();
     }
-    let scale = f64::max(width as f64 / img.width() as f64, height as f64 / img.height() as f64);
-    let (w, h) = ((img.width() as f64 * scale).round() as u32, (img.height() as f64 * scale).round() as u32);
-    let resized = image::imageops::resize(img, w.max(width), h.max(height), FilterType::Lanczos3);
-    let (x, y) = ((resized.width() - width) / 2, (resized.height() - height) / 2);
-    image::imageops::crop_imm(&resized, x, y, width, height).to_image()
+    let resized = if (w, h) == img.dimensions() { img.clone() } else { image::imageops::resize(img, w, h, filter) };
+    let width = crop.width.min(w.saturating_sub(crop.x));
+    let height = crop.height.min(h.saturating_sub(crop.y));
+    image::imageops::crop_imm(&resized, crop.x, crop.y, width, height).to_image()
+}
+
+/// The size the model works at for a photo of `original` size: a `size` x `size` square (as the
+/// paper's 512 x 512), `size` rounded down to a multiple of `factor` (at least `factor`). The photo
+/// is scaled to cover the square and centre-cropped ([`Crop::center`]).
+pub fn fit_size(_original: (u32, u32), size: u32, factor: u32) -> (u32, u32) {
+    let factor = factor.max(1);
+    let side = (size / factor * factor).max(factor);
+    (side, side)
+}
+
+/// A mask (or any gray image) as RGB, for showing it.
+pub fn gray_to_rgb(mask: &GrayImage) -> RgbImage {
+    RgbImage::from_fn(mask.width(), mask.height(), |x, y| {
+        let v = mask.get_pixel(x, y).0[0];
+        Rgb([v, v, v])
+    })
+}
+
+/// Space between cells of a [`contact_sheet`], and around it, in pixels.
+pub const SHEET_GAP: u32 = 4;
+/// The most cells in one row of a [`contact_sheet`].
+pub const SHEET_COLUMNS: usize = 6;
+
+/// The glyph scale of labels under cells of side `cell`: 2 from 256 pixels up, else 1.
+pub fn label_scale(cell: u32) -> u32 {
+    if cell >= 256 { 2 } else { 1 }
+}
+
+/// The height of the label strip under each cell: one line of 8 x 8 glyphs at [`label_scale`],
+/// with [`SHEET_GAP`] above and below.
+pub fn label_height(cell: u32) -> u32 {
+    8 * label_scale(cell) + 2 * SHEET_GAP
+}
+
+/// Images side by side, each scaled to fit a `cell` x `cell` box (aspect kept, centred) with its
+/// label under it in black on white (8 x 8 font, cut to the cell's width), at most
+/// [`SHEET_COLUMNS`] to a row. The sheet is `cols * (cell + SHEET_GAP) + SHEET_GAP` wide and
+/// `rows * (cell + label_height(cell) + SHEET_GAP) + SHEET_GAP` high.
+pub fn contact_sheet(items: &[(String, RgbImage)], cell: u32) -> RgbImage {
+    let cell = cell.max(1);
+    let cols = items.len().clamp(1, SHEET_COLUMNS) as u32;
+    let rows = items.len().div_ceil(SHEET_COLUMNS).max(1) as u32;
+    let row_height = cell + label_height(cell) + SHEET_GAP;
+    let mut sheet = RgbImage::from_pixel(cols * (cell + SHEET_GAP) + SHEET_GAP, rows * row_height + SHEET_GAP, Rgb([255; 3]));
+    for (i, (label, img)) in items.iter().enumerate() {
+        let (col, row) = ((i % SHEET_COLUMNS) as u32, (i / SHEET_COLUMNS) as u32);
+        let (x0, y0) = (SHEET_GAP + col * (cell + SHEET_GAP), SHEET_GAP + row * row_height);
+        let fitted = fit_into(img, cell);
+        let (dx, dy) = ((cell - fitted.width()) / 2, (cell - fitted.height()) / 2);
+        image::imageops::replace(&mut sheet, &fitted, (x0 + dx) as i64, (y0 + dy) as i64);
+        draw_label(&mut sheet, label, x0, y0 + cell + SHEET_GAP, cell);
+    }
+    sheet
+}
+
+/// `img` scaled to fit a `cell` x `cell` box: Lanczos down, nearest neighbour up (small latents
+/// and masks stay crisp).
+fn fit_into(img: &RgbImage, cell: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    if w == 0 || h == 0 {
+        return RgbImage::new(0, 0);
+    }
+    let scale = f64::min(cell as f64 / w as f64, cell as f64 / h as f64);
+    let (nw, nh) = (((w as f64 * scale).round() as u32).clamp(1, cell), ((h as f64 * scale).round() as u32).clamp(1, cell));
+    if (nw, nh) == (w, h) {
+        return img.clone();
+    }
+    let filter = if scale < 1.0 { FilterType::Lanczos3 } else { FilterType::Nearest };
+    image::imageops::resize(img, nw, nh, filter)
+}
+
+/// Draws `text` in black from (`x`, `y`), cut to `max_width` pixels; non-ASCII shows as `?`.
+fn draw_label(img: &mut RgbImage, text: &str, x: u32, y: u32, max_width: u32) {
+    let s = label_scale(max_width);
+    let max_chars = (max_width / (8 * s)) as usize;
+    for (i, ch) in text.chars().take(max_chars).enumerate() {
+        let code = if ch.is_ascii() { ch as usize } else { '?' as usize };
+        let glyph = font8x8::legacy::BASIC_LEGACY[code];
+        for (gy, bits) in glyph.iter().enumerate() {
+            for gx in 0..8u32 {
+                if bits >> gx & 1 == 0 {
+                    continue;
+                }
+                for sy in 0..s {
+                    for sx in 0..s {
+                        let (px, py) = (x + i as u32 * 8 * s + gx * s + sx, y + gy as u32 * s + sy);
+                        if px < img.width() && py < img.height() {
+                            img.put_pixel(px, py, Rgb([0; 3]));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// RGB image to a `[1, 3, H, W]` tensor in [-1, 1], as diffusers' `VaeImageProcessor.preprocess`.
@@ -98,9 +258,51 @@ mod tests {
     fn center_crop_keeps_the_middle() {
         // A 40x20 image whose middle 20x20 is white: cropping to 10x10 keeps only white.
         let img = RgbImage::from_fn(40, 20, |x, _| if (10..30).contains(&x) { image::Rgb([255; 3]) } else { image::Rgb([0; 3]) });
-        let out = resize_center_crop(&img, 10, 10);
+        let (out, crop) = resize_center_crop(&img, 10, 10);
+        assert_eq!((crop.x, crop.y, crop.scale), (5, 0, 0.5));
         assert_eq!(out.dimensions(), (10, 10));
         assert!(out.pixels().all(|p| p.0[0] > 200), "crop was not centred");
+    }
+
+    #[test]
+    fn contact_sheet_places_images_and_labels() {
+        let red = RgbImage::from_pixel(64, 32, Rgb([255, 0, 0]));
+        let mask = gray_to_rgb(&GrayImage::from_pixel(8, 8, image::Luma([0])));
+        assert_eq!(mask.get_pixel(3, 3).0, [0, 0, 0]);
+        let cell = 32;
+        let items: Vec<(String, RgbImage)> =
+            (0..7).map(|i| (format!("img {i}"), if i == 1 { mask.clone() } else { red.clone() })).collect();
+        let sheet = contact_sheet(&items, cell);
+        let (cols, rows) = (6, 2);
+        let lh = label_height(cell);
+        assert_eq!(lh, 8 + 2 * SHEET_GAP);
+        assert_eq!(sheet.dimensions(), (cols * (cell + SHEET_GAP) + SHEET_GAP, rows * (cell + lh + SHEET_GAP) + SHEET_GAP));
+
+        let origin = |i: u32| (SHEET_GAP + (i % 6) * (cell + SHEET_GAP), SHEET_GAP + (i / 6) * (cell + lh + SHEET_GAP));
+        // item 0: 64x32 scaled to 32x16, centred vertically in its cell (rows 8..24), white around
+        let (x0, y0) = origin(0);
+        assert_eq!(sheet.get_pixel(x0 + 16, y0 + 16).0, [255, 0, 0]);
+        assert_eq!(sheet.get_pixel(x0, y0 + 8).0, [255, 0, 0]);
+        assert_eq!(sheet.get_pixel(x0 + 16, y0 + 2).0, [255, 255, 255]);
+        // item 1: an 8x8 black mask scaled up to fill the cell
+        let (x1, y1) = origin(1);
+        assert!([(0, 0), (31, 31), (16, 5)].iter().all(|&(dx, dy)| sheet.get_pixel(x1 + dx, y1 + dy).0 == [0, 0, 0]));
+        // item 6 wraps to the second row
+        let (x6, y6) = origin(6);
+        assert_eq!(sheet.get_pixel(x6 + 16, y6 + 16).0, [255, 0, 0]);
+        assert_eq!(sheet.get_pixel(origin(7).0 + 16, y6 + 16).0, [255, 255, 255], "no 8th image");
+
+        // labels: black pixels in every used label strip, none in the gaps between strips
+        let strip_dark = |i: u32| {
+            let (x, y) = origin(i);
+            (x..x + cell).flat_map(|px| (y + cell..y + cell + lh).map(move |py| (px, py))).filter(|&(px, py)| sheet.get_pixel(px, py).0 == [0, 0, 0]).count()
+        };
+        for i in 0..7 {
+            assert!(strip_dark(i) > 10, "label {i} not drawn");
+        }
+        assert_eq!(strip_dark(7), 0);
+        assert_eq!(label_scale(512), 2);
+        assert_eq!(contact_sheet(&[("a".into(), red)], 512).dimensions(), (512 + 2 * SHEET_GAP, 512 + label_height(512) + 2 * SHEET_GAP));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod assets;
 pub mod bench;
 pub mod error;
 pub mod image_io;
+pub mod method;
 pub mod models;
 pub mod pipeline;
 pub mod schedulers;

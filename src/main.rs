@@ -6,6 +6,9 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use layerdiff::image_io;
+use layerdiff::method::edit::{self as method_edit, BackgroundSource, EditRequest, Progress};
+use layerdiff::method::session::{self, SessionInfo};
+use layerdiff::method::{EditSettings, FinetuneMode, GuidanceEmbedding};
 use layerdiff::pipeline::{self, GenerateOptions, StableDiffusion};
 use layerdiff::sources::{ModelFiles, SourceOptions};
 use std::path::{Path, PathBuf};
@@ -24,6 +27,20 @@ enum Command {
     ///
     /// Example: layerdiff generate --model CompVis/stable-diffusion-v1-4 --prompt "a photo of a dog" --seed 1 --out dog.png
     Generate(GenerateArgs),
+    /// Edit a photo with LayerDiffusion: the subject (under --mask) takes the --object text's new
+    /// state, the rest becomes the --background text, and the subject keeps its own look.
+    ///
+    /// Example: layerdiff edit --model CompVis/stable-diffusion-v1-4 --image dog.jpg --mask dog-mask.png
+    ///   --object "a jumping dog" --background "a dense forest" --seeds 1,2,3 --out dog-edit
+    ///
+    /// Writes edit-<seed>.png, sheet.png, mask.png, background.png, session.json and
+    /// session.safetensors into --out; `layerdiff sample --session` draws more from it, and
+    /// `layerdiff edit --resume DIR` finishes a run that was stopped.
+    Edit(Box<EditArgs>),
+    /// Draw new images from a finished edit session without repeating stages 1 and 2.
+    ///
+    /// Example: layerdiff sample --session dog-edit --seeds 7,8 --alpha 0.6 --out dog-more
+    Sample(SampleArgs),
     /// Write a tiny random-weight Stable Diffusion pipeline in the diffusers layout (tests, demos).
     ///
     /// Its images are noise: real edits need SD v1.4/1.5 weights.
@@ -54,13 +71,9 @@ struct BenchArgs {
     json: Option<PathBuf>,
 }
 
+/// Where the model comes from and how it runs (`--model` itself is each command's).
 #[derive(Args)]
-struct ModelArgs {
-    /// A diffusers folder, a single-file SD v1 checkpoint (.safetensors), or a Hugging Face repo id
-    /// (CompVis/stable-diffusion-v1-4, runwayml/stable-diffusion-v1-5), downloaded to the standard
-    /// cache (HF_HOME, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE are honoured).
-    #[arg(long)]
-    model: String,
+struct RuntimeArgs {
     /// Hub revision (branch, tag or commit).
     #[arg(long)]
     revision: Option<String>,
@@ -101,10 +114,17 @@ impl From<Precision> for DType {
     }
 }
 
+/// `--model`'s help, shared by the commands.
+const MODEL_HELP: &str = "A diffusers folder, a single-file SD v1 checkpoint (.safetensors), or a Hugging Face repo id \
+(CompVis/stable-diffusion-v1-4, runwayml/stable-diffusion-v1-5), downloaded to the standard cache \
+(HF_HOME, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE are honoured)";
+
 #[derive(Args)]
 struct GenerateArgs {
+    #[arg(long, help = MODEL_HELP)]
+    model: String,
     #[command(flatten)]
-    model: ModelArgs,
+    runtime: RuntimeArgs,
     /// What to draw.
     #[arg(long)]
     prompt: String,
@@ -145,6 +165,131 @@ struct GenerateArgs {
 }
 
 #[derive(Args)]
+struct EditArgs {
+    #[arg(long, help = MODEL_HELP, required_unless_present = "resume")]
+    model: Option<String>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    /// The subject photo (PNG, JPEG or WebP).
+    #[arg(long, required_unless_present = "resume")]
+    image: Option<PathBuf>,
+    /// The subject mask: white = subject, any size (resized to the photo).
+    #[arg(long, required_unless_present = "resume")]
+    mask: Option<PathBuf>,
+    /// The object layer's text, the subject's new state: "a jumping dog".
+    #[arg(long, required_unless_present = "resume")]
+    object: Option<String>,
+    /// The background layer's text: "a dense forest".
+    #[arg(long, required_unless_present = "resume")]
+    background: Option<String>,
+    /// The full target text; default "<object> in <background>" (used by the baselines).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Where the background layer comes from: Stable Diffusion's image for --background
+    /// (generated), --background-image (image), or the photo itself (keep: edit only the subject).
+    #[arg(long, value_enum, default_value_t = BackgroundKind::Generated)]
+    background_source: BackgroundKind,
+    /// With --background-source image: the background picture.
+    #[arg(long)]
+    background_image: Option<PathBuf>,
+    /// With --background-source image: white where the picture is NOT background (default: none).
+    #[arg(long)]
+    background_mask: Option<PathBuf>,
+    /// Seeds of the edited images, one image each: 1,2,3.
+    #[arg(long, value_delimiter = ',', conflicts_with = "num_images")]
+    seeds: Vec<u64>,
+    /// Number of edited images, seeds 0..N (when --seeds is not given).
+    #[arg(long, default_value_t = 1)]
+    num_images: u64,
+    /// Seed of stages 1 and 2 and of the generated background.
+    #[arg(long, default_value_t = 0)]
+    train_seed: u64,
+    /// Side of the square working size: the photo is resized and centre-cropped to it.
+    #[arg(long, default_value_t = 512)]
+    size: u32,
+    /// e_bar = alpha e_o* + (1 - alpha) e_b* (Eq. 3), in [0, 1].
+    #[arg(long, default_value_t = EditSettings::default().alpha)]
+    alpha: f64,
+    /// lambda_o of Eq. 6; default 2, or 3 for a subject under 10 % of the image.
+    #[arg(long)]
+    lambda_object: Option<f64>,
+    /// lambda_b of Eq. 6.
+    #[arg(long, default_value_t = EditSettings::default().lambda_background)]
+    lambda_background: f64,
+    /// Stage 1 (layered embedding optimization) Adam steps.
+    #[arg(long, default_value_t = EditSettings::default().embedding_steps)]
+    embedding_steps: usize,
+    /// Stage 1 learning rate.
+    #[arg(long, default_value_t = EditSettings::default().embedding_lr)]
+    embedding_lr: f64,
+    /// Stage 2 (layered UNet fine-tuning) Adam steps.
+    #[arg(long, default_value_t = EditSettings::default().finetune_steps)]
+    finetune_steps: usize,
+    /// Stage 2 learning rate.
+    #[arg(long, default_value_t = EditSettings::default().finetune_lr)]
+    finetune_lr: f64,
+    /// Stage 2 trains every UNet weight (full, the paper's) or low-rank adapters on the attention
+    /// projections (lora: far less memory).
+    #[arg(long, value_enum, default_value_t = FinetuneMode::Full)]
+    finetune: FinetuneMode,
+    /// Rank of the LoRA adapters.
+    #[arg(long, default_value_t = EditSettings::default().lora_rank)]
+    lora_rank: usize,
+    /// Stage 3 DDIM steps.
+    #[arg(long, default_value_t = EditSettings::default().steps)]
+    steps: usize,
+    /// Classifier-free guidance scale of stage 3.
+    #[arg(long, default_value_t = EditSettings::default().guidance_scale)]
+    guidance_scale: f64,
+    /// Every period-th step is conditioned on the object text (Eq. 7); 0 turns iterative guidance off.
+    #[arg(long, default_value_t = EditSettings::default().guidance_period)]
+    guidance_period: usize,
+    /// The embedding of the guided steps: the object text (target) or the optimized e_o* (optimized).
+    #[arg(long, value_enum, default_value_t = GuidanceEmbedding::Target)]
+    guidance_embedding: GuidanceEmbedding,
+    /// Steps between checkpoints of stages 1 and 2.
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// Output folder.
+    #[arg(long, required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the stopped edit in this folder (its settings are the session's).
+    #[arg(long, conflicts_with_all = ["image", "mask", "object", "background", "out"])]
+    resume: Option<PathBuf>,
+    /// Write into an --out folder that already holds an edit.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackgroundKind {
+    Generated,
+    Image,
+    Keep,
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    /// The --out folder of a finished `layerdiff edit`.
+    #[arg(long)]
+    session: PathBuf,
+    /// Default: the session's model.
+    #[arg(long)]
+    model: Option<String>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    /// Seeds of the new images: 7,8.
+    #[arg(long, value_delimiter = ',', required = true)]
+    seeds: Vec<u64>,
+    /// Override the session's alpha (Eq. 3).
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Output folder (edit-<seed>.png).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct TinyModelArgs {
     /// Output folder (created).
     #[arg(long)]
@@ -167,6 +312,8 @@ fn main() {
         .init();
     let result = match Cli::parse().command {
         Command::Generate(args) => generate(args),
+        Command::Edit(args) => edit(*args),
+        Command::Sample(args) => sample(args),
         Command::TinyModel(args) => tiny_model(args),
         Command::Bench(args) => bench(args),
     };
@@ -190,7 +337,7 @@ fn device(cpu: bool, device: Option<&str>) -> Result<Device> {
     Ok(device)
 }
 
-fn load_model(args: &ModelArgs) -> Result<StableDiffusion> {
+fn load_model(model: &str, args: &RuntimeArgs) -> Result<(ModelFiles, StableDiffusion)> {
     let env = SourceOptions::from_env();
     let opts = SourceOptions {
         offline: args.offline || env.offline,
@@ -199,8 +346,9 @@ fn load_model(args: &ModelArgs) -> Result<StableDiffusion> {
         tokenizer: args.tokenizer.clone(),
         ..env
     };
-    let files = ModelFiles::resolve(&args.model, &opts)?;
-    Ok(StableDiffusion::load(&files, &device(args.cpu, args.device.as_deref())?, args.dtype.into())?)
+    let files = ModelFiles::resolve(model, &opts)?;
+    let sd = StableDiffusion::load(&files, &device(args.cpu, args.device.as_deref())?, args.dtype.into())?;
+    Ok((files, sd))
 }
 
 fn progress_bar(len: usize, what: &str) -> ProgressBar {
@@ -218,7 +366,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     if args.num_images == 0 {
         anyhow::bail!("--num-images: 0; ask for at least one image");
     }
-    let sd = load_model(&args.model)?;
+    let (_, sd) = load_model(&args.model, &args.runtime)?;
     let seed = args.seed.unwrap_or_else(rand::random);
     if args.seed.is_none() {
         eprintln!("seed: {seed}");
@@ -229,7 +377,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     };
     let init_image = match &args.init_image {
         Some(path) => {
-            let img = image_io::resize_center_crop(&image_io::load_rgb(path)?, args.width as u32, args.height as u32);
+            let img = image_io::resize_center_crop(&image_io::load_rgb(path)?, args.width as u32, args.height as u32).0;
             Some(image_io::image_to_tensor(&img, &sd.device, sd.dtype)?)
         }
         None => None,
@@ -294,5 +442,146 @@ fn bench(args: BenchArgs) -> Result<()> {
         image_io::write_atomic(path, json.as_bytes())?;
     }
     println!("{json}");
+    Ok(())
+}
+
+/// One progress bar per stage, with the loss where there is one, and a summary at the end.
+struct Bars {
+    bar: Option<ProgressBar>,
+    stage: String,
+    started: std::time::Instant,
+    summary: Vec<(String, f64)>,
+}
+
+impl Bars {
+    fn new() -> Self {
+        Self { bar: None, stage: String::new(), started: std::time::Instant::now(), summary: vec![] }
+    }
+
+    fn print_summary(&self) {
+        for (stage, secs) in &self.summary {
+            eprintln!("{stage:>12}: {secs:.1} s");
+        }
+        if let Some(mib) = peak_rss_mib() {
+            eprintln!("{:>12}: {mib:.0} MiB", "peak memory");
+        }
+    }
+}
+
+impl Progress for Bars {
+    fn start(&mut self, stage: &str, total: usize) {
+        self.bar = Some(progress_bar(total, stage));
+        self.stage = stage.to_string();
+        self.started = std::time::Instant::now();
+    }
+
+    fn step(&mut self, done: usize, loss: Option<f64>) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done as u64);
+            if let Some(loss) = loss {
+                bar.set_message(format!("{} loss {loss:.4}", self.stage));
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        self.summary.push((self.stage.clone(), self.started.elapsed().as_secs_f64()));
+    }
+}
+
+/// Peak resident memory of this process (Linux), for the end-of-run summary.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn edit(args: EditArgs) -> Result<()> {
+    let (model, request, out, resume) = match &args.resume {
+        Some(dir) => {
+            let info: SessionInfo = session::read_json(&dir.join(session::SESSION_JSON))
+                .map_err(|e| anyhow::anyhow!("{e} (--resume needs the --out folder of an edit)"))?;
+            if info.progress == "done" {
+                anyhow::bail!("--resume {}: this edit is finished; draw more with `layerdiff sample --session {}`", dir.display(), dir.display());
+            }
+            (args.model.clone().unwrap_or(info.model), info.request, dir.clone(), true)
+        }
+        None => {
+            let out = args.out.clone().expect("clap requires --out without --resume");
+            if out.join(session::SESSION_JSON).exists() && !args.force {
+                anyhow::bail!("--out {}: holds another edit; choose a new folder, --resume it, or --force to overwrite", out.display());
+            }
+            let model = args.model.clone().expect("clap requires --model without --resume");
+            (model, edit_request(&args)?, out, false)
+        }
+    };
+    std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("--out {}: {e}", out.display()))?;
+    let (files, sd) = load_model(&model, &args.runtime)?;
+    let mut bars = Bars::new();
+    let result = method_edit::edit(&sd, &files, &request, &out, resume, &mut bars)?;
+    for (seed, _) in &result.images {
+        println!("{}", out.join(format!("edit-{seed}.png")).display());
+    }
+    bars.print_summary();
+    Ok(())
+}
+
+fn edit_request(args: &EditArgs) -> Result<EditRequest> {
+    let background_source = match args.background_source {
+        BackgroundKind::Generated => BackgroundSource::Generated,
+        BackgroundKind::Keep => BackgroundSource::Keep,
+        BackgroundKind::Image => BackgroundSource::Image {
+            image: args.background_image.clone().ok_or_else(|| {
+                anyhow::anyhow!("--background-source image: no --background-image; give the background picture")
+            })?,
+            mask: args.background_mask.clone(),
+        },
+    };
+    let seeds = if args.seeds.is_empty() { (0..args.num_images).collect() } else { args.seeds.clone() };
+    let settings = EditSettings {
+        alpha: args.alpha,
+        lambda_object: args.lambda_object,
+        lambda_background: args.lambda_background,
+        embedding_steps: args.embedding_steps,
+        embedding_lr: args.embedding_lr,
+        finetune_steps: args.finetune_steps,
+        finetune_lr: args.finetune_lr,
+        finetune: args.finetune,
+        lora_rank: args.lora_rank,
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        guidance_period: args.guidance_period,
+        guidance_embedding: args.guidance_embedding,
+    };
+    let required = |v: &Option<String>| v.clone().unwrap_or_default();
+    Ok(EditRequest {
+        image: args.image.clone().unwrap_or_default(),
+        mask: args.mask.clone().unwrap_or_default(),
+        object: required(&args.object),
+        background: required(&args.background),
+        prompt: args.prompt.clone(),
+        background_source,
+        size: args.size,
+        seeds,
+        train_seed: args.train_seed,
+        settings,
+        checkpoint_every: args.checkpoint_every,
+    })
+}
+
+fn sample(args: SampleArgs) -> Result<()> {
+    let info: SessionInfo = session::read_json(&args.session.join(session::SESSION_JSON))
+        .map_err(|e| anyhow::anyhow!("{e} (--session needs the --out folder of an edit)"))?;
+    let model = args.model.clone().unwrap_or(info.model);
+    let (files, sd) = load_model(&model, &args.runtime)?;
+    let mut bars = Bars::new();
+    let images = method_edit::sample_session(&sd, &files, &args.session, &args.seeds, args.alpha, &args.out, &mut bars)?;
+    for (seed, _) in &images {
+        println!("{}", args.out.join(format!("edit-{seed}.png")).display());
+    }
+    bars.print_summary();
     Ok(())
 }

@@ -79,19 +79,9 @@ impl StableDiffusion {
         Ok(self.vae.decode(&(latents / self.vae.scaling_factor())?)?)
     }
 
-    /// One classifier-free-guided noise prediction: `eps_u + w (eps_c - eps_u)`, both halves in one
-    /// batched UNet call. `w <= 1` skips the unconditional half, as diffusers does.
+    /// One classifier-free-guided noise prediction with this pipeline's UNet; see [`guided_noise`].
     pub fn guided_noise(&self, latents: &Tensor, t: usize, guidance: &Guidance) -> Result<Tensor> {
-        let Guidance { cond, uncond, scale } = *guidance;
-        if scale <= 1.0 {
-            return Ok(self.unet.forward(latents, t as f64, cond)?);
-        }
-        let batch = latents.dim(0)?;
-        let input = Tensor::cat(&[latents, latents], 0)?;
-        let context = Tensor::cat(&[uncond.repeat((batch, 1, 1))?, cond.repeat((batch, 1, 1))?], 0)?;
-        let eps = self.unet.forward(&input, t as f64, &context)?;
-        let (eps_u, eps_c) = (eps.narrow(0, 0, batch)?, eps.narrow(0, batch, batch)?);
-        Ok((&eps_u + ((eps_c - &eps_u)? * scale)?)?)
+        guided_noise(&self.unet, latents, t, guidance)
     }
 
     /// The denoising loop over `timesteps`, from `latents`, with classifier-free guidance.
@@ -105,12 +95,28 @@ impl StableDiffusion {
     ) -> Result<Tensor> {
         for (i, &t) in timesteps.iter().enumerate() {
             let input = scheduler.scale_model_input(latents.clone(), t)?;
-            let eps = self.guided_noise(&input, t, guidance)?;
+            let eps = guided_noise(&self.unet, &input, t, guidance)?;
             latents = scheduler.step(&eps, t, &latents)?;
             on_step(i + 1, timesteps.len());
         }
         Ok(latents)
     }
+}
+
+/// One classifier-free-guided noise prediction of any UNet (the pipeline's, or a fine-tuned one):
+/// `eps_u + w (eps_c - eps_u)`, both halves in one batched UNet call. `w <= 1` skips the
+/// unconditional half, as diffusers does.
+pub fn guided_noise(unet: &UNet2DConditionModel, latents: &Tensor, t: usize, guidance: &Guidance) -> Result<Tensor> {
+    let Guidance { cond, uncond, scale } = *guidance;
+    if scale <= 1.0 {
+        return Ok(unet.forward(latents, t as f64, cond)?);
+    }
+    let batch = latents.dim(0)?;
+    let input = Tensor::cat(&[latents, latents], 0)?;
+    let context = Tensor::cat(&[uncond.repeat((batch, 1, 1))?, cond.repeat((batch, 1, 1))?], 0)?;
+    let eps = unet.forward(&input, t as f64, &context)?;
+    let (eps_u, eps_c) = (eps.narrow(0, 0, batch)?, eps.narrow(0, batch, batch)?);
+    Ok((&eps_u + ((eps_c - &eps_u)? * scale)?)?)
 }
 
 /// The text conditions of classifier-free guidance and its scale.

@@ -154,45 +154,93 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
     })
 }
 
-/// A linear layer, `y = x W^T + b`, as `torch.nn.Linear`.
+/// A low-rank adapter of a linear layer (LoRA, as PEFT's `lora.Linear`): adds
+/// `scale * (x A^T) B^T` to the layer's output, `A` `[rank, in]`, `B` `[out, rank]`.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+}
+
+impl LoraAdapter {
+    /// `scale` is PEFT's `lora_alpha / rank`.
+    pub fn new(a: Tensor, b: Tensor, scale: f64) -> Self {
+        Self { a, b, scale }
+    }
+
+    pub fn a(&self) -> &Tensor {
+        &self.a
+    }
+
+    pub fn b(&self) -> &Tensor {
+        &self.b
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = matmul_rows(&matmul_rows(xs, &self.a)?, &self.b)?;
+        if self.scale == 1.0 {
+            Ok(ys)
+        } else {
+            ys * self.scale
+        }
+    }
+}
+
+/// `xs W^T` for a `[out, in]` weight and `xs` of any rank, its last dimension `in`.
+fn matmul_rows(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let w = weight.t()?;
+    match xs.rank() {
+        // A 2-D matmul on the flattened rows is much faster than a batched one on CPU.
+        3 | 4 => {
+            let dims = xs.dims().to_vec();
+            let rows: usize = dims[..dims.len() - 1].iter().product();
+            let ys = xs.reshape((rows, dims[dims.len() - 1]))?.matmul(&w)?;
+            let mut out_dims = dims;
+            *out_dims.last_mut().expect("rank >= 3") = weight.dim(0)?;
+            ys.reshape(out_dims)
+        }
+        _ => xs.matmul(&w),
+    }
+}
+
+/// A linear layer, `y = x W^T + b`, as `torch.nn.Linear`; with a [`LoraAdapter`],
+/// `y = x W^T + b + scale (x A^T) B^T`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraAdapter>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self { weight, bias, lora: None }
+    }
+
+    /// The same layer with a low-rank adapter added to its output.
+    pub fn with_lora(self, lora: LoraAdapter) -> Self {
+        Self { lora: Some(lora), ..self }
     }
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
     fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
-        let w = self.weight.t()?;
-        let ys = match xs.rank() {
-            // A 2-D matmul on the flattened rows is much faster than a batched one on CPU.
-            3 | 4 => {
-                let dims = xs.dims().to_vec();
-                let rows: usize = dims[..dims.len() - 1].iter().product();
-                let ys = xs.reshape((rows, dims[dims.len() - 1]))?.matmul(&w)?;
-                let mut out_dims = dims;
-                *out_dims.last_mut().expect("rank >= 3") = self.weight.dim(0)?;
-                ys.reshape(out_dims)?
-            }
-            _ => xs.matmul(&w)?,
-        };
+        let ys = matmul_rows(xs, &self.weight)?;
         match &self.bias {
             Some(b) => ys.broadcast_add(b),
             None => Ok(ys),
         }
     }
-}
 
-impl Module for Linear {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `x W^T + b`, with the cheap input-only backward when the weights are frozen.
+    fn forward_base(&self, xs: &Tensor) -> Result<Tensor> {
         let frozen = !trainable(&self.weight) && !self.bias.as_ref().is_some_and(trainable);
         if !(frozen && xs.track_op()) {
             return self.forward_plain(xs);
@@ -203,14 +251,52 @@ impl Module for Linear {
     }
 }
 
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = self.forward_base(xs)?;
+        match &self.lora {
+            None => Ok(ys),
+            Some(lora) => ys + lora.forward(xs)?,
+        }
+    }
+}
+
+/// Names of a LoRA adapter's tensors under a linear layer's prefix, as PEFT and diffusers name them.
+pub const LORA_A: &str = "lora_A.weight";
+pub const LORA_B: &str = "lora_B.weight";
+
+/// The layer's LoRA adapter when `vb` holds `lora_A.weight` `[rank, in]` and `lora_B.weight`
+/// `[out, rank]` (scale 1: `lora_alpha = rank`, as diffusers' LoRA training scripts set it).
+fn lora_from(in_dim: usize, out_dim: usize, vb: &VarBuilder) -> Result<Option<LoraAdapter>> {
+    if !vb.contains_tensor(LORA_A) {
+        return Ok(None);
+    }
+    let a = vb.get_unchecked(LORA_A)?;
+    let (rank, a_in) = a.dims2()?;
+    if a_in != in_dim {
+        candle_core::bail!("{}.{LORA_A}: shape {:?}, expected [rank, {in_dim}]", vb.prefix(), a.dims());
+    }
+    let b = vb.get((out_dim, rank), LORA_B)?;
+    Ok(Some(LoraAdapter::new(a, b, 1.0)))
+}
+
+fn with_lora_from(linear: Linear, in_dim: usize, out_dim: usize, vb: &VarBuilder) -> Result<Linear> {
+    Ok(match lora_from(in_dim, out_dim, vb)? {
+        Some(lora) => linear.with_lora(lora),
+        None => linear,
+    })
+}
+
+/// `nn.Linear` from `vb`: `weight`, `bias`, and a LoRA adapter when `vb` holds one.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = vb.get(out_dim, "bias")?;
-    Ok(Linear::new(weight, Some(bias)))
+    with_lora_from(Linear::new(weight, Some(bias)), in_dim, out_dim, &vb)
 }
 
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?, None))
+    let linear = Linear::new(vb.get((out_dim, in_dim), "weight")?, None);
+    with_lora_from(linear, in_dim, out_dim, &vb)
 }
 
 /// Linear with or without bias, as `torch.nn.Linear(.., bias=bias)`.
@@ -488,6 +574,45 @@ mod tests {
         let grads = lin.forward(x.as_tensor())?.sum_all()?.backward()?;
         assert!(grads.get(lin.weight()).is_none());
         assert!(grads.get(x.as_tensor()).is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn lora_linear_gradients_match_finite_differences() -> Result<()> {
+        let (w, b) = (randn(&[4, 6])?, randn(&[4])?);
+        let (a, bb) = (randn(&[2, 6])?, randn(&[4, 2])?);
+        let x = randn(&[2, 3, 6])?;
+        let lora = |a: &Tensor, bb: &Tensor| {
+            Linear::new(w.clone(), Some(b.clone())).with_lora(LoraAdapter::new(a.clone(), bb.clone(), 0.5))
+        };
+        // Frozen base, adapters and input each differentiated in turn.
+        check_grad(&x, &|x| lora(&a, &bb).forward(x))?;
+        check_grad(&a, &|a| lora(a, &bb).forward(&x))?;
+        check_grad(&bb, &|bb| lora(&a, bb).forward(&x))?;
+        // y = x W^T + b + 0.5 (x A^T) B^T
+        let expected = (Linear::new(w.clone(), Some(b.clone())).forward(&x)? + (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&bb.t()?)? * 0.5)?)?;
+        let diff = (lora(&a, &bb).forward(&x)? - expected)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "LoRA forward off by {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn lora_with_zero_b_equals_the_base_layer_and_loads_from_the_var_builder() -> Result<()> {
+        let (w, b) = (randn(&[4, 6])?, randn(&[4])?);
+        let mut ts = std::collections::HashMap::new();
+        ts.insert("l.weight".to_string(), w.clone());
+        ts.insert("l.bias".to_string(), b.clone());
+        let vb = VarBuilder::from_tensors(ts.clone(), DType::F64, &Device::Cpu);
+        let plain = linear(6, 4, vb.pp("l"))?;
+        assert!(plain.lora().is_none());
+        ts.insert(format!("l.{LORA_A}"), randn(&[3, 6])?);
+        ts.insert(format!("l.{LORA_B}"), Tensor::zeros((4, 3), DType::F64, &Device::Cpu)?);
+        let vb = VarBuilder::from_tensors(ts, DType::F64, &Device::Cpu);
+        let adapted = linear(6, 4, vb.pp("l"))?;
+        assert_eq!(adapted.lora().map(|l| l.a().dims().to_vec()), Some(vec![3, 6]));
+        let x = randn(&[2, 5, 6])?;
+        let (p, q) = (plain.forward(&x)?.flatten_all()?.to_vec1::<f64>()?, adapted.forward(&x)?.flatten_all()?.to_vec1::<f64>()?);
+        assert_eq!(p, q);
         Ok(())
     }
 

@@ -186,6 +186,13 @@ impl ModelFiles {
         self.weights(c).tensor_error(c, err)
     }
 
+    /// The weight files of every component, for recording what an edit was made with.
+    pub fn weight_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.weights.iter().flat_map(|w| w.files().iter().cloned()).collect();
+        files.dedup();
+        files
+    }
+
     fn weights(&self, c: Component) -> &ComponentWeights {
         &self.weights[c as usize]
     }

@@ -41,6 +41,10 @@ impl ComponentWeights {
         Self { shown: path.to_path_buf(), files: vec![path.to_path_buf()], renames: Some(Arc::new(renames)) }
     }
 
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
     pub fn open(&self) -> Result<Reader> {
         // SAFETY: the files are only read; like every mmap user we assume nobody truncates them meanwhile.
         let st = unsafe { MmapedSafetensors::multi(&self.files) }.map_err(|e| {

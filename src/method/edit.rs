@@ -1,0 +1,441 @@
+//! The edit pipeline, top-down like diffusers' pipelines: inputs, the three stages, the session.
+
+use super::finetune::{lambda_object, LayeredFinetune};
+use super::guidance::iterative_guidance_sample;
+use super::masks;
+use super::optimize::{interpolate_embeddings, LayeredOptimization};
+use super::session::{self, names, Losses, SessionInfo};
+use super::{EditSettings, GuidanceEmbedding, LayeredLatents, StepLoss};
+use crate::error::{bad_input, Result};
+use crate::image_io::{self, save_png_atomic};
+use crate::pipeline::{generate, seeded_noise, GenerateOptions, StableDiffusion};
+use crate::sources::{Component, ModelFiles};
+use candle_core::Tensor;
+use image::{GrayImage, RgbImage};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// Reports the stages of a long run (the CLI draws progress bars from it).
+pub trait Progress {
+    fn start(&mut self, stage: &str, total: usize);
+    fn step(&mut self, done: usize, loss: Option<f64>);
+    fn finish(&mut self);
+    /// Asked after each checkpoint: `true` stops the run there (it can be resumed).
+    fn should_stop(&mut self) -> bool {
+        false
+    }
+}
+
+/// Where the background layer `I_b` comes from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum BackgroundSource {
+    /// Stable Diffusion's own image for `T_b`, seeded (the paper's "target image").
+    Generated,
+    /// A user's picture, with the mask of what is not background on it (none: all background).
+    Image { image: PathBuf, mask: Option<PathBuf> },
+    /// `I_s` itself: edit only the subject.
+    Keep,
+}
+
+/// One edit, as the user asked for it; stored in `session.json` so that `--resume` can redo it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EditRequest {
+    /// The subject photo `I_s`.
+    pub image: PathBuf,
+    /// `M_s`, white = subject, any size (resized to the photo).
+    pub mask: PathBuf,
+    /// `T_o`, the object layer's text ("a jumping dog").
+    pub object: String,
+    /// `T_b`, the background layer's text ("a dense forest").
+    pub background: String,
+    /// The full target text `T`; `None`: "`T_o` in `T_b`".
+    pub prompt: Option<String>,
+    pub background_source: BackgroundSource,
+    /// Side of the square the photo is resized and centre-cropped to.
+    pub size: u32,
+    /// One edited image per seed.
+    pub seeds: Vec<u64>,
+    /// Seed of stages 1 and 2 and of the generated background.
+    pub train_seed: u64,
+    pub settings: EditSettings,
+    /// Steps between checkpoints in stages 1 and 2.
+    pub checkpoint_every: usize,
+}
+
+impl EditRequest {
+    /// `T`: the user's, or "`T_o` in `T_b`" (the spec's default).
+    pub fn prompt(&self) -> String {
+        self.prompt.clone().unwrap_or_else(|| format!("{} in {}", self.object, self.background))
+    }
+}
+
+/// What an edit produced.
+pub struct EditResult {
+    pub images: Vec<(u64, RgbImage)>,
+    pub info: SessionInfo,
+}
+
+/// Runs LayerDiffusion and writes the session into `out`. With `resume`, continues from the
+/// checkpoint in `out` (the result equals an uninterrupted run's).
+pub fn edit(
+    sd: &StableDiffusion,
+    files: &ModelFiles,
+    req: &EditRequest,
+    out: &Path,
+    resume: bool,
+    progress: &mut dyn Progress,
+) -> Result<EditResult> {
+    let settings = &req.settings;
+    // 1. check inputs
+    check_request(req, sd.vae_factor())?;
+    let image = image_io::load_rgb(&req.image)?;
+    let (w, h) = image.dimensions();
+    if w.min(h) < 64 {
+        return Err(bad_input(req.image.display(), format!("{w}x{h} is too small"), "give a photo at least 64 pixels on each side"));
+    }
+    let started = Instant::now();
+
+    // 2. prepare the two layers' images and masks at the working size
+    let (subject, crop) = image_io::resize_center_crop(&image, req.size, req.size);
+    let (subject_mask, _) = image_io::resize_center_crop(&masks::load_mask(&req.mask, (w, h))?, req.size, req.size);
+    masks::validate_mask(&subject_mask, &req.mask.display().to_string())?;
+    let subject_area = masks::area_fraction(&subject_mask);
+    let mut info = SessionInfo {
+        version: 1,
+        method: "layerdiffusion".into(),
+        model: files.id.clone(),
+        model_files: session::hash_files(&files.weight_files())?,
+        dtype: format!("{:?}", sd.dtype).to_lowercase(),
+        request: req.clone(),
+        image_sha256: session::sha256_file(&req.image)?,
+        crop,
+        lambda_object: lambda_object(settings.lambda_object, subject_area),
+        subject_area,
+        losses: Losses::default(),
+        timings: HashMap::new(),
+        progress: "stage1".into(),
+    };
+    session::write_json(&out.join(session::SESSION_JSON), &info)?;
+    let (background, background_mask) = background_layer(sd, req, &subject, &subject_mask, progress)?;
+    info.timings.insert("background".to_string(), started.elapsed().as_secs_f64());
+
+    // 3. encode both layers: z = scaling * E(I) (posterior mean), masks at latent size
+    let f = sd.vae_factor();
+    let to_latent = |m: &GrayImage| masks::mask_to_latent(m, f, &sd.device, sd.dtype);
+    let encode = |img: &RgbImage| sd.encode_image(&image_io::image_to_tensor(img, &sd.device, sd.dtype)?, None);
+    let data = LayeredLatents {
+        subject: encode(&subject)?,
+        subject_mask: to_latent(&subject_mask)?,
+        background: encode(&background)?,
+        background_mask: to_latent(&background_mask)?,
+    };
+
+    // 4. encode the texts
+    let target_object = sd.encode_prompt(&req.object)?;
+    let target_background = sd.encode_prompt(&req.background)?;
+    let uncond = sd.encode_prompt("")?;
+
+    let checkpoint = if resume { read_checkpoint(out, &sd.device)? } else { None };
+    let alphas_cumprod = sd.scheduler()?.alphas_cumprod().to_vec();
+
+    // 5. stage 1: layered controlled optimization (Eq. 2)
+    let t = Instant::now();
+    let mut stage1 = match &checkpoint {
+        Some(c) => {
+            let mut s = LayeredOptimization::from_state(&session::strip_prefix(&c.tensors, "stage1."), settings.embedding_lr)?;
+            s.losses = c.info.losses.stage1.clone();
+            s
+        }
+        None => LayeredOptimization::new(&target_object, &target_background, settings.embedding_lr)?,
+    };
+    progress.start("stage 1", settings.embedding_steps);
+    progress.step(stage1.step, stage1.losses.last().map(|l| l.loss));
+    while stage1.step < settings.embedding_steps {
+        let until = (stage1.step + req.checkpoint_every.max(1)).min(settings.embedding_steps);
+        stage1.run(&sd.unet, &alphas_cumprod, &data, req.train_seed, until, &mut |l: StepLoss| progress.step(l.step + 1, Some(l.loss)))?;
+        let losses = Losses { stage1: stage1.losses.clone(), stage2: vec![] };
+        write_checkpoint(out, "stage1", stage1.step, losses, session::with_prefix(stage1.state(), "stage1.").collect())?;
+        stop_if_asked(progress, out, "stage 1", stage1.step)?;
+    }
+    progress.finish();
+    info.timings.insert("stage1".to_string(), t.elapsed().as_secs_f64());
+
+    // 6. interpolate the layers (Eq. 3)
+    let e_bar = interpolate_embeddings(stage1.object(), stage1.background(), settings.alpha)?;
+
+    // 7. stage 2: layered diffusion fine-tuning (Eq. 4-6)
+    let t = Instant::now();
+    let lambda_o = info.lambda_object;
+    let unet_weights = files.tensors(Component::Unet, &sd.device)?;
+    let unet_cfg = sd.unet.config().clone();
+    let mut stage2 = match checkpoint.as_ref().filter(|c| c.stage == "stage2") {
+        Some(c) => {
+            let state = session::strip_prefix(&c.tensors, "stage2.");
+            let mut s = LayeredFinetune::from_state(unet_weights, unet_cfg, settings.finetune, settings.lora_rank, settings.finetune_lr, sd.dtype, &sd.device, &state)?;
+            s.losses = c.info.losses.stage2.clone();
+            s
+        }
+        None => LayeredFinetune::new(unet_weights, unet_cfg, settings.finetune, settings.lora_rank, settings.finetune_lr, sd.dtype, &sd.device)?,
+    };
+    progress.start("stage 2", settings.finetune_steps);
+    progress.step(stage2.step, stage2.losses.last().map(|l| l.loss));
+    while stage2.step < settings.finetune_steps {
+        let until = (stage2.step + req.checkpoint_every.max(1)).min(settings.finetune_steps);
+        let lambda_b = settings.lambda_background;
+        stage2.run(&e_bar, lambda_o, lambda_b, &alphas_cumprod, &data, req.train_seed, until, &mut |l: StepLoss| progress.step(l.step + 1, Some(l.loss)))?;
+        let mut tensors: HashMap<String, Tensor> = session::with_prefix(stage1.state(), "stage1.").collect();
+        tensors.extend(session::with_prefix(stage2.state(), "stage2."));
+        let losses = Losses { stage1: stage1.losses.clone(), stage2: stage2.losses.clone() };
+        write_checkpoint(out, "stage2", stage2.step, losses, tensors)?;
+        stop_if_asked(progress, out, "stage 2", stage2.step)?;
+    }
+    progress.finish();
+    info.timings.insert("stage2".to_string(), t.elapsed().as_secs_f64());
+
+    // 8. the session: embeddings and fine-tuned weights, then what made them
+    let mut tensors: HashMap<String, Tensor> = HashMap::from([
+        (names::OBJECT.to_string(), stage1.object().clone()),
+        (names::BACKGROUND.to_string(), stage1.background().clone()),
+        (names::BAR.to_string(), e_bar.clone()),
+        (names::TARGET_OBJECT.to_string(), target_object.clone()),
+        (names::UNCOND.to_string(), uncond.clone()),
+    ]);
+    tensors.extend(session::with_prefix(stage2.trained_tensors()?, names::UNET_PREFIX));
+    session::write_tensors(&out.join(session::SESSION_TENSORS), &tensors)?;
+    info.losses = Losses { stage1: stage1.losses.clone(), stage2: stage2.losses.clone() };
+    info.progress = "stage3".into();
+    session::write_json(&out.join(session::SESSION_JSON), &info)?;
+
+    // 9. stage 3: iterative guidance sampling (Eq. 7-8), one image per seed
+    let t = Instant::now();
+    let e_g = match settings.guidance_embedding {
+        GuidanceEmbedding::Target => &target_object,
+        GuidanceEmbedding::Optimized => stage1.object(),
+    };
+    let stage3 = Stage3 { sd, unet: stage2.unet(), e_bar: &e_bar, e_g, uncond: &uncond, settings, size: (req.size, req.size) };
+    let images = stage3.sample_all(&req.seeds, out, progress)?;
+    info.timings.insert("stage3".to_string(), t.elapsed().as_secs_f64());
+    info.timings.insert("total".to_string(), started.elapsed().as_secs_f64());
+    info.progress = "done".into();
+
+    // 10. what a person looks at: the mask, the background, and everything side by side
+    save_png_atomic(&image_io::gray_to_rgb(&subject_mask), &out.join("mask.png"))?;
+    save_png_atomic(&background, &out.join("background.png"))?;
+    let mut sheet = vec![
+        ("input".to_string(), subject.clone()),
+        ("mask".to_string(), image_io::gray_to_rgb(&subject_mask)),
+        ("background".to_string(), background.clone()),
+    ];
+    sheet.extend(images.iter().map(|(seed, img)| (format!("seed {seed}"), img.clone())));
+    save_png_atomic(&image_io::contact_sheet(&sheet, 256), &out.join("sheet.png"))?;
+    session::write_json(&out.join(session::SESSION_JSON), &info)?;
+    remove_checkpoint(out)?;
+    Ok(EditResult { images, info })
+}
+
+/// Stage 3 for several seeds, shared by `edit` and `sample`.
+pub struct Stage3<'a> {
+    pub sd: &'a StableDiffusion,
+    /// The fine-tuned UNet.
+    pub unet: &'a crate::models::UNet2DConditionModel,
+    pub e_bar: &'a Tensor,
+    pub e_g: &'a Tensor,
+    pub uncond: &'a Tensor,
+    pub settings: &'a EditSettings,
+    pub size: (u32, u32),
+}
+
+impl Stage3<'_> {
+    /// Draws `edit-<seed>.png` into `out` for every seed.
+    pub fn sample_all(&self, seeds: &[u64], out: &Path, progress: &mut dyn Progress) -> Result<Vec<(u64, RgbImage)>> {
+        let f = self.sd.vae_factor();
+        let shape = [1, self.unet.config().in_channels, self.size.1 as usize / f, self.size.0 as usize / f];
+        let mut images = Vec::with_capacity(seeds.len());
+        for &seed in seeds {
+            progress.start(&format!("seed {seed}"), self.settings.steps);
+            let mut scheduler = self.sd.scheduler()?;
+            scheduler.set_timesteps(self.settings.steps)?;
+            let noise = seeded_noise(seed, &shape, &self.sd.device, self.sd.dtype)?;
+            let s = self.settings;
+            let latents = iterative_guidance_sample(
+                self.unet,
+                &scheduler,
+                self.e_bar,
+                self.e_g,
+                self.uncond,
+                s.guidance_scale,
+                s.guidance_period,
+                noise,
+                &mut |done, _| progress.step(done, None),
+            )?;
+            progress.finish();
+            let image = image_io::tensor_to_images(&self.sd.decode_latents(&latents)?)?.remove(0);
+            save_png_atomic(&image, &out.join(format!("edit-{seed}.png")))?;
+            images.push((seed, image));
+        }
+        Ok(images)
+    }
+}
+
+fn check_request(req: &EditRequest, factor: usize) -> Result<()> {
+    for (flag, text) in [("--object", &req.object), ("--background", &req.background)] {
+        if text.trim().is_empty() {
+            return Err(bad_input(flag, "empty text", "describe the layer, e.g. --object \"a jumping dog\" --background \"a dense forest\""));
+        }
+    }
+    let s = &req.settings;
+    if !(0.0..=1.0).contains(&s.alpha) {
+        return Err(bad_input("--alpha", format!("{} is outside [0, 1]", s.alpha), "use a value in [0, 1] (0.7 is the default)"));
+    }
+    if req.size == 0 || !(req.size as usize).is_multiple_of(factor) {
+        return Err(bad_input("--size", format!("{} is not a positive multiple of {factor}", req.size), format!("use a multiple of {factor}, e.g. 512")));
+    }
+    if req.seeds.is_empty() {
+        return Err(bad_input("--seeds", "no seed", "give --seeds 1,2,3 or --num-images N"));
+    }
+    if s.steps == 0 {
+        return Err(bad_input("--steps", "0 sampling steps", "use at least 1 (50 is the default)"));
+    }
+    Ok(())
+}
+
+/// `I_b` and `M_b` at the working size, for the chosen background source.
+fn background_layer(
+    sd: &StableDiffusion,
+    req: &EditRequest,
+    subject: &RgbImage,
+    subject_mask: &GrayImage,
+    progress: &mut dyn Progress,
+) -> Result<(RgbImage, GrayImage)> {
+    let (w, h) = subject.dimensions();
+    let all_background = || GrayImage::new(w, h);
+    match &req.background_source {
+        BackgroundSource::Keep => Ok((subject.clone(), subject_mask.clone())),
+        BackgroundSource::Image { image, mask } => {
+            let picture = image_io::load_rgb(image)?;
+            let mask = match mask {
+                Some(m) => {
+                    let m = masks::load_mask(m, picture.dimensions())?;
+                    image_io::resize_center_crop(&m, w, h).0
+                }
+                None => all_background(),
+            };
+            Ok((image_io::resize_center_crop(&picture, w, h).0, mask))
+        }
+        BackgroundSource::Generated => {
+            let s = &req.settings;
+            progress.start("background", s.steps);
+            let opts = GenerateOptions {
+                prompt: req.background.clone(),
+                steps: s.steps,
+                guidance_scale: s.guidance_scale,
+                width: w as usize,
+                height: h as usize,
+                seed: req.train_seed,
+                ..Default::default()
+            };
+            let image = generate(sd, &opts, &mut |done, _| progress.step(done, None))?;
+            progress.finish();
+            Ok((image_io::tensor_to_images(&image)?.remove(0), all_background()))
+        }
+    }
+}
+
+/// A checkpoint of stages 1-2: which stage and step, the loss curves, and the state tensors.
+struct Checkpoint {
+    stage: String,
+    info: CheckpointInfo,
+    tensors: HashMap<String, Tensor>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CheckpointInfo {
+    stage: String,
+    step: usize,
+    losses: Losses,
+}
+
+fn write_checkpoint(out: &Path, stage: &str, step: usize, losses: Losses, tensors: HashMap<String, Tensor>) -> Result<()> {
+    // Tensors first: a checkpoint.json always describes a complete tensor file.
+    session::write_tensors(&out.join(session::CHECKPOINT_TENSORS), &tensors)?;
+    session::write_json(&out.join(session::CHECKPOINT_JSON), &CheckpointInfo { stage: stage.into(), step, losses })
+}
+
+fn stop_if_asked(progress: &mut dyn Progress, out: &Path, stage: &str, step: usize) -> Result<()> {
+    if progress.should_stop() {
+        return Err(bad_input(
+            out.display(),
+            format!("stopped after {stage} step {step}"),
+            format!("continue with `layerdiff edit --resume {}`", out.display()),
+        ));
+    }
+    Ok(())
+}
+
+fn read_checkpoint(out: &Path, device: &candle_core::Device) -> Result<Option<Checkpoint>> {
+    let json = out.join(session::CHECKPOINT_JSON);
+    if !json.is_file() {
+        return Ok(None);
+    }
+    let info: CheckpointInfo = session::read_json(&json)?;
+    let tensors = session::read_tensors(&out.join(session::CHECKPOINT_TENSORS), device)?;
+    Ok(Some(Checkpoint { stage: info.stage.clone(), info, tensors }))
+}
+
+fn remove_checkpoint(out: &Path) -> Result<()> {
+    for name in [session::CHECKPOINT_JSON, session::CHECKPOINT_TENSORS] {
+        let path = out.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(crate::error::io_err(&path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Draws new images from a finished edit session without repeating stages 1 and 2: the same
+/// seed and settings give the same image as `edit` did. `alpha` overrides the session's.
+pub fn sample_session(
+    sd: &StableDiffusion,
+    files: &ModelFiles,
+    session_dir: &Path,
+    seeds: &[u64],
+    alpha: Option<f64>,
+    out: &Path,
+    progress: &mut dyn Progress,
+) -> Result<Vec<(u64, RgbImage)>> {
+    let json = session_dir.join(session::SESSION_JSON);
+    if !json.is_file() {
+        return Err(bad_input(session_dir.display(), "holds no session.json", "give the --out folder of a finished `layerdiff edit`"));
+    }
+    let info: SessionInfo = session::read_json(&json)?;
+    if info.progress != "stage3" && info.progress != "done" {
+        return Err(bad_input(session_dir.display(), format!("the edit stopped in {}", info.progress), format!("finish it with `layerdiff edit --resume {}`", session_dir.display())));
+    }
+    let mut settings = info.request.settings.clone();
+    settings.alpha = alpha.unwrap_or(settings.alpha);
+    let tensors_path = session_dir.join(session::SESSION_TENSORS);
+    let tensors = session::read_tensors(&tensors_path, &sd.device)?;
+    let trained = session::strip_prefix(&tensors, names::UNET_PREFIX);
+    let unet = LayeredFinetune::load_trained(
+        files.tensors(Component::Unet, &sd.device)?,
+        sd.unet.config().clone(),
+        settings.finetune,
+        settings.lora_rank,
+        &trained,
+        sd.dtype,
+        &sd.device,
+    )?;
+    let object = session::required(&tensors, names::OBJECT, &tensors_path)?;
+    let e_bar = interpolate_embeddings(object, session::required(&tensors, names::BACKGROUND, &tensors_path)?, settings.alpha)?;
+    let e_g = match settings.guidance_embedding {
+        GuidanceEmbedding::Target => session::required(&tensors, names::TARGET_OBJECT, &tensors_path)?,
+        GuidanceEmbedding::Optimized => object,
+    };
+    let uncond = session::required(&tensors, names::UNCOND, &tensors_path)?;
+    let size = info.request.size;
+    let stage3 = Stage3 { sd, unet: &unet, e_bar: &e_bar, e_g, uncond, settings: &settings, size: (size, size) };
+    stage3.sample_all(seeds, out, progress)
+}

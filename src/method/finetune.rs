@@ -1,0 +1,428 @@
+//! Stage 2, layered diffusion fine-tuning (paper Eq. 4-6): with `e_bar` frozen, fine-tune the UNet
+//! with Adam on
+//! ```text
+//! L = lambda_o ||M_s (.) (eps - eps_theta(z_s,t, t, e_bar))||^2 + lambda_b ||(1 - M_b) (.) (eps - eps_theta(z_b,t, t, e_bar))||^2
+//! ```
+//! Either every UNet weight trains (`FinetuneMode::Full`, the paper's) or only low-rank adapters
+//! on the attention projections (`FinetuneMode::Lora`: `to_q`, `to_k`, `to_v`, `to_out.0` of every
+//! `attn1` and `attn2`; `A` `[r, in]` kaiming-uniform as PEFT's, `B` `[out, r]` zero, so at step 0
+//! the model is the base model exactly; scale `lora_alpha / r = 1`).
+//!
+//! What a session stores ([`LayeredFinetune::trained_tensors`]):
+//! - full: every trained weight itself, under its diffusers name. Not the delta `new - original`:
+//!   `original + (new - original)` need not round back to `new` in floating point, and the
+//!   sampled images must not depend on whether the model came from a session. (A delta would be no
+//!   smaller: every weight changes.)
+//! - LoRA: the adapters, `<module>.lora_A.weight` / `<module>.lora_B.weight` (PEFT's names).
+//!
+//! [`LayeredFinetune::load_trained`] rebuilds the same model from the original weights and those
+//! tensors, bit for bit.
+
+use super::adam::{Adam, AdamParams};
+use super::optimize::{
+    check_finite, check_layers, check_lr, entry, finite_loss, layer_terms, losses_from, losses_tensor, master_dtype,
+    noisy_step, prefixed, snapshot, step_tensor, unprefixed, STAGE2_STREAM,
+};
+use super::{FinetuneMode, LayeredLatents, StepLoss};
+use crate::error::{bad_input, Result};
+use crate::models::nn::{LORA_A, LORA_B};
+use crate::models::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+
+const STAGE2: &str = "stage 2 (layered fine-tuning)";
+
+/// Eq. 6: `L = lambda_o L_o + lambda_b L_b` with Eq. 4 `L_o = ||M_s (.) (eps - eps_theta(z_s,t, t, e_bar))||^2`
+/// and Eq. 5 `L_b = ||(1 - M_b) (.) (eps - eps_theta(z_b,t, t, e_bar))||^2`, both layers in one
+/// batched UNet forward.
+pub fn layered_finetune(
+    unet: &UNet2DConditionModel,
+    e_bar: &Tensor,
+    lambda_object: f64,
+    lambda_background: f64,
+    noisy: &super::optimize::NoisyStep,
+    data: &LayeredLatents,
+) -> Result<Tensor> {
+    let (object, background) = layer_terms(unet, noisy, data, e_bar, e_bar)?;
+    Ok(((object * lambda_object)? + (background * lambda_background)?)?)
+}
+
+/// Small-subject rule: `lambda_o = 2`, or 3 when the subject covers under 10 % of the image; an
+/// explicit value wins.
+pub fn lambda_object(explicit: Option<f64>, subject_area_fraction: f64) -> f64 {
+    explicit.unwrap_or(if subject_area_fraction < 0.1 { 3.0 } else { 2.0 })
+}
+
+/// The module prefix of a weight LoRA adapts: `<...>.attn{1,2}.to_{q,k,v}` or
+/// `<...>.attn{1,2}.to_out.0`, from `<prefix>.weight`.
+fn lora_target(name: &str) -> Option<&str> {
+    let prefix = name.strip_suffix(".weight")?;
+    let attn = ["to_q", "to_k", "to_v", "to_out.0"].iter().find_map(|p| prefix.strip_suffix(p)?.strip_suffix('.'))?;
+    (attn.ends_with(".attn1") || attn.ends_with(".attn2") || attn == "attn1" || attn == "attn2").then_some(prefix)
+}
+
+/// A deterministic seed for one adapter's initialization (FNV-1a of its name).
+fn name_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Fresh adapters for every attention projection in `weights`: `A ~ U(-1/sqrt(in), 1/sqrt(in))`
+/// (PEFT's `kaiming_uniform_(a=sqrt(5))`), seeded by the module's name; `B = 0`.
+fn fresh_adapters(
+    weights: &HashMap<String, Tensor>,
+    rank: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let mut adapters = HashMap::new();
+    for (name, w) in weights {
+        let Some(prefix) = lora_target(name) else { continue };
+        let Ok((out_dim, in_dim)) = w.dims2() else { continue };
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let a = seeded_uniform(name_seed(prefix), (rank, in_dim), bound)?.to_dtype(dtype)?.to_device(device)?;
+        adapters.insert(format!("{prefix}.{LORA_A}"), a);
+        adapters.insert(format!("{prefix}.{LORA_B}"), Tensor::zeros((out_dim, rank), dtype, device)?);
+    }
+    if adapters.is_empty() {
+        return Err(bad_input(
+            "--finetune lora",
+            "the UNet has no attention projections (attn1/attn2 to_q, to_k, to_v, to_out.0)",
+            "use --finetune full",
+        ));
+    }
+    Ok(adapters)
+}
+
+/// `U(-bound, bound)` in f32 on the CPU from a seed.
+fn seeded_uniform(seed: u64, shape: (usize, usize), bound: f64) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = shape.0 * shape.1;
+    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-bound as f32..bound as f32)).collect();
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+}
+
+/// The weights on `device` in `dtype`.
+fn to_model(weights: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+    weights.into_iter().map(|(k, v)| Ok((k, v.to_device(device)?.to_dtype(dtype)?))).collect()
+}
+
+fn build_unet(
+    tensors: HashMap<String, Tensor>,
+    cfg: &UNet2DConditionModelConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<UNet2DConditionModel> {
+    Ok(UNet2DConditionModel::new(VarBuilder::from_tensors(tensors, dtype, device), cfg.clone())?)
+}
+
+/// Stage 2 state: a trainable copy of the UNet (full: every weight a `Var`; LoRA: the adapters
+/// only) and its optimizer.
+pub struct LayeredFinetune {
+    /// Steps done so far.
+    pub step: usize,
+    /// The loss of every step done, `losses[i].step == i` (steps are numbered from 0).
+    pub losses: Vec<StepLoss>,
+    mode: FinetuneMode,
+    /// The model that trains: its trained tensors are the `Var`s (or, for a half-precision model,
+    /// the `Var`s cast on the graph).
+    train_unet: UNet2DConditionModel,
+    /// The same weights, detached: the model to sample from. Shares the variables' storage when
+    /// the dtypes agree; rebuilt after a run otherwise.
+    unet: UNet2DConditionModel,
+    /// The trained tensors' variables (f32 master copies for a half-precision model: f16 weights
+    /// would round the updates of a 2e-6 learning rate away), with their optimizer.
+    adam: Adam,
+    /// The frozen weights (LoRA: the base model; full: none), in the model's dtype.
+    frozen: HashMap<String, Tensor>,
+    cfg: UNet2DConditionModelConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl LayeredFinetune {
+    /// `weights`: the UNet's tensors by diffusers name (`ModelFiles::tensors(Component::Unet, ..)`),
+    /// `cfg` its config. Full mode copies them into variables; LoRA mode keeps them as frozen
+    /// tensors and adds rank-`lora_rank` adapters.
+    pub fn new(
+        weights: HashMap<String, Tensor>,
+        cfg: UNet2DConditionModelConfig,
+        mode: FinetuneMode,
+        lora_rank: usize,
+        lr: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let weights = to_model(weights, dtype, device)?;
+        let trained = match mode {
+            FinetuneMode::Full => weights.clone(),
+            FinetuneMode::Lora => {
+                if lora_rank == 0 {
+                    return Err(bad_input("--lora-rank", "0", "give a rank of at least 1 (4 is the default)"));
+                }
+                fresh_adapters(&weights, lora_rank, dtype, device)?
+            }
+        };
+        Self::build(weights, &cfg, mode, trained, 0, Vec::new(), lr, dtype, device)
+    }
+
+    /// The model with `trained` (names as [`LayeredFinetune::trained_tensors`]) as variables.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        weights: HashMap<String, Tensor>,
+        cfg: &UNet2DConditionModelConfig,
+        mode: FinetuneMode,
+        trained: HashMap<String, Tensor>,
+        step: usize,
+        losses: Vec<StepLoss>,
+        lr: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        check_lr(lr, "--finetune-lr")?;
+        let mut names: Vec<&String> = trained.keys().collect();
+        names.sort();
+        let master = master_dtype(dtype);
+        let vars = names
+            .into_iter()
+            .map(|name| {
+                Ok((name.clone(), Var::from_tensor(&trained[name].to_device(device)?.to_dtype(master)?.detach())?))
+            })
+            .collect::<Result<Vec<(String, Var)>>>()?;
+        let frozen = match mode {
+            FinetuneMode::Full => HashMap::new(),
+            FinetuneMode::Lora => weights,
+        };
+        let adam = Adam::new(vars, AdamParams { lr, ..Default::default() })?;
+        let (train_unet, unet) = (
+            Self::model(&adam, &frozen, cfg, dtype, device, true)?,
+            Self::model(&adam, &frozen, cfg, dtype, device, false)?,
+        );
+        Ok(Self { step, losses, mode, train_unet, unet, adam, frozen, cfg: cfg.clone(), dtype, device: device.clone() })
+    }
+
+    /// The UNet of the frozen weights and the variables: on the graph (`train`) or detached.
+    fn model(
+        adam: &Adam,
+        frozen: &HashMap<String, Tensor>,
+        cfg: &UNet2DConditionModelConfig,
+        dtype: DType,
+        device: &Device,
+        train: bool,
+    ) -> Result<UNet2DConditionModel> {
+        let mut tensors = frozen.clone();
+        for (name, var) in adam.vars() {
+            let t = if train { var.as_tensor().clone() } else { var.as_tensor().detach() };
+            // A no-op when the dtypes agree: the model then shares the variables' storage.
+            tensors.insert(name.to_string(), t.to_dtype(dtype)?);
+        }
+        build_unet(tensors, cfg, dtype, device)
+    }
+
+    /// Whether the models hold casts of the variables, which a step does not update.
+    fn casts(&self) -> bool {
+        master_dtype(self.dtype) != self.dtype
+    }
+
+    pub fn mode(&self) -> FinetuneMode {
+        self.mode
+    }
+
+    /// Eq. 4-6: runs steps `self.step .. until` (numbered from 0; errors count from 1), `e_bar` frozen (detached, never changed).
+    /// Same batching and randomness rule as stage 1, from a different random stream.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &mut self,
+        e_bar: &Tensor,
+        lambda_object: f64,
+        lambda_background: f64,
+        alphas_cumprod: &[f64],
+        data: &LayeredLatents,
+        seed: u64,
+        until: usize,
+        on_step: &mut dyn FnMut(StepLoss),
+    ) -> Result<()> {
+        check_layers(data)?;
+        for (flag, v) in [("--lambda-object", lambda_object), ("--lambda-background", lambda_background)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(bad_input(flag, format!("{v} is not a non-negative weight"), "give a number >= 0"));
+            }
+        }
+        let e_bar = e_bar.detach();
+        let fix = format!("lower --finetune-lr (now {})", self.adam.params().lr);
+        let start = self.step;
+        while self.step < until {
+            let noisy = noisy_step(alphas_cumprod, data, seed, STAGE2_STREAM, self.step)?;
+            let loss = layered_finetune(&self.train_unet, &e_bar, lambda_object, lambda_background, &noisy, data)?;
+            let value = finite_loss(&loss, STAGE2, self.step + 1, &fix)?;
+            self.adam.backward_step(&loss)?;
+            if self.casts() {
+                self.train_unet = Self::model(&self.adam, &self.frozen, &self.cfg, self.dtype, &self.device, true)?;
+            }
+            let step_loss = StepLoss { step: self.step, loss: value };
+            self.step += 1;
+            self.losses.push(step_loss);
+            on_step(step_loss);
+        }
+        // Weights that overflowed in the last step would only show when sampling: check once.
+        if self.step > start {
+            for (name, var) in self.adam.vars() {
+                check_finite(var.as_tensor(), STAGE2, &format!("the weight {name}"), self.step, &fix)?;
+            }
+            if self.casts() {
+                self.unet = Self::model(&self.adam, &self.frozen, &self.cfg, self.dtype, &self.device, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The fine-tuned UNet to sample from (stage 3): frozen weights sharing storage with the
+    /// trained variables, so it is always current and records no graph.
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+
+    /// The fine-tuned tensors to store in a session (snapshots): full → every trained weight by
+    /// its diffusers name (not a delta: see the module docs); LoRA → the adapters,
+    /// `<module>.lora_A.weight` `[r, in]` and `<module>.lora_B.weight` `[out, r]`.
+    /// In the model's dtype, so a session holds what the sampling model used.
+    pub fn trained_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        self.adam
+            .vars()
+            .map(|(name, var)| {
+                let t = if self.casts() { var.as_tensor().detach().to_dtype(self.dtype)? } else { snapshot(var)? };
+                Ok((name.to_string(), t))
+            })
+            .collect()
+    }
+
+    /// Rebuilds the fine-tuned UNet (no optimizer) from the original weights and
+    /// [`LayeredFinetune::trained_tensors`]; its outputs equal those of [`LayeredFinetune::unet`]
+    /// bit for bit.
+    pub fn load_trained(
+        weights: HashMap<String, Tensor>,
+        cfg: UNet2DConditionModelConfig,
+        mode: FinetuneMode,
+        lora_rank: usize,
+        trained: &HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<UNet2DConditionModel> {
+        let mut tensors = to_model(weights, dtype, device)?;
+        check_trained(&tensors, mode, lora_rank, trained)?;
+        for (name, t) in trained {
+            tensors.insert(name.clone(), t.to_device(device)?.to_dtype(dtype)?);
+        }
+        build_unet(tensors, &cfg, dtype, device)
+    }
+
+    /// Everything needed to resume bit for bit: the variables under `var.` (f32 for a
+    /// half-precision model), the optimizer's
+    /// state under `adam.`, `step` (i64 scalar) and `losses` (f64). The `var.` tensors are views of
+    /// the live variables, not copies (a full UNet copy would cost its size again in device memory):
+    /// write them out before the next [`LayeredFinetune::run`].
+    pub fn state(&self) -> HashMap<String, Tensor> {
+        let mut state: HashMap<String, Tensor> = prefixed(self.adam.state(), "adam.").collect();
+        state.extend(self.adam.vars().map(|(name, var)| (format!("var.{name}"), var.as_tensor().detach())));
+        state.insert("step".into(), step_tensor(self.step));
+        state.insert("losses".into(), losses_tensor(&self.losses));
+        state
+    }
+
+    /// Resumes from [`LayeredFinetune::state`], with the same original weights, mode and rank.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_state(
+        weights: HashMap<String, Tensor>,
+        cfg: UNet2DConditionModelConfig,
+        mode: FinetuneMode,
+        lora_rank: usize,
+        lr: f64,
+        dtype: DType,
+        device: &Device,
+        state: &HashMap<String, Tensor>,
+    ) -> Result<Self> {
+        let what = "stage 2 checkpoint";
+        let weights = to_model(weights, dtype, device)?;
+        let trained = unprefixed(state, "var.");
+        check_trained(&weights, mode, lora_rank, &trained)?;
+        let step = entry(state, "step", what)?.to_dtype(DType::F64)?.to_scalar::<f64>()? as usize;
+        let losses = losses_from(entry(state, "losses", what)?)?;
+        let mut s = Self::build(weights, &cfg, mode, trained, step, losses, lr, dtype, device)?;
+        s.adam.load_state(&unprefixed(state, "adam."), what)?;
+        Ok(s)
+    }
+}
+
+/// Trained tensors fit the mode and the model: full → weights of the model, all of them when
+/// resuming; LoRA → adapters of its attention projections.
+fn check_trained(
+    weights: &HashMap<String, Tensor>,
+    mode: FinetuneMode,
+    lora_rank: usize,
+    trained: &HashMap<String, Tensor>,
+) -> Result<()> {
+    let what = "fine-tuned weights";
+    if trained.is_empty() {
+        return Err(bad_input(what, "none stored", "store the session's fine-tuned weights, or run stage 2 again"));
+    }
+    for (name, t) in trained {
+        let ok = match mode {
+            FinetuneMode::Full => weights.get(name).is_some_and(|w| w.dims() == t.dims()),
+            FinetuneMode::Lora => {
+                let module =
+                    name.strip_suffix(&format!(".{LORA_A}")).or_else(|| name.strip_suffix(&format!(".{LORA_B}")));
+                let rank = if name.ends_with(LORA_A) { t.dim(0).ok() } else { t.dim(1).ok() };
+                rank == Some(lora_rank)
+                    && module.is_some_and(|m| {
+                        weights.contains_key(&format!("{m}.weight")) && lora_target(&format!("{m}.weight")).is_some()
+                    })
+            }
+        };
+        if !ok {
+            let mode_name = match mode {
+                FinetuneMode::Full => "full",
+                FinetuneMode::Lora => "lora",
+            };
+            return Err(bad_input(
+                what,
+                format!(
+                    "`{name}` ({:?}) does not fit this UNet with --finetune {mode_name} (--lora-rank {lora_rank})",
+                    t.dims()
+                ),
+                "use the model, --finetune mode and --lora-rank the session was made with",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_targets_are_the_attention_projections() {
+        let tb = "down_blocks.0.attentions.0.transformer_blocks.0";
+        for p in ["attn1.to_q", "attn1.to_k", "attn2.to_v", "attn2.to_out.0"] {
+            assert_eq!(lora_target(&format!("{tb}.{p}.weight")), Some(format!("{tb}.{p}").as_str()));
+        }
+        for n in [
+            format!("{tb}.attn2.to_out.0.bias"),
+            format!("{tb}.ff.net.2.weight"),
+            format!("{tb}.norm1.weight"),
+            "down_blocks.0.attentions.0.proj_in.weight".to_string(),
+            "mid_block.attentions.0.to_q.weight".to_string(),
+        ] {
+            assert_eq!(lora_target(&n), None, "{n}");
+        }
+    }
+
+    #[test]
+    fn lambda_object_rule() {
+        assert_eq!(lambda_object(None, 0.5), 2.0);
+        assert_eq!(lambda_object(None, 0.05), 3.0);
+        assert_eq!(lambda_object(None, 0.1), 2.0);
+        assert_eq!(lambda_object(Some(1.5), 0.05), 1.5);
+    }
+}

@@ -1,0 +1,154 @@
+//! The edit as a whole on the tiny model: the session it writes, `sample` reproducing it, and a
+//! resumed run ending where an uninterrupted one does.
+
+use candle_core::{DType, Device};
+use layerdiff::method::edit::{edit, sample_session, BackgroundSource, EditRequest, Progress};
+use layerdiff::method::session::{self, SessionInfo};
+use layerdiff::method::EditSettings;
+use layerdiff::pipeline::StableDiffusion;
+use layerdiff::sources::{ModelFiles, SourceOptions};
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn load() -> (ModelFiles, StableDiffusion) {
+    let files = ModelFiles::resolve(root().join("tests/fixtures/tiny-sd").to_str().unwrap(), &SourceOptions::default()).unwrap();
+    let sd = StableDiffusion::load(&files, &Device::Cpu, DType::F32).unwrap();
+    (files, sd)
+}
+
+fn request() -> EditRequest {
+    EditRequest {
+        image: root().join("assets/demo/dog.png"),
+        mask: root().join("assets/demo/dog-mask.png"),
+        object: "a jumping dog".into(),
+        background: "a dense forest".into(),
+        prompt: None,
+        background_source: BackgroundSource::Generated,
+        size: 64,
+        seeds: vec![1, 2],
+        train_seed: 0,
+        settings: EditSettings {
+            embedding_steps: 6,
+            embedding_lr: 1e-2,
+            finetune_steps: 4,
+            finetune_lr: 1e-4,
+            steps: 4,
+            ..Default::default()
+        },
+        checkpoint_every: 2,
+    }
+}
+
+/// Counts steps and can stop the run after a given number of checkpoints.
+struct Recorder {
+    stages: Vec<String>,
+    stop_after_checkpoints: Option<usize>,
+    checkpoints: usize,
+}
+
+impl Recorder {
+    fn new(stop_after_checkpoints: Option<usize>) -> Self {
+        Self { stages: vec![], stop_after_checkpoints, checkpoints: 0 }
+    }
+}
+
+impl Progress for Recorder {
+    fn start(&mut self, stage: &str, _: usize) {
+        self.stages.push(stage.to_string());
+    }
+    fn step(&mut self, _: usize, loss: Option<f64>) {
+        assert!(loss.is_none_or(f64::is_finite));
+    }
+    fn finish(&mut self) {}
+    fn should_stop(&mut self) -> bool {
+        self.checkpoints += 1;
+        self.stop_after_checkpoints.is_some_and(|n| self.checkpoints >= n)
+    }
+}
+
+fn bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn edit_writes_a_complete_session_and_sample_reproduces_it() {
+    let (files, sd) = load();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path();
+    let mut rec = Recorder::new(None);
+    let result = edit(&sd, &files, &request(), out, false, &mut rec).unwrap();
+    assert_eq!(result.images.len(), 2);
+    assert_eq!(rec.stages, ["background", "stage 1", "stage 2", "seed 1", "seed 2"]);
+    for f in ["edit-1.png", "edit-2.png", "sheet.png", "mask.png", "background.png", "session.json", "session.safetensors"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert!(!out.join(session::CHECKPOINT_JSON).exists(), "checkpoint left behind");
+    let info: SessionInfo = session::read_json(&out.join(session::SESSION_JSON)).unwrap();
+    assert_eq!(info.progress, "done");
+    assert_eq!(info.request.object, "a jumping dog");
+    assert_eq!(info.losses.stage1.len(), 6);
+    assert_eq!(info.losses.stage2.len(), 4);
+    assert_eq!((info.crop.width, info.crop.height), (64, 64));
+    assert!(info.model_files.iter().all(|f| f.sha256.len() == 64));
+    for stage in ["stage1", "stage2", "stage3"] {
+        assert!(info.timings.contains_key(stage), "no timing for {stage}");
+    }
+
+    // `sample` with the same seed and settings gives the same image, bit for bit.
+    let again = dir.path().join("again");
+    let images = sample_session(&sd, &files, out, &[2], None, &again, &mut Recorder::new(None)).unwrap();
+    assert_eq!(images[0].1, result.images[1].1);
+    assert_eq!(bytes(&again.join("edit-2.png")), bytes(&out.join("edit-2.png")));
+    // Another alpha moves e_bar, and so the image.
+    let other = sample_session(&sd, &files, out, &[2], Some(0.2), &again, &mut Recorder::new(None)).unwrap();
+    assert_ne!(other[0].1, result.images[1].1);
+}
+
+#[test]
+fn a_resumed_edit_ends_as_an_uninterrupted_one() {
+    let (files, sd) = load();
+    let whole = tempfile::tempdir().unwrap();
+    edit(&sd, &files, &request(), whole.path(), false, &mut Recorder::new(None)).unwrap();
+
+    // Stop once in stage 1 and once in stage 2, resuming each time.
+    let split = tempfile::tempdir().unwrap();
+    let err = edit(&sd, &files, &request(), split.path(), false, &mut Recorder::new(Some(2))).err().expect("stopped");
+    assert!(err.to_string().contains("--resume"), "{err}");
+    assert!(split.path().join(session::CHECKPOINT_JSON).exists());
+    let err = edit(&sd, &files, &request(), split.path(), true, &mut Recorder::new(Some(2))).err().expect("stopped");
+    assert!(err.to_string().contains("stage 2"), "{err}");
+    edit(&sd, &files, &request(), split.path(), true, &mut Recorder::new(None)).unwrap();
+
+    for f in ["edit-1.png", "edit-2.png", "session.safetensors"] {
+        assert_eq!(bytes(&whole.path().join(f)), bytes(&split.path().join(f)), "{f} differs after resuming");
+    }
+    let a: SessionInfo = session::read_json(&whole.path().join(session::SESSION_JSON)).unwrap();
+    let b: SessionInfo = session::read_json(&split.path().join(session::SESSION_JSON)).unwrap();
+    assert_eq!(serde_json::to_string(&a.losses).unwrap(), serde_json::to_string(&b.losses).unwrap());
+}
+
+#[test]
+fn bad_requests_are_refused_before_any_work() {
+    let (files, sd) = load();
+    let dir = tempfile::tempdir().unwrap();
+    let blank = dir.path().join("blank.png");
+    image::GrayImage::new(256, 256).save(&blank).unwrap();
+    let cases: Vec<(Box<dyn Fn(&mut EditRequest)>, &str)> = vec![
+        (Box::new(|r| r.object = " ".into()), "--object"),
+        (Box::new(|r| r.background = String::new()), "--background"),
+        (Box::new(|r| r.settings.alpha = 1.5), "--alpha"),
+        (Box::new(|r| r.size = 60), "--size"),
+        (Box::new(move |r| r.mask = blank.clone()), "empty"),
+    ];
+    for (change, must_mention) in cases {
+        let mut req = request();
+        change(&mut req);
+        let out = dir.path().join("out");
+        let msg = edit(&sd, &files, &req, &out, false, &mut Recorder::new(None)).err().expect("refused").to_string();
+        assert!(msg.contains(must_mention) && !msg.contains('\n'), "{msg}");
+        assert!(!out.join("session.safetensors").exists());
+    }
+}
