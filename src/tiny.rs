@@ -104,8 +104,9 @@ impl SimpleBackend for &SeededWeights {
         candle_core::bail!("tiny model: {name} requested without a shape")
     }
 
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
+    /// Every weight a model asks for exists, except LoRA adapters: a base model has none.
+    fn contains_tensor(&self, name: &str) -> bool {
+        !name.contains(".lora_")
     }
 }
 
