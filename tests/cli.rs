@@ -158,3 +158,66 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The README's edit demo, with fewer steps.
+fn edit_args(out: &str) -> Vec<&str> {
+    vec![
+        "edit", "--model", "assets/tiny-sd", "--image", "assets/demo/dog.png", "--mask", "assets/demo/dog-mask.png",
+        "--object", "a jumping dog", "--background", "a dense forest", "--size", "64", "--embedding-steps", "4",
+        "--finetune-steps", "2", "--steps", "3", "--seeds", "1,2", "--out", out,
+    ]
+}
+
+fn layerdiff_in_repo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_layerdiff")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().expect("runs")
+}
+
+#[test]
+fn edit_demo_writes_the_session_and_sample_reproduces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("edit");
+    let out_s = out.to_str().unwrap();
+    let run = layerdiff_in_repo(&edit_args(out_s));
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    for f in ["edit-1.png", "edit-2.png", "sheet.png", "mask.png", "background.png", "session.json", "session.safetensors"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("session.json")).unwrap()).unwrap();
+    assert_eq!(info["progress"], "done");
+    assert_eq!(info["request"]["object"], "a jumping dog");
+    assert_eq!(info["request"]["settings"]["alpha"], 0.7);
+    assert_eq!(info["request"]["settings"]["guidance_period"], 2);
+    assert_eq!(info["losses"]["stage1"].as_array().unwrap().len(), 4);
+    assert_eq!(image::open(out.join("edit-1.png")).unwrap().width(), 64);
+
+    // A second edit into the same folder is refused, unless --force.
+    let err = String::from_utf8_lossy(&layerdiff_in_repo(&edit_args(out_s)).stderr).to_string();
+    assert!(err.contains("holds another edit") && err.contains("--force"), "{err}");
+    // A finished edit cannot be resumed.
+    let err = String::from_utf8_lossy(&layerdiff_in_repo(&["edit", "--resume", out_s]).stderr).to_string();
+    assert!(err.contains("finished") && err.contains("layerdiff sample"), "{err}");
+
+    let more = dir.path().join("more");
+    let run = layerdiff_in_repo(&["sample", "--session", out_s, "--seeds", "2", "--out", more.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(std::fs::read(more.join("edit-2.png")).unwrap(), std::fs::read(out.join("edit-2.png")).unwrap());
+}
+
+#[test]
+fn edit_input_errors_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("e");
+    let out_s = out.to_str().unwrap();
+    let with = |extra: &[&str]| {
+        let mut args = edit_args(out_s);
+        args.extend_from_slice(extra);
+        let output = layerdiff_in_repo(&args);
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        stderr
+    };
+    assert!(with(&["--background-source", "image"]).contains("--background-image"));
+    assert!(with(&["--alpha", "1.5"]).contains("--alpha"));
+    assert!(!out.join("session.safetensors").exists());
+}

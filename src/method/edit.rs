@@ -170,6 +170,10 @@ pub fn edit(
     let t = Instant::now();
     let lambda_o = info.lambda_object;
     let unet_weights = files.tensors(Component::Unet, &sd.device)?;
+    if settings.finetune == super::FinetuneMode::Full {
+        let params = unet_weights.values().map(|t| t.elem_count()).sum();
+        check_memory_for_full_finetune(params, &sd.device)?;
+    }
     let unet_cfg = sd.unet.config().clone();
     let mut stage2 = match checkpoint.as_ref().filter(|c| c.stage == "stage2") {
         Some(c) => {
@@ -364,6 +368,33 @@ fn write_checkpoint(out: &Path, stage: &str, step: usize, losses: Losses, tensor
     session::write_json(&out.join(session::CHECKPOINT_JSON), &CheckpointInfo { stage: stage.into(), step, losses })
 }
 
+/// Full fine-tuning holds the weights about five times over (f32 masters, gradients, two Adam
+/// moments, the sampling copy): refuse at once on a CPU without that much free memory, rather
+/// than be killed hours later.
+fn check_memory_for_full_finetune(params: usize, device: &candle_core::Device) -> Result<()> {
+    if !device.is_cpu() {
+        return Ok(());
+    }
+    let needed = params as f64 * 4.0 * 5.0;
+    let Some(available) = available_memory_bytes() else { return Ok(()) };
+    if needed > available {
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        return Err(bad_input(
+            "--finetune full",
+            format!("not enough memory: about {:.1} GiB needed, {:.1} GiB available", gib(needed), gib(available)),
+            "use --finetune lora, which trains small adapters only",
+        ));
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo (Linux), in bytes.
+fn available_memory_bytes() -> Option<f64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? * 1024.0)
+}
+
 fn stop_if_asked(progress: &mut dyn Progress, out: &Path, stage: &str, step: usize) -> Result<()> {
     if progress.should_stop() {
         return Err(bad_input(
@@ -438,4 +469,16 @@ pub fn sample_session(
     let size = info.request.size;
     let stage3 = Stage3 { sd, unet: &unet, e_bar: &e_bar, e_g, uncond, settings: &settings, size: (size, size) };
     stage3.sample_all(seeds, out, progress)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_finetuning_without_the_memory_points_to_lora() {
+        let msg = check_memory_for_full_finetune(1 << 50, &candle_core::Device::Cpu).unwrap_err().to_string();
+        assert!(msg.contains("--finetune lora") && msg.contains("GiB"), "{msg}");
+        check_memory_for_full_finetune(1000, &candle_core::Device::Cpu).unwrap();
+    }
 }

@@ -20,7 +20,7 @@
 
 use super::adam::{Adam, AdamParams};
 use super::optimize::{
-    check_finite, check_layers, check_lr, entry, finite_loss, layer_terms, losses_from, losses_tensor, master_dtype,
+    check_finite, check_layers, check_lr, entry, finite_loss, layer_terms, object_term, losses_from, losses_tensor, master_dtype,
     noisy_step, prefixed, snapshot, step_tensor, unprefixed, STAGE2_STREAM,
 };
 use super::{FinetuneMode, LayeredLatents, StepLoss};
@@ -139,6 +139,8 @@ pub struct LayeredFinetune {
     cfg: UNet2DConditionModelConfig,
     dtype: DType,
     device: Device,
+    /// Only the object term, `lambda_o L_o` (one UNet forward of batch 1 per step).
+    object_only: bool,
 }
 
 impl LayeredFinetune {
@@ -199,7 +201,26 @@ impl LayeredFinetune {
             Self::model(&adam, &frozen, cfg, dtype, device, true)?,
             Self::model(&adam, &frozen, cfg, dtype, device, false)?,
         );
-        Ok(Self { step, losses, mode, train_unet, unet, adam, frozen, cfg: cfg.clone(), dtype, device: device.clone() })
+        Ok(Self {
+            step,
+            losses,
+            mode,
+            train_unet,
+            unet,
+            adam,
+            frozen,
+            cfg: cfg.clone(),
+            dtype,
+            device: device.clone(),
+            object_only: false,
+        })
+    }
+
+    /// Trains on `lambda_o L_o` alone (Eq. 4, one UNet forward of batch 1 per step; `lambda_b` is
+    /// ignored and the background layer's data unused). Imagic's stage 2.
+    pub fn object_only(mut self) -> Self {
+        self.object_only = true;
+        self
     }
 
     /// The UNet of the frozen weights and the variables: on the graph (`train`) or detached.
@@ -254,7 +275,11 @@ impl LayeredFinetune {
         let start = self.step;
         while self.step < until {
             let noisy = noisy_step(alphas_cumprod, data, seed, STAGE2_STREAM, self.step)?;
-            let loss = layered_finetune(&self.train_unet, &e_bar, lambda_object, lambda_background, &noisy, data)?;
+            let loss = if self.object_only {
+                (object_term(&self.train_unet, &noisy, data, &e_bar)? * lambda_object)?
+            } else {
+                layered_finetune(&self.train_unet, &e_bar, lambda_object, lambda_background, &noisy, data)?
+            };
             let value = finite_loss(&loss, STAGE2, self.step + 1, &fix)?;
             self.adam.backward_step(&loss)?;
             if self.casts() {

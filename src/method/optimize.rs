@@ -143,6 +143,19 @@ pub fn layer_terms(
     Ok((object, background))
 }
 
+/// The object layer's term alone, from a UNet forward of batch 1 (half the cost of
+/// [`layer_terms`]): `||M_s (.) (eps_s - eps_theta(z_s,t, t, context))||^2`. For the baselines
+/// (Imagic) that train on one image with no background layer.
+pub fn object_term(
+    unet: &UNet2DConditionModel,
+    noisy: &NoisyStep,
+    data: &LayeredLatents,
+    context: &Tensor,
+) -> Result<Tensor> {
+    let pred = unet.forward(&noisy.subject, noisy.t as f64, context)?;
+    masked_mse(&pred, &noisy.subject_noise, &data.subject_mask)
+}
+
 /// Eq. 2: `L1 = ||M_s (.) (eps - eps_theta(z_s,t, t, e_o))||^2 + ||(1 - M_b) (.) (eps - eps_theta(z_b,t, t, e_b))||^2`.
 pub fn layered_optimization(
     unet: &UNet2DConditionModel,
@@ -237,6 +250,8 @@ pub struct LayeredOptimization {
     object: Tensor,
     background: Tensor,
     adam: Adam,
+    /// Only the object term ([`object_term`]): `e_b` gets no gradient and stays as it started.
+    object_only: bool,
 }
 
 /// The dtype trained variables are kept in: f32 for half-precision models.
@@ -276,7 +291,14 @@ impl LayeredOptimization {
         let adam = Adam::new(vars, AdamParams { lr, ..Default::default() })?;
         let (object, background) =
             (e_o.as_tensor().detach().to_dtype(dtype)?, e_b.as_tensor().detach().to_dtype(dtype)?);
-        Ok(Self { step, losses, e_o, e_b, dtype, object, background, adam })
+        Ok(Self { step, losses, e_o, e_b, dtype, object, background, adam, object_only: false })
+    }
+
+    /// Trains on the object term alone (one UNet forward of batch 1 per step): the loss is
+    /// `||M_s (.) (eps - eps_theta(z_s,t, t, e_o))||^2`, `e_b` never changes. Imagic's stage 1.
+    pub fn object_only(mut self) -> Self {
+        self.object_only = true;
+        self
     }
 
     /// Eq. 2: runs steps `self.step .. until` (numbered from 0; nothing when `until <= self.step`), the UNet
@@ -298,7 +320,11 @@ impl LayeredOptimization {
             let noisy = noisy_step(alphas_cumprod, data, seed, STAGE1_STREAM, self.step)?;
             // In the model's dtype, on the graph (a no-op when the dtypes agree).
             let (e_o, e_b) = (self.e_o.as_tensor().to_dtype(self.dtype)?, self.e_b.as_tensor().to_dtype(self.dtype)?);
-            let loss = layered_optimization(unet, &e_o, &e_b, &noisy, data)?;
+            let loss = if self.object_only {
+                object_term(unet, &noisy, data, &e_o)?
+            } else {
+                layered_optimization(unet, &e_o, &e_b, &noisy, data)?
+            };
             let value = finite_loss(&loss, STAGE1, self.step + 1, &fix)?;
             self.adam.backward_step(&loss)?;
             if self.dtype != self.e_o.dtype() {
