@@ -13,6 +13,7 @@
 //! # Ok(()) }
 //! ```
 pub mod assets;
+pub mod baselines;
 pub mod bench;
 pub mod error;
 pub mod image_io;

@@ -1,0 +1,123 @@
+//! The baselines the paper compares LayerDiffusion with (`docs/method.md`, "Baselines"), on the
+//! same models and the same inputs ([`EditRequest`]), writing the same kind of output folder:
+//! `edit-<seed>.png` per seed, `sheet.png`, and `session.json` (the request, its settings, the
+//! method's own parameters, timings).
+//!
+//! - [`sdedit`]: noise `z_s` to strength 0.6 of the schedule, denoise with `c(T)`.
+//! - [`imagic`]: optimize `e = c(T)` to reconstruct the whole of `I_s`, fine-tune the UNet on it,
+//!   sample with `eta c(T) + (1 - eta) e*`.
+//!
+//! Both use the whole image: the request's mask, background source and layer split are not used
+//! (only `T = req.prompt()`, "`T_o` in `T_b`" by default).
+
+pub mod imagic;
+pub mod sdedit;
+
+pub use imagic::{imagic, imagic_embedding, imagic_settings, imagic_train, ImagicTrained, IMAGIC_ETA};
+pub use sdedit::{sdedit, SDEDIT_STRENGTH};
+
+use crate::error::{bad_input, Result};
+use crate::image_io::{self, save_png_atomic, Crop};
+use crate::method::edit::EditRequest;
+use crate::method::session::{self, Losses, SessionInfo};
+use crate::pipeline::StableDiffusion;
+use crate::sources::ModelFiles;
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// A baseline's `session.json`: the fields of an edit's [`SessionInfo`] (so that readers of
+/// edit sessions read it too) plus the method's own parameters (`strength`, `eta`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaselineSession {
+    #[serde(flatten)]
+    pub info: SessionInfo,
+    pub parameters: BTreeMap<String, f64>,
+}
+
+impl BaselineSession {
+    pub(crate) fn write(&self, out: &Path) -> Result<()> {
+        session::write_json(&out.join(session::SESSION_JSON), self)
+    }
+}
+
+/// The checks of an edit that apply to a baseline: a non-empty target text, `alpha` in [0, 1]
+/// (`alpha_flag` names what it means for the method), a size the VAE can take, seeds, steps.
+pub(crate) fn check_request(req: &EditRequest, factor: usize, alpha_flag: &str) -> Result<()> {
+    match &req.prompt {
+        Some(p) if p.trim().is_empty() => {
+            return Err(bad_input("--prompt", "empty text", "describe the target, e.g. --prompt \"a jumping dog in a dense forest\""))
+        }
+        Some(_) => {}
+        None => {
+            for (flag, text) in [("--object", &req.object), ("--background", &req.background)] {
+                if text.trim().is_empty() {
+                    return Err(bad_input(flag, "empty text", "describe the layer, e.g. --object \"a jumping dog\" --background \"a dense forest\""));
+                }
+            }
+        }
+    }
+    let s = &req.settings;
+    if !(0.0..=1.0).contains(&s.alpha) {
+        return Err(bad_input(alpha_flag, format!("{} is outside [0, 1]", s.alpha), "use a value in [0, 1] (0.7 is the default)"));
+    }
+    if req.size == 0 || !(req.size as usize).is_multiple_of(factor) {
+        return Err(bad_input("--size", format!("{} is not a positive multiple of {factor}", req.size), format!("use a multiple of {factor}, e.g. 512")));
+    }
+    if req.seeds.is_empty() {
+        return Err(bad_input("--seeds", "no seed", "give --seeds 1,2,3 or --num-images N"));
+    }
+    if s.steps == 0 {
+        return Err(bad_input("--steps", "0 sampling steps", "use at least 1 (50 is the default)"));
+    }
+    Ok(())
+}
+
+/// `I_s` at the working size (resized to cover it and centre-cropped, as `edit` does) and the crop.
+pub(crate) fn load_subject(req: &EditRequest) -> Result<(RgbImage, Crop)> {
+    let image = image_io::load_rgb(&req.image)?;
+    let (w, h) = image.dimensions();
+    if w.min(h) < 64 {
+        return Err(bad_input(req.image.display(), format!("{w}x{h} is too small"), "give a photo at least 64 pixels on each side"));
+    }
+    Ok(image_io::resize_center_crop(&image, req.size, req.size))
+}
+
+/// The session of a baseline run as it starts (`progress` "stage1" for Imagic, "sampling" for
+/// SDEdit). A baseline uses the whole image: `subject_area` is 1.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn start_session(
+    sd: &StableDiffusion,
+    files: &ModelFiles,
+    req: &EditRequest,
+    method: &str,
+    crop: Crop,
+    lambda_object: f64,
+    parameters: BTreeMap<String, f64>,
+    progress: &str,
+) -> Result<BaselineSession> {
+    let info = SessionInfo {
+        version: 1,
+        method: method.into(),
+        model: files.id.clone(),
+        model_files: session::hash_files(&files.weight_files())?,
+        dtype: format!("{:?}", sd.dtype).to_lowercase(),
+        request: req.clone(),
+        image_sha256: session::sha256_file(&req.image)?,
+        crop,
+        lambda_object,
+        subject_area: 1.0,
+        losses: Losses::default(),
+        timings: HashMap::new(),
+        progress: progress.into(),
+    };
+    Ok(BaselineSession { info, parameters })
+}
+
+/// `sheet.png`: the input and every seed's image side by side.
+pub(crate) fn write_sheet(out: &Path, subject: &RgbImage, images: &[(u64, RgbImage)]) -> Result<()> {
+    let mut sheet = vec![("input".to_string(), subject.clone())];
+    sheet.extend(images.iter().map(|(seed, img)| (format!("seed {seed}"), img.clone())));
+    save_png_atomic(&image_io::contact_sheet(&sheet, 256), &out.join("sheet.png"))
+}
