@@ -79,6 +79,108 @@ pub fn bench_unet(device: &Device, dtype: DType, latent_size: usize, runs: usize
     })
 }
 
+/// Per-step medians of the method's stages at full size, each with its peak RSS.
+#[derive(Debug, Serialize)]
+pub struct StageBench {
+    pub device: String,
+    pub dtype: String,
+    pub latent_size: usize,
+    /// Stage 1: both layers in one batched forward, backward to the two embeddings, Adam.
+    pub stage1_step_s: f64,
+    pub stage1_peak_rss_mib: Option<f64>,
+    /// Stage 2, every UNet weight trained with Adam.
+    pub stage2_full_step_s: Option<f64>,
+    pub stage2_full_peak_rss_mib: Option<f64>,
+    /// Stage 2, rank-4 LoRA adapters on the attention projections.
+    pub stage2_lora_step_s: f64,
+    pub stage2_lora_peak_rss_mib: Option<f64>,
+    /// Stage 3: one classifier-free-guided UNet call (batch 2).
+    pub stage3_step_s: f64,
+    pub stage3_peak_rss_mib: Option<f64>,
+}
+
+/// Times one step of each stage of an edit on the full-size UNet with random weights, median of
+/// `runs` after a warm-up step. `full` includes full fine-tuning (about 20 GB at 32x32 on a CPU).
+pub fn bench_stages(device: &Device, dtype: DType, latent_size: usize, runs: usize, full: bool) -> Result<StageBench> {
+    use crate::method::finetune::LayeredFinetune;
+    use crate::method::optimize::LayeredOptimization;
+    use crate::method::{FinetuneMode, LayeredLatents};
+
+    crate::pipeline::check_dtype(device, dtype)?;
+    let cfg = UNet2DConditionModelConfig::from_json(&sd_v14_unet_config())?;
+    let (unet, weights) = crate::tiny::seeded_model(0, dtype, device, |vb| Ok(UNet2DConditionModel::new(vb, cfg.clone())?))?;
+    let shape = [1, 4, latent_size, latent_size];
+    let half_mask = |seed| -> Result<candle_core::Tensor> {
+        Ok(seeded_noise(seed, &[1, 1, latent_size, latent_size], device, dtype)?.ge(0.0)?.to_dtype(dtype)?)
+    };
+    let data = LayeredLatents {
+        subject: seeded_noise(1, &shape, device, dtype)?,
+        subject_mask: half_mask(2)?,
+        background: seeded_noise(3, &shape, device, dtype)?,
+        background_mask: half_mask(4)?,
+    };
+    let context = seeded_noise(5, &[1, 77, 768], device, dtype)?;
+    let alphas: Vec<f64> = (0..1000).map(|i| 1.0 - (i as f64 + 1.0) * 9e-4).collect();
+    let runs = runs.max(1);
+    // One warm-up step, then `runs` timed steps: (median seconds, peak RSS of the timed steps).
+    let time_steps = |step: &mut dyn FnMut() -> Result<()>| -> Result<(f64, Option<f64>)> {
+        step()?;
+        reset_peak_rss();
+        let mut times = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let start = Instant::now();
+            step()?;
+            device.synchronize()?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        Ok((times[times.len() / 2], peak_rss_mib()))
+    };
+
+    let mut stage1 = LayeredOptimization::new(&context, &context, 1e-3)?;
+    let (stage1_step_s, stage1_peak) = time_steps(&mut || {
+        let until = stage1.step + 1;
+        stage1.run(&unet, &alphas, &data, 0, until, &mut |_| {})
+    })?;
+    drop(stage1);
+
+    let finetune_step = |mode: FinetuneMode| -> Result<(f64, Option<f64>)> {
+        let mut stage2 = LayeredFinetune::new(weights.clone().into_iter().collect(), cfg.clone(), mode, 4, 2e-6, dtype, device)?;
+        time_steps(&mut || {
+            let until = stage2.step + 1;
+            stage2.run(&context, 2.0, 1.0, &alphas, &data, 0, until, &mut |_| {})
+        })
+    };
+    let (stage2_lora_step_s, lora_peak) = finetune_step(FinetuneMode::Lora)?;
+    let (stage2_full_step_s, full_peak) = match full {
+        true => {
+            let (s, p) = finetune_step(FinetuneMode::Full)?;
+            (Some(s), p)
+        }
+        false => (None, None),
+    };
+
+    let latents = seeded_noise(6, &shape, device, dtype)?;
+    let guidance = crate::pipeline::Guidance { cond: &context, uncond: &context, scale: 7.5 };
+    let (stage3_step_s, stage3_peak) = time_steps(&mut || {
+        crate::pipeline::guided_noise(&unet, &latents, 500, &guidance)?;
+        Ok(())
+    })?;
+    Ok(StageBench {
+        device: format!("{device:?}"),
+        dtype: format!("{dtype:?}"),
+        latent_size,
+        stage1_step_s,
+        stage1_peak_rss_mib: stage1_peak,
+        stage2_full_step_s,
+        stage2_full_peak_rss_mib: full_peak,
+        stage2_lora_step_s,
+        stage2_lora_peak_rss_mib: lora_peak,
+        stage3_step_s,
+        stage3_peak_rss_mib: stage3_peak,
+    })
+}
+
 /// Resets the kernel's peak-RSS counter (Linux: writing 5 to clear_refs), so each measurement has its own.
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");

@@ -69,6 +69,12 @@ struct BenchArgs {
     /// Also write the JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Time one step of each stage of an edit instead (stage 1, stage 2 LoRA, stage 3).
+    #[arg(long)]
+    stages: bool,
+    /// With --stages: also full fine-tuning (about 20 GB of memory at --size 256).
+    #[arg(long, requires = "stages")]
+    full: bool,
 }
 
 /// Where the model comes from and how it runs (`--model` itself is each command's).
@@ -436,8 +442,12 @@ fn bench(args: BenchArgs) -> Result<()> {
         anyhow::bail!("--size: {} is not a positive multiple of 8; use 256 or 512", args.size);
     }
     let device = device(args.cpu, args.device.as_deref())?;
-    let report = layerdiff::bench::bench_unet(&device, args.dtype.into(), args.size / 8, args.runs)?;
-    let json = serde_json::to_string_pretty(&report)?;
+    let json = if args.stages {
+        let report = layerdiff::bench::bench_stages(&device, args.dtype.into(), args.size / 8, args.runs, args.full)?;
+        serde_json::to_string_pretty(&report)?
+    } else {
+        serde_json::to_string_pretty(&layerdiff::bench::bench_unet(&device, args.dtype.into(), args.size / 8, args.runs)?)?
+    };
     if let Some(path) = &args.json {
         image_io::write_atomic(path, json.as_bytes())?;
     }
