@@ -213,27 +213,27 @@ struct EditArgs {
     /// Side of the square working size: the photo is resized and centre-cropped to it.
     #[arg(long, default_value_t = 512)]
     size: u32,
-    /// e_bar = alpha e_o* + (1 - alpha) e_b* (Eq. 3), in [0, 1].
-    #[arg(long, default_value_t = EditSettings::default().alpha)]
-    alpha: f64,
+    /// e_bar = alpha e_o* + (1 - alpha) e_b* (Eq. 3), in [0, 1]; Imagic's eta with --method imagic. [default: 0.7]
+    #[arg(long)]
+    alpha: Option<f64>,
     /// lambda_o of Eq. 6; default 2, or 3 for a subject under 10 % of the image.
     #[arg(long)]
     lambda_object: Option<f64>,
     /// lambda_b of Eq. 6.
     #[arg(long, default_value_t = EditSettings::default().lambda_background)]
     lambda_background: f64,
-    /// Stage 1 (layered embedding optimization) Adam steps.
-    #[arg(long, default_value_t = EditSettings::default().embedding_steps)]
-    embedding_steps: usize,
-    /// Stage 1 learning rate.
-    #[arg(long, default_value_t = EditSettings::default().embedding_lr)]
-    embedding_lr: f64,
-    /// Stage 2 (layered UNet fine-tuning) Adam steps.
-    #[arg(long, default_value_t = EditSettings::default().finetune_steps)]
-    finetune_steps: usize,
-    /// Stage 2 learning rate.
-    #[arg(long, default_value_t = EditSettings::default().finetune_lr)]
-    finetune_lr: f64,
+    /// Stage 1 (layered embedding optimization) Adam steps. [default: 500]
+    #[arg(long)]
+    embedding_steps: Option<usize>,
+    /// Stage 1 learning rate. [default: 1e-3]
+    #[arg(long)]
+    embedding_lr: Option<f64>,
+    /// Stage 2 (layered UNet fine-tuning) Adam steps. [default: 250; Imagic 1000]
+    #[arg(long)]
+    finetune_steps: Option<usize>,
+    /// Stage 2 learning rate. [default: 2e-6]
+    #[arg(long)]
+    finetune_lr: Option<f64>,
     /// Stage 2 trains every UNet weight (full, the paper's) or low-rank adapters on the attention
     /// projections (lora: far less memory).
     #[arg(long, value_enum, default_value_t = FinetuneMode::Full)]
@@ -247,12 +247,21 @@ struct EditArgs {
     /// Classifier-free guidance scale of stage 3.
     #[arg(long, default_value_t = EditSettings::default().guidance_scale)]
     guidance_scale: f64,
-    /// Every period-th step is conditioned on the object text (Eq. 7); 0 turns iterative guidance off.
-    #[arg(long, default_value_t = EditSettings::default().guidance_period)]
-    guidance_period: usize,
+    /// Every period-th step is conditioned on the object text (Eq. 7); 0 turns iterative guidance
+    /// off. [default: 2; Imagic 0]
+    #[arg(long)]
+    guidance_period: Option<usize>,
     /// The embedding of the guided steps: the object text (target) or the optimized e_o* (optimized).
     #[arg(long, value_enum, default_value_t = GuidanceEmbedding::Target)]
     guidance_embedding: GuidanceEmbedding,
+    /// layerdiffusion, or a baseline of the paper's comparison on the same inputs: imagic
+    /// (optimize c(T) on the whole photo, fine-tune, sample eta c(T) + (1 - eta) e*) or sdedit
+    /// (noise the photo to --strength and denoise with the full text).
+    #[arg(long, value_enum, default_value_t = Method::Layerdiffusion)]
+    method: Method,
+    /// SDEdit: the fraction of the schedule the photo is noised to.
+    #[arg(long, default_value_t = layerdiff::baselines::SDEDIT_STRENGTH)]
+    strength: f64,
     /// Steps between checkpoints of stages 1 and 2.
     #[arg(long, default_value_t = 50)]
     checkpoint_every: usize,
@@ -265,6 +274,13 @@ struct EditArgs {
     /// Write into an --out folder that already holds an edit.
     #[arg(long)]
     force: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Method {
+    Layerdiffusion,
+    Imagic,
+    Sdedit,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -514,6 +530,9 @@ fn edit(args: EditArgs) -> Result<()> {
         Some(dir) => {
             let info: SessionInfo = session::read_json(&dir.join(session::SESSION_JSON))
                 .map_err(|e| anyhow::anyhow!("{e} (--resume needs the --out folder of an edit)"))?;
+            if info.method != "layerdiffusion" {
+                anyhow::bail!("--resume {}: a {} run does not resume; run it again with --force", dir.display(), info.method);
+            }
             if info.progress == "done" {
                 anyhow::bail!("--resume {}: this edit is finished; draw more with `layerdiff sample --session {}`", dir.display(), dir.display());
             }
@@ -531,8 +550,12 @@ fn edit(args: EditArgs) -> Result<()> {
     std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("--out {}: {e}", out.display()))?;
     let (files, sd) = load_model(&model, &args.runtime)?;
     let mut bars = Bars::new();
-    let result = method_edit::edit(&sd, &files, &request, &out, resume, &mut bars)?;
-    for (seed, _) in &result.images {
+    let images = match args.method {
+        Method::Layerdiffusion => method_edit::edit(&sd, &files, &request, &out, resume, &mut bars)?.images,
+        Method::Imagic => layerdiff::baselines::imagic(&sd, &files, &request, &out, &mut bars)?,
+        Method::Sdedit => layerdiff::baselines::sdedit(&sd, &files, &request, args.strength, &out, &mut bars)?,
+    };
+    for (seed, _) in &images {
         println!("{}", out.join(format!("edit-{seed}.png")).display());
     }
     bars.print_summary();
@@ -551,19 +574,23 @@ fn edit_request(args: &EditArgs) -> Result<EditRequest> {
         },
     };
     let seeds = if args.seeds.is_empty() { (0..args.num_images).collect() } else { args.seeds.clone() };
+    let base = match args.method {
+        Method::Imagic => layerdiff::baselines::imagic_settings(),
+        Method::Layerdiffusion | Method::Sdedit => EditSettings::default(),
+    };
     let settings = EditSettings {
-        alpha: args.alpha,
+        alpha: args.alpha.unwrap_or(base.alpha),
         lambda_object: args.lambda_object,
         lambda_background: args.lambda_background,
-        embedding_steps: args.embedding_steps,
-        embedding_lr: args.embedding_lr,
-        finetune_steps: args.finetune_steps,
-        finetune_lr: args.finetune_lr,
+        embedding_steps: args.embedding_steps.unwrap_or(base.embedding_steps),
+        embedding_lr: args.embedding_lr.unwrap_or(base.embedding_lr),
+        finetune_steps: args.finetune_steps.unwrap_or(base.finetune_steps),
+        finetune_lr: args.finetune_lr.unwrap_or(base.finetune_lr),
         finetune: args.finetune,
         lora_rank: args.lora_rank,
         steps: args.steps,
         guidance_scale: args.guidance_scale,
-        guidance_period: args.guidance_period,
+        guidance_period: args.guidance_period.unwrap_or(base.guidance_period),
         guidance_embedding: args.guidance_embedding,
     };
     let required = |v: &Option<String>| v.clone().unwrap_or_default();

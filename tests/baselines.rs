@@ -145,7 +145,7 @@ fn sdedit_refuses_a_strength_that_leaves_no_step_before_writing() {
     let req = request(EditSettings { steps: 4, ..Default::default() });
     let dir = tempfile::tempdir().unwrap();
     for strength in [0.0, 0.2, 1.5] {
-        let err = sdedit(&sd, &files, &req, strength, dir.path(), &mut Recorder::default()).err().expect("refused").to_string();
+        let err = sdedit(&sd, &files, &req, strength, dir.path(), &mut Recorder::default()).expect_err("refused").to_string();
         assert!(err.contains("strength") && !err.contains('\n'), "{err}");
     }
     assert!(!dir.path().join("session.json").exists());
@@ -266,7 +266,43 @@ fn imagic_at_eta_one_is_plain_sampling_on_the_target_text_with_the_finetuned_une
 fn imagic_refuses_an_eta_outside_zero_one_before_writing() {
     let (files, sd) = load();
     let dir = tempfile::tempdir().unwrap();
-    let err = imagic(&sd, &files, &imagic_request(1.5), dir.path(), &mut Recorder::default()).err().expect("refused").to_string();
+    let err = imagic(&sd, &files, &imagic_request(1.5), dir.path(), &mut Recorder::default()).expect_err("refused").to_string();
     assert!(err.contains("--alpha") && err.contains("eta") && !err.contains('\n'), "{err}");
     assert!(!dir.path().join("session.json").exists());
+}
+
+#[test]
+fn object_only_stages_equal_the_mask_trick() {
+    use layerdiff::method::finetune::LayeredFinetune;
+    use layerdiff::method::optimize::LayeredOptimization;
+    use layerdiff::method::FinetuneMode;
+    use layerdiff::sources::Component;
+    let (files, sd) = load();
+    let req = imagic_request(IMAGIC_ETA);
+    // All-ones masks: (1 - M_b) = 0 switches the background term off in the batched loss.
+    let data = whole_image(&sd, &req);
+    let ac = sd.scheduler().unwrap().alphas_cumprod().to_vec();
+    let target = sd.encode_prompt(&req.prompt()).unwrap();
+    let close = |a: f64, b: f64| assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
+
+    let stage1 = |object_only: bool| {
+        let s = LayeredOptimization::new(&target, &target, 1e-2).unwrap();
+        let mut s = if object_only { s.object_only() } else { s };
+        s.run(&sd.unet, &ac, &data, 0, 2, &mut |_| {}).unwrap();
+        s
+    };
+    let (alone, masked) = (stage1(true), stage1(false));
+    close(alone.losses[0].loss, masked.losses[0].loss);
+    close(alone.losses[1].loss, masked.losses[1].loss);
+
+    let stage2 = |object_only: bool| {
+        let weights = files.tensors(Component::Unet, &sd.device).unwrap();
+        let s = LayeredFinetune::new(weights, sd.unet.config().clone(), FinetuneMode::Full, 4, 1e-4, sd.dtype, &sd.device).unwrap();
+        let mut s = if object_only { s.object_only() } else { s };
+        s.run(&target, 1.0, 0.0, &ac, &data, 0, 2, &mut |_| {}).unwrap();
+        s
+    };
+    let (alone, masked) = (stage2(true), stage2(false));
+    close(alone.losses[0].loss, masked.losses[0].loss);
+    close(alone.losses[1].loss, masked.losses[1].loss);
 }

@@ -221,3 +221,23 @@ fn edit_input_errors_are_one_line() {
     assert!(with(&["--alpha", "1.5"]).contains("--alpha"));
     assert!(!out.join("session.safetensors").exists());
 }
+
+#[test]
+fn baselines_run_from_the_same_command() {
+    let dir = tempfile::tempdir().unwrap();
+    for method in ["imagic", "sdedit"] {
+        let out = dir.path().join(method);
+        let mut args = edit_args(out.to_str().unwrap());
+        args.extend(["--method", method]);
+        let run = layerdiff_in_repo(&args);
+        assert!(run.status.success(), "{method}: {}", String::from_utf8_lossy(&run.stderr));
+        let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("session.json")).unwrap()).unwrap();
+        assert_eq!(info["method"], method);
+        assert!(out.join("edit-1.png").is_file() && out.join("edit-2.png").is_file());
+        if method == "imagic" {
+            // Imagic's own defaults: eta 0.7, no iterative guidance; explicit flags still win.
+            assert_eq!(info["request"]["settings"]["guidance_period"], 0);
+            assert_eq!(info["request"]["settings"]["finetune_steps"], 2);
+        }
+    }
+}

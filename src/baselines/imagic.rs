@@ -25,11 +25,11 @@
 use super::{check_request, load_subject, start_session, write_sheet};
 use crate::error::Result;
 use crate::image_io::{self, Crop};
-use crate::method::edit::{EditRequest, Progress, Stage3};
+use crate::method::edit::{check_memory_for_full_finetune, EditRequest, Progress, Stage3};
 use crate::method::finetune::LayeredFinetune;
 use crate::method::optimize::{interpolate_embeddings, LayeredOptimization};
 use crate::method::session::{self, names, Losses};
-use crate::method::{EditSettings, LayeredLatents, StepLoss};
+use crate::method::{EditSettings, FinetuneMode, LayeredLatents, StepLoss};
 use crate::models::unet_2d::UNet2DConditionModel;
 use crate::pipeline::StableDiffusion;
 use crate::sources::{Component, ModelFiles};
@@ -126,8 +126,12 @@ pub fn imagic_train(
     // 2. fine-tune the UNet on e*
     let t = Instant::now();
     let optimized = stage1.object().copy()?;
+    let unet_weights = files.tensors(Component::Unet, &sd.device)?;
+    if settings.finetune == FinetuneMode::Full {
+        check_memory_for_full_finetune(unet_weights.values().map(|t| t.elem_count()).sum(), &sd.device)?;
+    }
     let mut stage2 = LayeredFinetune::new(
-        files.tensors(Component::Unet, &sd.device)?,
+        unet_weights,
         sd.unet.config().clone(),
         settings.finetune,
         settings.lora_rank,

@@ -3,8 +3,8 @@
 //! `edit-<seed>.png` per seed, `sheet.png`, and `session.json` (the request, its settings, the
 //! method's own parameters, timings).
 //!
-//! - [`sdedit`]: noise `z_s` to strength 0.6 of the schedule, denoise with `c(T)`.
-//! - [`imagic`]: optimize `e = c(T)` to reconstruct the whole of `I_s`, fine-tune the UNet on it,
+//! - [`sdedit()`]: noise `z_s` to strength 0.6 of the schedule, denoise with `c(T)`.
+//! - [`imagic()`]: optimize `e = c(T)` to reconstruct the whole of `I_s`, fine-tune the UNet on it,
 //!   sample with `eta c(T) + (1 - eta) e*`.
 //!
 //! Both use the whole image: the request's mask, background source and layer split are not used

@@ -371,7 +371,7 @@ fn write_checkpoint(out: &Path, stage: &str, step: usize, losses: Losses, tensor
 /// Full fine-tuning holds the weights about five times over (f32 masters, gradients, two Adam
 /// moments, the sampling copy): refuse at once on a CPU without that much free memory, rather
 /// than be killed hours later.
-fn check_memory_for_full_finetune(params: usize, device: &candle_core::Device) -> Result<()> {
+pub(crate) fn check_memory_for_full_finetune(params: usize, device: &candle_core::Device) -> Result<()> {
     if !device.is_cpu() {
         return Ok(());
     }
