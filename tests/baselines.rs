@@ -1,41 +1,21 @@
 //! The paper's baselines on the tiny model: SDEdit is img2img at strength 0.6, Imagic is
 //! LayerDiffusion's stages on the whole image with one embedding.
 
-use candle_core::{DType, Device, Tensor};
+#[path = "common/tiny.rs"]
+mod tiny;
+use tiny::{demo_request, load};
+use candle_core::{DType, Tensor};
 use layerdiff::baselines::{imagic, imagic_settings, imagic_train, sdedit, BaselineSession, IMAGIC_ETA, SDEDIT_STRENGTH};
 use layerdiff::image_io::{self, image_to_tensor, load_rgb, resize_center_crop, tensor_to_images};
-use layerdiff::method::edit::{sample_session, BackgroundSource, EditRequest, Progress};
+use layerdiff::method::edit::{sample_session, EditRequest, Progress};
 use layerdiff::method::optimize::{noisy_step, object_term};
 use layerdiff::method::session::{self, SessionInfo};
 use layerdiff::method::{EditSettings, LayeredLatents};
 use layerdiff::pipeline::{generate, guided_noise, seeded_noise, GenerateOptions, Guidance, StableDiffusion};
-use layerdiff::sources::{ModelFiles, SourceOptions};
-use std::path::{Path, PathBuf};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn load() -> (ModelFiles, StableDiffusion) {
-    let files = ModelFiles::resolve(root().join("tests/fixtures/tiny-sd").to_str().unwrap(), &SourceOptions::default()).unwrap();
-    let sd = StableDiffusion::load(&files, &Device::Cpu, DType::F32).unwrap();
-    (files, sd)
-}
+use std::path::Path;
 
 fn request(settings: EditSettings) -> EditRequest {
-    EditRequest {
-        image: root().join("assets/demo/dog.png"),
-        mask: root().join("assets/demo/dog-mask.png"),
-        object: "a jumping dog".into(),
-        background: "a dense forest".into(),
-        prompt: None,
-        background_source: BackgroundSource::Generated,
-        size: 64,
-        seeds: vec![1, 2],
-        train_seed: 0,
-        settings,
-        checkpoint_every: 2,
-    }
+    demo_request(settings)
 }
 
 /// Small Imagic settings for the tiny model.

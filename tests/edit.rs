@@ -1,45 +1,23 @@
 //! The edit as a whole on the tiny model: the session it writes, `sample` reproducing it, and a
 //! resumed run ending where an uninterrupted one does.
 
-use candle_core::{DType, Device};
+#[path = "common/tiny.rs"]
+mod tiny;
+use tiny::{demo_request, load, root};
 use layerdiff::method::edit::{edit, sample_session, BackgroundSource, EditRequest, Progress};
 use layerdiff::method::session::{self, SessionInfo};
 use layerdiff::method::EditSettings;
-use layerdiff::pipeline::StableDiffusion;
-use layerdiff::sources::{ModelFiles, SourceOptions};
-use std::path::{Path, PathBuf};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn load() -> (ModelFiles, StableDiffusion) {
-    let files = ModelFiles::resolve(root().join("tests/fixtures/tiny-sd").to_str().unwrap(), &SourceOptions::default()).unwrap();
-    let sd = StableDiffusion::load(&files, &Device::Cpu, DType::F32).unwrap();
-    (files, sd)
-}
+use std::path::Path;
 
 fn request() -> EditRequest {
-    EditRequest {
-        image: root().join("assets/demo/dog.png"),
-        mask: root().join("assets/demo/dog-mask.png"),
-        object: "a jumping dog".into(),
-        background: "a dense forest".into(),
-        prompt: None,
-        background_source: BackgroundSource::Generated,
-        size: 64,
-        seeds: vec![1, 2],
-        train_seed: 0,
-        settings: EditSettings {
-            embedding_steps: 6,
-            embedding_lr: 1e-2,
-            finetune_steps: 4,
-            finetune_lr: 1e-4,
-            steps: 4,
-            ..Default::default()
-        },
-        checkpoint_every: 2,
-    }
+    demo_request(EditSettings {
+        embedding_steps: 6,
+        embedding_lr: 1e-2,
+        finetune_steps: 4,
+        finetune_lr: 1e-4,
+        steps: 4,
+        ..Default::default()
+    })
 }
 
 /// Counts steps and can stop the run after a given number of checkpoints.
@@ -131,17 +109,51 @@ fn a_resumed_edit_ends_as_an_uninterrupted_one() {
 }
 
 #[test]
+fn background_sources_choose_the_background_layer() {
+    let (files, sd) = load();
+    let dir = tempfile::tempdir().unwrap();
+    // A plain picture as the background source: background.png is that picture at the working size.
+    let picture = dir.path().join("plain.png");
+    image::RgbImage::from_pixel(128, 128, image::Rgb([20, 140, 60])).save(&picture).unwrap();
+    let mut req = request();
+    req.seeds = vec![1];
+    req.background_source = BackgroundSource::Image { image: picture.clone(), mask: None };
+    let out = dir.path().join("image");
+    edit(&sd, &files, &req, &out, false, &mut Recorder::new(None)).unwrap();
+    let background = image::open(out.join("background.png")).unwrap().to_rgb8();
+    assert_eq!(background.dimensions(), (64, 64));
+    assert!(background.pixels().all(|p| p.0 == [20, 140, 60]));
+
+    // `keep`: the background layer is the photo itself, and no background is generated.
+    req.background_source = BackgroundSource::Keep;
+    let out = dir.path().join("keep");
+    let mut rec = Recorder::new(None);
+    edit(&sd, &files, &req, &out, false, &mut rec).unwrap();
+    assert!(!rec.stages.contains(&"background".to_string()));
+    let input = image::open(root().join("assets/demo/dog.png")).unwrap().to_rgb8();
+    let (expected, _) = layerdiff::image_io::resize_center_crop(&input, 64, 64);
+    assert_eq!(image::open(out.join("background.png")).unwrap().to_rgb8(), expected);
+}
+
+#[test]
 fn bad_requests_are_refused_before_any_work() {
     let (files, sd) = load();
     let dir = tempfile::tempdir().unwrap();
     let blank = dir.path().join("blank.png");
     image::GrayImage::new(256, 256).save(&blank).unwrap();
-    let cases: Vec<(Box<dyn Fn(&mut EditRequest)>, &str)> = vec![
+    let small = dir.path().join("small.png");
+    image::RgbImage::new(32, 32).save(&small).unwrap();
+    let not_an_image = dir.path().join("text.png");
+    std::fs::write(&not_an_image, "hello").unwrap();
+    type Change = Box<dyn Fn(&mut EditRequest)>;
+    let cases: Vec<(Change, &str)> = vec![
         (Box::new(|r| r.object = " ".into()), "--object"),
         (Box::new(|r| r.background = String::new()), "--background"),
         (Box::new(|r| r.settings.alpha = 1.5), "--alpha"),
         (Box::new(|r| r.size = 60), "--size"),
         (Box::new(move |r| r.mask = blank.clone()), "empty"),
+        (Box::new(move |r| r.image = small.clone()), "too small"),
+        (Box::new(move |r| r.image = not_an_image.clone()), "text.png"),
     ];
     for (change, must_mention) in cases {
         let mut req = request();

@@ -22,7 +22,8 @@
 //! `target_object_embedding = c(T)`, `uncond_embedding` and the fine-tuned weights under `unet.`;
 //! `session.json`'s request has `guidance_period` 0, what sampling used.
 
-use super::{check_request, load_subject, start_session, write_sheet};
+use super::{load_subject, start_session, write_sheet};
+use crate::method::edit::check_request;
 use crate::error::Result;
 use crate::image_io::{self, Crop};
 use crate::method::edit::{check_memory_for_full_finetune, EditRequest, Progress, Stage3};
@@ -97,7 +98,7 @@ pub fn imagic_train(
     req: &EditRequest,
     progress: &mut dyn Progress,
 ) -> Result<ImagicTrained> {
-    check_request(req, sd.vae_factor(), "--alpha (Imagic's eta)")?;
+    check_request(req, sd.vae_factor(), "--alpha (Imagic's eta)", false)?;
     let settings = &req.settings;
     let (subject, crop) = load_subject(req)?;
 
@@ -161,7 +162,7 @@ pub fn imagic(
     out: &Path,
     progress: &mut dyn Progress,
 ) -> Result<Vec<(u64, RgbImage)>> {
-    check_request(req, sd.vae_factor(), "--alpha (Imagic's eta)")?;
+    check_request(req, sd.vae_factor(), "--alpha (Imagic's eta)", false)?;
     let started = Instant::now();
     // What sampling uses: plain guidance, whatever the request's guidance period.
     let mut stored = req.clone();

@@ -42,38 +42,6 @@ impl BaselineSession {
     }
 }
 
-/// The checks of an edit that apply to a baseline: a non-empty target text, `alpha` in [0, 1]
-/// (`alpha_flag` names what it means for the method), a size the VAE can take, seeds, steps.
-pub(crate) fn check_request(req: &EditRequest, factor: usize, alpha_flag: &str) -> Result<()> {
-    match &req.prompt {
-        Some(p) if p.trim().is_empty() => {
-            return Err(bad_input("--prompt", "empty text", "describe the target, e.g. --prompt \"a jumping dog in a dense forest\""))
-        }
-        Some(_) => {}
-        None => {
-            for (flag, text) in [("--object", &req.object), ("--background", &req.background)] {
-                if text.trim().is_empty() {
-                    return Err(bad_input(flag, "empty text", "describe the layer, e.g. --object \"a jumping dog\" --background \"a dense forest\""));
-                }
-            }
-        }
-    }
-    let s = &req.settings;
-    if !(0.0..=1.0).contains(&s.alpha) {
-        return Err(bad_input(alpha_flag, format!("{} is outside [0, 1]", s.alpha), "use a value in [0, 1] (0.7 is the default)"));
-    }
-    if req.size == 0 || !(req.size as usize).is_multiple_of(factor) {
-        return Err(bad_input("--size", format!("{} is not a positive multiple of {factor}", req.size), format!("use a multiple of {factor}, e.g. 512")));
-    }
-    if req.seeds.is_empty() {
-        return Err(bad_input("--seeds", "no seed", "give --seeds 1,2,3 or --num-images N"));
-    }
-    if s.steps == 0 {
-        return Err(bad_input("--steps", "0 sampling steps", "use at least 1 (50 is the default)"));
-    }
-    Ok(())
-}
-
 /// `I_s` at the working size (resized to cover it and centre-cropped, as `edit` does) and the crop.
 pub(crate) fn load_subject(req: &EditRequest) -> Result<(RgbImage, Crop)> {
     let image = image_io::load_rgb(&req.image)?;

@@ -4,7 +4,8 @@
 //! `settings.steps` and `settings.guidance_scale`, one image per seed: the seed draws both the
 //! VAE posterior sample and the added noise, exactly as `layerdiff generate --init-image` does.
 
-use super::{check_request, load_subject, start_session, write_sheet};
+use super::{load_subject, start_session, write_sheet};
+use crate::method::edit::check_request;
 use crate::error::Result;
 use crate::image_io::{self, save_png_atomic};
 use crate::method::edit::{EditRequest, Progress};
@@ -29,7 +30,7 @@ pub fn sdedit(
     out: &Path,
     progress: &mut dyn Progress,
 ) -> Result<Vec<(u64, RgbImage)>> {
-    check_request(req, sd.vae_factor(), "--alpha")?;
+    check_request(req, sd.vae_factor(), "--alpha", false)?;
     // The strength and the step count must leave a denoising step: ask the scheduler now,
     // before any file is written.
     let mut scheduler = sd.scheduler()?;

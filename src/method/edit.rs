@@ -90,7 +90,7 @@ pub fn edit(
 ) -> Result<EditResult> {
     let settings = &req.settings;
     // 1. check inputs
-    check_request(req, sd.vae_factor())?;
+    check_request(req, sd.vae_factor(), "--alpha", true)?;
     let image = image_io::load_rgb(&req.image)?;
     let (w, h) = image.dimensions();
     if w.min(h) < 64 {
@@ -284,15 +284,27 @@ impl Stage3<'_> {
     }
 }
 
-fn check_request(req: &EditRequest, factor: usize) -> Result<()> {
-    for (flag, text) in [("--object", &req.object), ("--background", &req.background)] {
-        if text.trim().is_empty() {
-            return Err(bad_input(flag, "empty text", "describe the layer, e.g. --object \"a jumping dog\" --background \"a dense forest\""));
+/// The checks of a request that every method makes: the texts it needs (LayerDiffusion both layer
+/// texts, a baseline only the target text `T`), `alpha` in [0, 1] (`alpha_flag` names what it
+/// means for the method), a size the VAE can take, seeds, steps.
+pub(crate) fn check_request(req: &EditRequest, factor: usize, alpha_flag: &str, needs_layers: bool) -> Result<()> {
+    match &req.prompt {
+        Some(p) if !needs_layers => {
+            if p.trim().is_empty() {
+                return Err(bad_input("--prompt", "empty text", "describe the target, e.g. --prompt \"a jumping dog in a dense forest\""));
+            }
+        }
+        _ => {
+            for (flag, text) in [("--object", &req.object), ("--background", &req.background)] {
+                if text.trim().is_empty() {
+                    return Err(bad_input(flag, "empty text", "describe the layer, e.g. --object \"a jumping dog\" --background \"a dense forest\""));
+                }
+            }
         }
     }
     let s = &req.settings;
     if !(0.0..=1.0).contains(&s.alpha) {
-        return Err(bad_input("--alpha", format!("{} is outside [0, 1]", s.alpha), "use a value in [0, 1] (0.7 is the default)"));
+        return Err(bad_input(alpha_flag, format!("{} is outside [0, 1]", s.alpha), "use a value in [0, 1] (0.7 is the default)"));
     }
     if req.size == 0 || !(req.size as usize).is_multiple_of(factor) {
         return Err(bad_input("--size", format!("{} is not a positive multiple of {factor}", req.size), format!("use a multiple of {factor}, e.g. 512")));
