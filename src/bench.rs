@@ -44,24 +44,11 @@ pub fn bench_unet(device: &Device, dtype: DType, latent_size: usize, runs: usize
     let (unet, _) = crate::tiny::seeded_model(0, dtype, device, |vb| Ok(UNet2DConditionModel::new(vb, cfg)?))?;
     let sample = seeded_noise(1, &[1, 4, latent_size, latent_size], device, dtype)?;
     let context = seeded_noise(2, &[1, 77, 768], device, dtype)?;
-    let time = |f: &dyn Fn() -> Result<()>| -> Result<(f64, Option<f64>)> {
-        f()?;
-        reset_peak_rss();
-        let mut times = Vec::with_capacity(runs);
-        for _ in 0..runs.max(1) {
-            let start = Instant::now();
-            f()?;
-            device.synchronize()?;
-            times.push(start.elapsed().as_secs_f64());
-        }
-        times.sort_by(f64::total_cmp);
-        Ok((times[times.len() / 2], peak_rss_mib()))
-    };
-    let (forward_s, forward_peak) = time(&|| {
+    let (forward_s, forward_peak) = time_median(device, runs, &mut || {
         unet.forward(&sample, 500.0, &context)?;
         Ok(())
     })?;
-    let (fb_s, fb_peak) = time(&|| {
+    let (fb_s, fb_peak) = time_median(device, runs, &mut || {
         let ctx = Var::from_tensor(&context)?;
         let loss = unet.forward(&sample, 500.0, ctx.as_tensor())?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
@@ -121,24 +108,8 @@ pub fn bench_stages(device: &Device, dtype: DType, latent_size: usize, runs: usi
     };
     let context = seeded_noise(5, &[1, 77, 768], device, dtype)?;
     let alphas: Vec<f64> = (0..1000).map(|i| 1.0 - (i as f64 + 1.0) * 9e-4).collect();
-    let runs = runs.max(1);
-    // One warm-up step, then `runs` timed steps: (median seconds, peak RSS of the timed steps).
-    let time_steps = |step: &mut dyn FnMut() -> Result<()>| -> Result<(f64, Option<f64>)> {
-        step()?;
-        reset_peak_rss();
-        let mut times = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            let start = Instant::now();
-            step()?;
-            device.synchronize()?;
-            times.push(start.elapsed().as_secs_f64());
-        }
-        times.sort_by(f64::total_cmp);
-        Ok((times[times.len() / 2], peak_rss_mib()))
-    };
-
     let mut stage1 = LayeredOptimization::new(&context, &context, 1e-3)?;
-    let (stage1_step_s, stage1_peak) = time_steps(&mut || {
+    let (stage1_step_s, stage1_peak) = time_median(device, runs, &mut || {
         let until = stage1.step + 1;
         stage1.run(&unet, &alphas, &data, 0, until, &mut |_| {})
     })?;
@@ -147,13 +118,13 @@ pub fn bench_stages(device: &Device, dtype: DType, latent_size: usize, runs: usi
     // Stage 3 before stage 2: freed memory is not always handed back, and full fine-tuning is the largest.
     let latents = seeded_noise(6, &shape, device, dtype)?;
     let guidance = crate::pipeline::Guidance { cond: &context, uncond: &context, scale: 7.5 };
-    let (stage3_step_s, stage3_peak) = time_steps(&mut || {
+    let (stage3_step_s, stage3_peak) = time_median(device, runs, &mut || {
         crate::pipeline::guided_noise(&unet, &latents, 500, &guidance)?;
         Ok(())
     })?;
     let finetune_step = |mode: FinetuneMode| -> Result<(f64, Option<f64>)> {
         let mut stage2 = LayeredFinetune::new(weights.clone().into_iter().collect(), cfg.clone(), mode, 4, 2e-6, dtype, device)?;
-        time_steps(&mut || {
+        time_median(device, runs, &mut || {
             let until = stage2.step + 1;
             stage2.run(&context, 2.0, 1.0, &alphas, &data, 0, until, &mut |_| {})
         })
@@ -180,6 +151,22 @@ pub fn bench_stages(device: &Device, dtype: DType, latent_size: usize, runs: usi
         stage3_step_s,
         stage3_peak_rss_mib: stage3_peak,
     })
+}
+
+/// One warm-up call, then `runs` timed calls (at least one): the median seconds, and the peak RSS
+/// of the timed calls.
+fn time_median(device: &Device, runs: usize, step: &mut dyn FnMut() -> Result<()>) -> Result<(f64, Option<f64>)> {
+    step()?;
+    reset_peak_rss();
+    let mut times = Vec::with_capacity(runs.max(1));
+    for _ in 0..runs.max(1) {
+        let start = Instant::now();
+        step()?;
+        device.synchronize()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], peak_rss_mib()))
 }
 
 /// Resets the kernel's peak-RSS counter (Linux: writing 5 to clear_refs), so each measurement has its own.
