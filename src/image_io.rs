@@ -7,14 +7,18 @@ use std::path::Path;
 
 /// Reads a photo as RGB, whatever its format or colour type.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    Ok(load_image(path)?.to_rgb8())
+}
+
+/// Reads any PNG, JPEG or WebP file, guessing the format from its contents; one-line errors.
+pub fn load_image(path: &Path) -> Result<image::DynamicImage> {
     let reader = image::ImageReader::open(path)
         .map_err(|e| bad_input(path.display(), format!("cannot open ({e})"), "check the path"))?
         .with_guessed_format()
         .map_err(|e| bad_input(path.display(), format!("cannot read ({e})"), "check the file"))?;
-    let img = reader.decode().map_err(|e| {
-        bad_input(path.display(), format!("not a readable image ({e})"), "give a PNG, JPEG or WebP file")
-    })?;
-    Ok(img.to_rgb8())
+    reader
+        .decode()
+        .map_err(|e| bad_input(path.display(), format!("not a readable image ({e})"), "give a PNG, JPEG or WebP file"))
 }
 
 /// Scales `img` to cover `width` x `height` and crops the centre, keeping the aspect ratio; returns

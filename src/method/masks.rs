@@ -6,6 +6,7 @@
 //! the photo's recorded [`Crop`] ([`crate::image_io::apply_crop`] with [`MASK_FILTER`]).
 
 use crate::error::{bad_input, Result};
+use crate::image_io;
 use candle_core::{DType, Device, Tensor};
 use image::imageops::FilterType;
 use image::GrayImage;
@@ -25,13 +26,7 @@ pub const ASPECT_TOLERANCE: f64 = 0.01;
 /// An image with transparency that varies is read through its alpha channel (a cut-out: opaque =
 /// subject). A mask whose aspect ratio differs from the image's by more than 1 % is refused.
 pub fn load_mask(path: &Path, image_size: (u32, u32)) -> Result<GrayImage> {
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| bad_input(path.display(), format!("cannot open ({e})"), "check the path"))?
-        .with_guessed_format()
-        .map_err(|e| bad_input(path.display(), format!("cannot read ({e})"), "check the file"))?;
-    let img = reader.decode().map_err(|e| {
-        bad_input(path.display(), format!("not a readable image ({e})"), "give a PNG, JPEG or WebP mask")
-    })?;
+    let img = image_io::load_image(path)?;
     let gray = if img.color().has_alpha() {
         let rgba = img.to_rgba8();
         if rgba.pixels().any(|p| p.0[3] != 255) {
