@@ -19,12 +19,12 @@ pub use sdedit::{sdedit, SDEDIT_STRENGTH};
 use crate::error::{bad_input, Result};
 use crate::image_io::{self, save_png_atomic, Crop};
 use crate::method::edit::EditRequest;
-use crate::method::session::{self, Losses, SessionInfo};
+use crate::method::session::{self, SessionInfo};
 use crate::pipeline::StableDiffusion;
 use crate::sources::ModelFiles;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// A baseline's `session.json`: the fields of an edit's [`SessionInfo`] (so that readers of
@@ -65,21 +65,8 @@ pub(crate) fn start_session(
     parameters: BTreeMap<String, f64>,
     progress: &str,
 ) -> Result<BaselineSession> {
-    let info = SessionInfo {
-        version: 1,
-        method: method.into(),
-        model: files.id.clone(),
-        model_files: session::hash_files(&files.weight_files())?,
-        dtype: format!("{:?}", sd.dtype).to_lowercase(),
-        request: req.clone(),
-        image_sha256: session::sha256_file(&req.image)?,
-        crop,
-        lambda_object,
-        subject_area: 1.0,
-        losses: Losses::default(),
-        timings: HashMap::new(),
-        progress: progress.into(),
-    };
+    let mut info = SessionInfo::start(method, files, sd.dtype, req, crop, lambda_object, 1.0)?;
+    info.progress = progress.into();
     Ok(BaselineSession { info, parameters })
 }
 

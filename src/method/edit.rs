@@ -103,21 +103,9 @@ pub fn edit(
     let (subject_mask, _) = image_io::resize_center_crop(&masks::load_mask(&req.mask, (w, h))?, req.size, req.size);
     masks::validate_mask(&subject_mask, &req.mask.display().to_string())?;
     let subject_area = masks::area_fraction(&subject_mask);
-    let mut info = SessionInfo {
-        version: 1,
-        method: "layerdiffusion".into(),
-        model: files.id.clone(),
-        model_files: session::hash_files(&files.weight_files())?,
-        dtype: format!("{:?}", sd.dtype).to_lowercase(),
-        request: req.clone(),
-        image_sha256: session::sha256_file(&req.image)?,
-        crop,
-        lambda_object: lambda_object(settings.lambda_object, subject_area),
-        subject_area,
-        losses: Losses::default(),
-        timings: HashMap::new(),
-        progress: "stage1".into(),
-    };
+    let lambda_o = lambda_object(settings.lambda_object, subject_area);
+    let mut info = SessionInfo::start("layerdiffusion", files, sd.dtype, req, crop, lambda_o, subject_area)?;
+    info.progress = "stage1".into();
     session::write_json(&out.join(session::SESSION_JSON), &info)?;
     let (background, background_mask) = background_layer(sd, req, &subject, &subject_mask, progress)?;
     info.timings.insert("background".to_string(), started.elapsed().as_secs_f64());
@@ -168,7 +156,6 @@ pub fn edit(
 
     // 7. stage 2: layered diffusion fine-tuning (Eq. 4-6)
     let t = Instant::now();
-    let lambda_o = info.lambda_object;
     let unet_weights = files.tensors(Component::Unet, &sd.device)?;
     if settings.finetune == super::FinetuneMode::Full {
         let params = unet_weights.values().map(|t| t.elem_count()).sum();

@@ -61,6 +61,36 @@ pub struct SessionInfo {
     pub progress: String,
 }
 
+impl SessionInfo {
+    /// The record of a run that starts now: the request, the model and the hashes of its files
+    /// and of the photo, no losses or timings yet.
+    pub fn start(
+        method: &str,
+        files: &crate::sources::ModelFiles,
+        dtype: candle_core::DType,
+        req: &EditRequest,
+        crop: Crop,
+        lambda_object: f64,
+        subject_area: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            version: 1,
+            method: method.into(),
+            model: files.id.clone(),
+            model_files: hash_files(&files.weight_files())?,
+            dtype: format!("{dtype:?}").to_lowercase(),
+            request: req.clone(),
+            image_sha256: sha256_file(&req.image)?,
+            crop,
+            lambda_object,
+            subject_area,
+            losses: Losses::default(),
+            timings: HashMap::new(),
+            progress: "started".into(),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Losses {
     pub stage1: Vec<StepLoss>,
