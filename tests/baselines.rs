@@ -3,16 +3,15 @@
 
 #[path = "common/tiny.rs"]
 mod tiny;
-use tiny::{demo_request, load};
+use tiny::{bytes, demo_request, load, Recorder};
 use candle_core::{DType, Tensor};
 use layerdiff::baselines::{imagic, imagic_settings, imagic_train, sdedit, BaselineSession, IMAGIC_ETA, SDEDIT_STRENGTH};
 use layerdiff::image_io::{self, image_to_tensor, load_rgb, resize_center_crop, tensor_to_images};
-use layerdiff::method::edit::{sample_session, EditRequest, Progress};
+use layerdiff::method::edit::{sample_session, EditRequest};
 use layerdiff::method::optimize::{noisy_step, object_term};
 use layerdiff::method::session::{self, SessionInfo};
 use layerdiff::method::{EditSettings, LayeredLatents};
 use layerdiff::pipeline::{generate, guided_noise, seeded_noise, GenerateOptions, Guidance, StableDiffusion};
-use std::path::Path;
 
 fn request(settings: EditSettings) -> EditRequest {
     demo_request(settings)
@@ -34,25 +33,6 @@ fn imagic_request(eta: f64) -> EditRequest {
 /// The photo at the working size, as the baselines see it.
 fn subject(req: &EditRequest) -> image::RgbImage {
     resize_center_crop(&load_rgb(&req.image).unwrap(), req.size, req.size).0
-}
-
-#[derive(Default)]
-struct Recorder {
-    stages: Vec<String>,
-}
-
-impl Progress for Recorder {
-    fn start(&mut self, stage: &str, _: usize) {
-        self.stages.push(stage.to_string());
-    }
-    fn step(&mut self, _: usize, loss: Option<f64>) {
-        assert!(loss.is_none_or(f64::is_finite));
-    }
-    fn finish(&mut self) {}
-}
-
-fn bytes(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn mean_abs_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {

@@ -3,11 +3,10 @@
 
 #[path = "common/tiny.rs"]
 mod tiny;
-use tiny::{demo_request, load, root};
-use layerdiff::method::edit::{edit, sample_session, BackgroundSource, EditRequest, Progress};
+use tiny::{bytes, demo_request, load, root, Recorder};
+use layerdiff::method::edit::{edit, sample_session, BackgroundSource, EditRequest};
 use layerdiff::method::session::{self, SessionInfo};
 use layerdiff::method::EditSettings;
-use std::path::Path;
 
 fn request() -> EditRequest {
     demo_request(EditSettings {
@@ -18,37 +17,6 @@ fn request() -> EditRequest {
         steps: 4,
         ..Default::default()
     })
-}
-
-/// Counts steps and can stop the run after a given number of checkpoints.
-struct Recorder {
-    stages: Vec<String>,
-    stop_after_checkpoints: Option<usize>,
-    checkpoints: usize,
-}
-
-impl Recorder {
-    fn new(stop_after_checkpoints: Option<usize>) -> Self {
-        Self { stages: vec![], stop_after_checkpoints, checkpoints: 0 }
-    }
-}
-
-impl Progress for Recorder {
-    fn start(&mut self, stage: &str, _: usize) {
-        self.stages.push(stage.to_string());
-    }
-    fn step(&mut self, _: usize, loss: Option<f64>) {
-        assert!(loss.is_none_or(f64::is_finite));
-    }
-    fn finish(&mut self) {}
-    fn should_stop(&mut self) -> bool {
-        self.checkpoints += 1;
-        self.stop_after_checkpoints.is_some_and(|n| self.checkpoints >= n)
-    }
-}
-
-fn bytes(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 #[test]

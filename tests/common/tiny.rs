@@ -1,11 +1,12 @@
 //! The tiny fixture model and the demo photo, as the method's tests use them.
+#![allow(dead_code)] // each test crate uses its part
 
 use candle_core::{DType, Device};
-use layerdiff::method::edit::{BackgroundSource, EditRequest};
+use layerdiff::method::edit::{BackgroundSource, EditRequest, Progress};
 use layerdiff::method::EditSettings;
 use layerdiff::pipeline::StableDiffusion;
 use layerdiff::sources::{ModelFiles, SourceOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -33,4 +34,37 @@ pub fn demo_request(settings: EditSettings) -> EditRequest {
         settings,
         checkpoint_every: 2,
     }
+}
+
+/// Records the stages a run reports, checks every loss is finite, and can stop the run after a
+/// given number of checkpoints.
+#[derive(Default)]
+pub struct Recorder {
+    pub stages: Vec<String>,
+    stop_after_checkpoints: Option<usize>,
+    checkpoints: usize,
+}
+
+impl Recorder {
+    pub fn new(stop_after_checkpoints: Option<usize>) -> Self {
+        Self { stop_after_checkpoints, ..Default::default() }
+    }
+}
+
+impl Progress for Recorder {
+    fn start(&mut self, stage: &str, _: usize) {
+        self.stages.push(stage.to_string());
+    }
+    fn step(&mut self, _: usize, loss: Option<f64>) {
+        assert!(loss.is_none_or(f64::is_finite));
+    }
+    fn finish(&mut self) {}
+    fn should_stop(&mut self) -> bool {
+        self.checkpoints += 1;
+        self.stop_after_checkpoints.is_some_and(|n| self.checkpoints >= n)
+    }
+}
+
+pub fn bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
