@@ -1,14 +1,15 @@
 //! Stage 3, iterative guidance sampling (Eq. 7-8), on the tiny fixture model: the schedule of
 //! conditions, and the sampler against plain sampling and a hand-written reference loop.
 
-use candle_core::{DType, Device, Tensor};
+#[path = "common/tiny.rs"]
+mod tiny;
+
+use candle_core::Tensor;
 use layerdiff::method::guidance::{
     guidance_condition, guidance_schedule, iterative_guidance_sample, iterative_guidance_sample_traced, Condition,
 };
 use layerdiff::pipeline::{guided_noise, seeded_noise, Guidance, StableDiffusion};
 use layerdiff::schedulers::DdimScheduler;
-use layerdiff::sources::{ModelFiles, SourceOptions};
-use std::path::PathBuf;
 
 const STEPS: usize = 5;
 const SCALE: f64 = 7.5;
@@ -23,9 +24,7 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
-    let files = ModelFiles::resolve(dir.to_str().unwrap(), &SourceOptions::default()).unwrap();
-    let sd = StableDiffusion::load(&files, &Device::Cpu, DType::F32).unwrap();
+    let (_, sd) = tiny::load();
     let mut scheduler = sd.scheduler().unwrap();
     scheduler.set_timesteps(STEPS).unwrap();
     let f = sd.vae_factor();

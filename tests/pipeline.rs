@@ -1,10 +1,12 @@
 //! End-to-end parity with diffusers' StableDiffusionPipeline and its img2img, on the tiny fixture
 //! model (tests/fixtures/README.md says how the fixtures were made).
 
+#[path = "common/tiny.rs"]
+mod tiny;
+
 use candle_core::{DType, Device, Tensor};
 use layerdiff::image_io::{tensor_to_images, write_atomic};
 use layerdiff::pipeline::{generate, GenerateOptions, Guidance, StableDiffusion};
-use layerdiff::sources::{ModelFiles, SourceOptions};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -13,8 +15,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn load_tiny() -> StableDiffusion {
-    let files = ModelFiles::resolve(fixture("tiny-sd").to_str().unwrap(), &SourceOptions::default()).unwrap();
-    StableDiffusion::load(&files, &Device::Cpu, DType::F32).unwrap()
+    tiny::load().1
 }
 
 fn tensors() -> HashMap<String, Tensor> {
