@@ -12,13 +12,23 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
 
 /// Reads any PNG, JPEG or WebP file, guessing the format from its contents; one-line errors.
 pub fn load_image(path: &Path) -> Result<image::DynamicImage> {
-    let reader = image::ImageReader::open(path)
+    reader(path)?.decode().map_err(not_an_image(path))
+}
+
+/// An image file's (width, height), read from its header alone.
+pub fn dimensions(path: &Path) -> Result<(u32, u32)> {
+    reader(path)?.into_dimensions().map_err(not_an_image(path))
+}
+
+fn reader(path: &Path) -> Result<image::ImageReader<std::io::BufReader<std::fs::File>>> {
+    image::ImageReader::open(path)
         .map_err(|e| bad_input(path.display(), format!("cannot open ({e})"), "check the path"))?
         .with_guessed_format()
-        .map_err(|e| bad_input(path.display(), format!("cannot read ({e})"), "check the file"))?;
-    reader
-        .decode()
-        .map_err(|e| bad_input(path.display(), format!("not a readable image ({e})"), "give a PNG, JPEG or WebP file"))
+        .map_err(|e| bad_input(path.display(), format!("cannot read ({e})"), "check the file"))
+}
+
+fn not_an_image(path: &Path) -> impl FnOnce(image::ImageError) -> crate::Error + '_ {
+    move |e| bad_input(path.display(), format!("not a readable image ({e})"), "give a PNG, JPEG or WebP file")
 }
 
 /// Scales `img` to cover `width` x `height` and crops the centre, keeping the aspect ratio; returns

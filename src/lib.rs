@@ -21,6 +21,7 @@ pub mod method;
 pub mod models;
 pub mod pipeline;
 pub mod schedulers;
+pub mod segment;
 pub mod sources;
 pub mod tiny;
 pub mod tokenizer;

@@ -10,6 +10,7 @@ use layerdiff::method::edit::{self as method_edit, BackgroundSource, EditRequest
 use layerdiff::method::session::{self, SessionInfo};
 use layerdiff::method::{EditSettings, FinetuneMode, GuidanceEmbedding};
 use layerdiff::pipeline::{self, GenerateOptions, StableDiffusion};
+use layerdiff::segment::{self, parse_box, parse_xy, CleanOptions, Multimask, Point, Prompt, SegmentOptions, Segmenter};
 use layerdiff::sources::{ModelFiles, SourceOptions};
 use std::path::{Path, PathBuf};
 
@@ -37,13 +38,23 @@ enum Command {
     /// session.safetensors into --out; `layerdiff sample --session` draws more from it, and
     /// `layerdiff edit --resume DIR` finishes a run that was stopped.
     Edit(Box<EditArgs>),
+    /// Make a subject mask from clicks or a box with Segment Anything (MobileSAM by default).
+    ///
+    /// Example: layerdiff segment --image dog.jpg --point 320,240 --out dog-mask.png
+    ///
+    /// Coordinates are the photo's pixels, x from the left, y from the top. Writes the mask
+    /// (white = selected, the photo's size) to --out and the mask tinted over the photo, with the
+    /// points and box drawn, to <out>-overlay.png. `layerdiff edit --point/--box` does the same
+    /// on the fly.
+    Segment(SegmentArgs),
     /// Draw new images from a finished edit session without repeating stages 1 and 2.
     ///
     /// Example: layerdiff sample --session dog-edit --seeds 7,8 --alpha 0.6 --out dog-more
     Sample(SampleArgs),
-    /// Write a tiny random-weight Stable Diffusion pipeline in the diffusers layout (tests, demos).
+    /// Write a tiny random-weight Stable Diffusion pipeline in the diffusers layout, or a tiny SAM
+    /// or MobileSAM checkpoint in the segment-anything layout (tests, demos).
     ///
-    /// Its images are noise: real edits need SD v1.4/1.5 weights.
+    /// Their outputs are noise: real edits need SD v1.4/1.5 weights, real masks SAM weights.
     TinyModel(TinyModelArgs),
     /// Time the full-size SD v1.4 UNet (random weights, no download): one forward, and one forward +
     /// backward with respect to the text context; medians and peak RSS, as JSON.
@@ -179,9 +190,20 @@ struct EditArgs {
     /// The subject photo (PNG, JPEG or WebP).
     #[arg(long, required_unless_present = "resume")]
     image: Option<PathBuf>,
-    /// The subject mask: white = subject, any size (resized to the photo).
-    #[arg(long, required_unless_present = "resume")]
+    /// The subject mask: white = subject, any size (resized to the photo). Or make it with
+    /// --point/--box.
+    #[arg(long, required_unless_present_any = ["resume", "points", "bbox"], conflicts_with_all = ["points", "bbox"])]
     mask: Option<PathBuf>,
+    /// Make the subject mask with Segment Anything from this point on the subject (x,y in the
+    /// photo's pixels; repeat for more); saved as sam-mask.png and sam-mask-overlay.png in --out.
+    #[arg(long = "point", value_parser = parse_xy)]
+    points: Vec<[f32; 2]>,
+    /// A point that is not the subject, for Segment Anything (x,y; repeat for more).
+    #[arg(long = "negative-point", value_parser = parse_xy, requires = "points")]
+    negative_points: Vec<[f32; 2]>,
+    /// Make the subject mask with Segment Anything from a box around it: x0,y0,x1,y1.
+    #[arg(long = "box", value_parser = parse_box)]
+    bbox: Option<[f32; 4]>,
     /// The object layer's text, the subject's new state: "a jumping dog".
     #[arg(long, required_unless_present = "resume")]
     object: Option<String>,
@@ -201,6 +223,18 @@ struct EditArgs {
     /// With --background-source image: white where the picture is NOT background (default: none).
     #[arg(long)]
     background_mask: Option<PathBuf>,
+    /// With --background-image: make its mask with Segment Anything from a point on what is NOT
+    /// background (x,y; repeat for more); saved as sam-background-mask.png in --out.
+    #[arg(long = "background-point", value_parser = parse_xy, requires = "background_image", conflicts_with = "background_mask")]
+    background_points: Vec<[f32; 2]>,
+    /// With --background-point: a point that IS background (x,y; repeat for more).
+    #[arg(long = "background-negative-point", value_parser = parse_xy, requires = "background_points")]
+    background_negative_points: Vec<[f32; 2]>,
+    /// With --background-image: a box around what is NOT background, for Segment Anything.
+    #[arg(long = "background-box", value_parser = parse_box, requires = "background_image", conflicts_with = "background_mask")]
+    background_bbox: Option<[f32; 4]>,
+    #[command(flatten)]
+    sam: SamArgs,
     /// Seeds of the edited images, one image each: 1,2,3.
     #[arg(long, value_delimiter = ',', conflicts_with = "num_images")]
     seeds: Vec<u64>,
@@ -277,6 +311,81 @@ struct EditArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TinyKind {
+    Sd,
+    Sam,
+    MobileSam,
+}
+
+/// The Segment Anything model and how its masks are cleaned (`segment`, `edit --point/--box`).
+#[derive(Args)]
+struct SamArgs {
+    /// SAM checkpoint in the segment-anything layout: a .safetensors file, a folder holding one, or
+    /// org/name/file on the hub (lmz/candle-sam/sam_vit_b_01ec64.safetensors for ViT-B). ViT-B, -L,
+    /// -H and MobileSAM are told apart by their tensors.
+    #[arg(long, default_value = segment::DEFAULT_SAM_MODEL)]
+    sam_model: String,
+    /// Ask SAM for three candidate masks and keep the one it rates best (auto: for a lone click).
+    #[arg(long, value_enum, default_value_t = Multimask::Auto)]
+    multimask: Multimask,
+    /// Grow the mask by this many pixels (0-255): a margin for fur and hair.
+    #[arg(long, default_value_t = 0)]
+    dilate: u8,
+    /// Keep holes inside the mask (by default they are filled, except under a --negative-point).
+    #[arg(long)]
+    keep_holes: bool,
+}
+
+impl SamArgs {
+    fn options(&self) -> SegmentOptions {
+        SegmentOptions { multimask: self.multimask, clean: CleanOptions { fill_holes: !self.keep_holes, dilate: self.dilate } }
+    }
+
+    fn load(&self, device: &Device, offline: bool) -> Result<Segmenter> {
+        let env = SourceOptions::from_env();
+        let sam = Segmenter::load(&self.sam_model, &SourceOptions { offline: offline || env.offline, ..env }, device)?;
+        eprintln!("segment anything: {} ({})", sam.path.display(), sam.describe());
+        Ok(sam)
+    }
+}
+
+/// Points and a box as the user gave them.
+fn prompt(points: &[[f32; 2]], negative: &[[f32; 2]], bbox: Option<[f32; 4]>) -> Prompt {
+    let point = |foreground| move |&[x, y]: &[f32; 2]| Point { x, y, foreground };
+    Prompt { points: points.iter().map(point(true)).chain(negative.iter().map(point(false))).collect(), bbox }
+}
+
+#[derive(Args)]
+struct SegmentArgs {
+    /// The photo.
+    #[arg(long)]
+    image: PathBuf,
+    /// A point on the subject, x,y in pixels; repeat for more.
+    #[arg(long = "point", value_parser = parse_xy)]
+    points: Vec<[f32; 2]>,
+    /// A point that is NOT the subject, x,y in pixels; repeat for more.
+    #[arg(long = "negative-point", value_parser = parse_xy)]
+    negative_points: Vec<[f32; 2]>,
+    /// A box around the subject: x0,y0,x1,y1 in pixels (top-left, bottom-right).
+    #[arg(long = "box", value_parser = parse_box)]
+    bbox: Option<[f32; 4]>,
+    /// The mask to write (PNG); the overlay goes beside it as <stem>-overlay.png.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    sam: SamArgs,
+    /// Run on the CPU (same as --device cpu).
+    #[arg(long)]
+    cpu: bool,
+    /// cpu, cuda or cuda:N. Default: cuda when built with it, else cpu.
+    #[arg(long)]
+    device: Option<String>,
+    /// Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Method {
     Layerdiffusion,
     Imagic,
@@ -316,6 +425,10 @@ struct TinyModelArgs {
     /// Output folder (created).
     #[arg(long)]
     out: PathBuf,
+    /// sd: a Stable Diffusion pipeline; sam / mobile-sam: `tiny-sam.safetensors` /
+    /// `tiny-mobile-sam.safetensors` for --sam-model.
+    #[arg(long, value_enum, default_value_t = TinyKind::Sd)]
+    kind: TinyKind,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -335,6 +448,7 @@ fn main() {
     let result = match Cli::parse().command {
         Command::Generate(args) => generate(args),
         Command::Edit(args) => edit(*args),
+        Command::Segment(args) => segment(args),
         Command::Sample(args) => sample(args),
         Command::TinyModel(args) => tiny_model(args),
         Command::Bench(args) => bench(args),
@@ -448,9 +562,24 @@ fn tiny_model(args: TinyModelArgs) -> Result<()> {
         }
         None => None,
     };
-    layerdiff::tiny::write_tiny_model(&args.out, args.seed, overrides.as_ref(), args.dtype.into())?;
-    println!("{}", args.out.display());
-    Ok(())
+    let sam = |file: &str, cfg: layerdiff::models::sam::SamConfig| -> Result<()> {
+        if overrides.is_some() {
+            anyhow::bail!("--config: only for --kind sd");
+        }
+        let path = args.out.join(file);
+        layerdiff::tiny::write_tiny_sam(&path, &cfg, args.seed)?;
+        println!("{}", path.display());
+        Ok(())
+    };
+    match args.kind {
+        TinyKind::Sd => {
+            layerdiff::tiny::write_tiny_model(&args.out, args.seed, overrides.as_ref(), args.dtype.into())?;
+            println!("{}", args.out.display());
+            Ok(())
+        }
+        TinyKind::Sam => sam("tiny-sam.safetensors", layerdiff::models::sam::SamConfig::tiny_vit()),
+        TinyKind::MobileSam => sam("tiny-mobile-sam.safetensors", layerdiff::models::sam::SamConfig::tiny_mobile_sam()),
+    }
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
@@ -548,8 +677,12 @@ fn edit(args: EditArgs) -> Result<()> {
         }
     };
     std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("--out {}: {e}", out.display()))?;
-    let (files, sd) = load_model(&model, &args.runtime)?;
     let mut bars = Bars::new();
+    let mut request = request;
+    if !resume {
+        segment_for_edit(&args, &mut request, &out, &mut bars)?;
+    }
+    let (files, sd) = load_model(&model, &args.runtime)?;
     let images = match args.method {
         Method::Layerdiffusion => method_edit::edit(&sd, &files, &request, &out, resume, &mut bars)?.images,
         Method::Imagic => layerdiff::baselines::imagic(&sd, &files, &request, &out, &mut bars)?,
@@ -607,6 +740,47 @@ fn edit_request(args: &EditArgs) -> Result<EditRequest> {
         settings,
         checkpoint_every: args.checkpoint_every,
     })
+}
+
+fn segment(args: SegmentArgs) -> Result<()> {
+    let prompt = prompt(&args.points, &args.negative_points, args.bbox);
+    // Cheap checks first: the model may take a download and seconds to load.
+    prompt.validate(image_io::dimensions(&args.image)?, "")?;
+    let sam = args.sam.load(&device(args.cpu, args.device.as_deref())?, args.offline)?;
+    let result = segment::segment_to_files(&sam, &args.image, &prompt, "", &args.sam.options(), &args.out, &mut Bars::new())?;
+    let area = result.mask.pixels().filter(|p| p.0[0] >= 128).count() as f64 / result.mask.pixels().len() as f64;
+    eprintln!("predicted IoU {:.3}, {:.1} % of the image", result.iou, 100.0 * area);
+    println!("{}", args.out.display());
+    println!("{}", segment::overlay_path(&args.out).display());
+    Ok(())
+}
+
+/// For `edit --point/--box` (and `--background-point/--background-box`): makes the masks with
+/// Segment Anything into `out` and points the request at them.
+fn segment_for_edit(args: &EditArgs, request: &mut EditRequest, out: &Path, progress: &mut Bars) -> Result<()> {
+    let subject = prompt(&args.points, &args.negative_points, args.bbox);
+    let background = prompt(&args.background_points, &args.background_negative_points, args.background_bbox);
+    if subject.is_empty() && background.is_empty() {
+        return Ok(());
+    }
+    if !subject.is_empty() {
+        subject.validate(image_io::dimensions(&request.image)?, "")?;
+    }
+    let sam = args.sam.load(&device(args.runtime.cpu, args.runtime.device.as_deref())?, args.runtime.offline)?;
+    if !subject.is_empty() {
+        let mask = out.join("sam-mask.png");
+        segment::segment_to_files(&sam, &request.image, &subject, "", &args.sam.options(), &mask, progress)?;
+        request.mask = mask;
+    }
+    if !background.is_empty() {
+        let BackgroundSource::Image { image, mask } = &mut request.background_source else {
+            anyhow::bail!("--background-point/--background-box: they select in a --background-image; add --background-source image");
+        };
+        let path = out.join("sam-background-mask.png");
+        segment::segment_to_files(&sam, image, &background, "background-", &args.sam.options(), &path, progress)?;
+        *mask = Some(path);
+    }
+    Ok(())
 }
 
 fn sample(args: SampleArgs) -> Result<()> {

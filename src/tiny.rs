@@ -4,6 +4,7 @@
 use crate::error::{bad_input, Result};
 use crate::image_io::write_atomic;
 use crate::models::clip_text::{ClipTextConfig, ClipTextTransformer};
+use crate::models::sam::{Sam, SamConfig};
 use crate::models::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use candle_core::{DType, Device, Shape, Tensor};
@@ -12,7 +13,7 @@ use candle_nn::VarBuilder;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -65,12 +66,13 @@ impl SeededWeights {
 
     /// Scales chosen so activations stay O(1) and no weight is trivially 0 or 1 (so that a swapped
     /// or missing weight shows up in parity tests): fan-in scaled normals for matrices and kernels,
-    /// `1 + 0.1 n` for norm scales, `0.1 n` for biases.
+    /// `1 + 0.1 n` for norm scales and variances, `0.1 n` for biases.
     fn sample(&self, shape: &Shape, name: &str) -> candle_core::Result<Tensor> {
         let dims = shape.dims();
         let fan_in: usize = dims.iter().skip(1).product();
         let (offset, scale) = match dims.len() {
-            1 if name.ends_with("weight") => (1.0, 0.1),
+            // Norm scales and BatchNorm variances sit near 1 (a variance must stay positive).
+            1 if name.ends_with("weight") || name.ends_with("running_var") => (1.0, 0.1),
             1 => (0.0, 0.1),
             _ => (0.0, 1.0 / (fan_in.max(1) as f32).sqrt()),
         };
@@ -157,9 +159,9 @@ pub fn write_tiny_model(out: &Path, seed: u64, overrides: Option<&Value>, dtype:
     write_json(&out.join("vae/config.json"), &configs["vae"])?;
     write_json(&out.join("text_encoder/config.json"), &configs["text_encoder"])?;
     write_json(&out.join("scheduler/scheduler_config.json"), &configs["scheduler"])?;
-    write_safetensors(&out.join("unet/diffusion_pytorch_model.safetensors"), unet, dtype)?;
-    write_safetensors(&out.join("vae/diffusion_pytorch_model.safetensors"), vae, dtype)?;
-    write_safetensors(&out.join("text_encoder/model.safetensors"), clip, dtype)?;
+    write_safetensors(&out.join("unet/diffusion_pytorch_model.safetensors"), unet, dtype, None)?;
+    write_safetensors(&out.join("vae/diffusion_pytorch_model.safetensors"), vae, dtype, None)?;
+    write_safetensors(&out.join("text_encoder/model.safetensors"), clip, dtype, None)?;
     crate::assets::write_clip_tokenizer(&out.join("tokenizer"))
 }
 
@@ -183,12 +185,21 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
-fn write_safetensors(path: &Path, tensors: BTreeMap<String, Tensor>, dtype: DType) -> Result<()> {
+/// Writes a tiny Segment Anything checkpoint in the segment-anything layout (as `lmz/candle-sam`
+/// converts it), f32, to `path`. The config travels in the file's metadata (`sam_config`), since
+/// a tiny model's input size and decoder heads cannot be read off its tensors.
+pub fn write_tiny_sam(path: &Path, cfg: &SamConfig, seed: u64) -> Result<()> {
+    let (_, tensors) = seeded_model(seed, DType::F32, &Device::Cpu, |vb| Ok(Sam::new(vb, cfg)?))?;
+    let config = serde_json::to_string(cfg).map_err(|e| bad_input(path.display(), e, "report this bug"))?;
+    write_safetensors(path, tensors, DType::F32, Some(HashMap::from([("sam_config".to_string(), config)])))
+}
+
+fn write_safetensors(path: &Path, tensors: BTreeMap<String, Tensor>, dtype: DType, metadata: Option<HashMap<String, String>>) -> Result<()> {
     let tensors = tensors
         .into_iter()
         .map(|(k, v)| Ok((k, v.to_dtype(dtype)?)))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), metadata)
         .map_err(|e| bad_input(path.display(), e, "report this bug"))?;
     write_atomic(path, &bytes)
 }

@@ -40,6 +40,18 @@ pub(crate) fn resolve(id: &str, opts: &SourceOptions) -> Result<ModelFiles> {
     layout::resolve(&repo, id, opts)
 }
 
+/// One file of a hub repo (`file` may be in a subfolder), from the cache or downloaded.
+pub(crate) fn fetch_file(id: &str, file: &str, opts: &SourceOptions) -> Result<PathBuf> {
+    let repo = HubRepo::new(id, opts)?;
+    repo.fetch(file, false)?.ok_or_else(|| match &repo.online {
+        Some(_) => bad_input(repo.display(file), format!("not in the repo at revision {}", repo.revision), "check the repo id and the file name"),
+        None => {
+            let (problem, fix) = repo.absence();
+            bad_input(repo.display(file), problem, fix)
+        }
+    })
+}
+
 /// One repo at one revision, online or from the cache alone.
 struct HubRepo {
     id: String,

@@ -64,6 +64,35 @@ impl std::fmt::Display for Component {
     }
 }
 
+/// A single weight file, as `--sam-model` names one: a `.safetensors` path, a folder holding
+/// exactly one, or `org/name/file.safetensors` in a hub repo (cached as [`ModelFiles::resolve`]
+/// caches, and with the same [`SourceOptions`]).
+pub fn resolve_weight_file(spec: &str, opts: &SourceOptions) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if path.is_dir() {
+        let entries = std::fs::read_dir(path).map_err(io_err(path))?;
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        return match found.len() {
+            1 => Ok(found.remove(0)),
+            n => Err(bad_input(spec, format!("holds {n} .safetensors files"), "name the file itself")),
+        };
+    }
+    let mut parts = spec.splitn(3, '/');
+    if let (Some(org), Some(name), Some(file)) = (parts.next(), parts.next(), parts.next()) {
+        let id = format!("{org}/{name}");
+        if hub::is_repo_id(&id) && !file.is_empty() {
+            return hub::fetch_file(&id, file, opts);
+        }
+    }
+    Err(bad_input(spec, "no such file or directory", "give a .safetensors file, a folder holding one, or a hub file like lmz/candle-sam/mobile_sam-tiny-vitt.safetensors"))
+}
+
 /// How to find a model. Hub settings left `None` come from the environment at resolve time, as
 /// Python's huggingface_hub reads it: `HF_ENDPOINT`, `HF_HUB_CACHE` or `HF_HOME`, `HF_TOKEN` or
 /// the token file that `huggingface-cli login` writes.
