@@ -219,3 +219,39 @@ fn edit_prompt_errors_come_before_any_work() {
     assert!(e.contains("required arguments were not provided") && e.contains("--background-image"), "{e}");
     assert!(!out.join("session.json").exists());
 }
+
+/// The official `SamPredictor` from photo to logits (tools/make_sam_predictor_fixture.py): the
+/// longest-side resize, the prompt's mapping into the model's frame, and the upsampling back.
+#[test]
+fn mask_logits_match_the_official_predictor() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sam");
+    let sam = Segmenter::load(root.join("tiny-sam.safetensors").to_str().unwrap(), &SourceOptions::default(), &Device::Cpu).unwrap();
+    let bytes = std::fs::read(root.join("predictor.safetensors")).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let cases: serde_json::Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["cases"]).unwrap();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    for case in cases.as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let photo = &tensors[&format!("{name}.photo")];
+        let (h, w, _) = photo.dims3().unwrap();
+        let photo = RgbImage::from_raw(w as u32, h as u32, photo.flatten_all().unwrap().to_vec1::<u8>().unwrap()).unwrap();
+        let f = |v: &serde_json::Value| v.as_f64().unwrap() as f32;
+        let prompt = Prompt {
+            points: case["points"].as_array().unwrap().iter().map(|p| Point { x: f(&p[0]), y: f(&p[1]), foreground: p[2] == 1 }).collect(),
+            bbox: case["box"].as_array().map(|b| [f(&b[0]), f(&b[1]), f(&b[2]), f(&b[3])]),
+        };
+        let (logits, iou) = sam.mask_logits(&sam.embed(&photo).unwrap(), &prompt, case["multimask"].as_bool().unwrap()).unwrap();
+        let expected = tensors[&format!("{name}.logits")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let expected_iou = tensors[&format!("{name}.iou")].to_vec1::<f32>().unwrap()[0];
+        let max_err = logits.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let signs_agree = logits.iter().zip(&expected).filter(|(a, b)| (**a > 0.0) == (**b > 0.0)).count() as f64 / expected.len() as f64;
+        println!("{name}: max |logit error| {max_err:.2e}, iou error {:.2e}, mask agreement {:.4}", (iou - expected_iou).abs(), signs_agree);
+        if name.starts_with("exact") {
+            assert!(max_err < 1e-4 && (iou - expected_iou).abs() < 1e-4, "{name}: {max_err}");
+        } else {
+            // PIL's bilinear resize and the image crate's triangle filter differ by a level here
+            // and there; the model sees almost the same photo.
+            assert!(max_err < 2e-2 && (iou - expected_iou).abs() < 2e-2 && signs_agree > 0.99, "{name}: {max_err} {signs_agree}");
+        }
+    }
+}
