@@ -1,7 +1,9 @@
 //! Benchmarks of the full-size SD v1.4 UNet with random weights (no download needed): one forward,
-//! and one forward + backward with respect to the text context (the step of stage 1).
+//! and one forward + backward with respect to the text context (the step of stage 1); the
+//! method's stage steps; and Segment Anything's image embedding and decoding.
 
 use crate::error::Result;
+use crate::models::sam::{Sam, SamConfig};
 use crate::models::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use crate::pipeline::seeded_noise;
 use candle_core::{DType, Device, Var};
@@ -151,6 +153,43 @@ pub fn bench_stages(device: &Device, dtype: DType, latent_size: usize, runs: usi
         stage3_step_s,
         stage3_peak_rss_mib: stage3_peak,
     })
+}
+
+/// Segment Anything at full size with random weights: the image embedding (once per photo) and
+/// one prompt's decoding (per click).
+#[derive(Debug, Serialize)]
+pub struct SamBench {
+    pub model: String,
+    pub device: String,
+    pub image_size: usize,
+    pub parameters: usize,
+    /// Median seconds of the image encoder on one padded input.
+    pub embed_s: f64,
+    pub embed_peak_rss_mib: Option<f64>,
+    /// Median seconds of the prompt encoder and mask decoder, one point, three candidates.
+    pub decode_s: f64,
+}
+
+/// Times a SAM of config `cfg` (f32), median of `runs` after a warm-up.
+pub fn bench_sam(model: &str, cfg: &SamConfig, device: &Device, runs: usize) -> Result<SamBench> {
+    let (sam, weights) = crate::tiny::seeded_model(0, DType::F32, device, |vb| Ok(Sam::new(vb, cfg)?))?;
+    let parameters = weights.values().map(|t| t.elem_count()).sum();
+    drop(weights);
+    let size = cfg.image_size;
+    let pixels = seeded_noise(1, &[3, size, size], device, DType::F32)?.clamp(-2f32, 2f32)?.affine(60.0, 128.0)?;
+    let input = sam.preprocess(&pixels)?;
+    let (embed_s, embed_peak) = time_median(device, runs, &mut || {
+        sam.image_embeddings(&input)?;
+        Ok(())
+    })?;
+    let embeddings = sam.image_embeddings(&input)?;
+    let coords = candle_core::Tensor::new(&[[[size as f32 / 2.0, size as f32 / 3.0]]], device)?;
+    let labels = candle_core::Tensor::new(&[[1f32]], device)?;
+    let (decode_s, _) = time_median(device, runs, &mut || {
+        sam.predict_masks(&embeddings, Some((&coords, &labels)), None, None, true)?;
+        Ok(())
+    })?;
+    Ok(SamBench { model: model.to_string(), device: format!("{device:?}"), image_size: size, parameters, embed_s, embed_peak_rss_mib: embed_peak, decode_s })
 }
 
 /// One warm-up call, then `runs` timed calls (at least one): the median seconds, and the peak RSS

@@ -57,7 +57,8 @@ enum Command {
     /// Their outputs are noise: real edits need SD v1.4/1.5 weights, real masks SAM weights.
     TinyModel(TinyModelArgs),
     /// Time the full-size SD v1.4 UNet (random weights, no download): one forward, and one forward +
-    /// backward with respect to the text context; medians and peak RSS, as JSON.
+    /// backward with respect to the text context; medians and peak RSS, as JSON. --stages times
+    /// the edit's stage steps, --sam a Segment Anything model.
     Bench(BenchArgs),
 }
 
@@ -86,6 +87,19 @@ struct BenchArgs {
     /// With --stages: also full fine-tuning (about 20 GB of memory at --size 256).
     #[arg(long, requires = "stages")]
     full: bool,
+    /// Time Segment Anything instead, at its full size (1024 px input): one image embedding and
+    /// one click's decoding.
+    #[arg(long, value_enum, conflicts_with_all = ["stages", "size"])]
+    sam: Option<SamKind>,
+}
+
+/// The released Segment Anything models.
+#[derive(Clone, Copy, ValueEnum)]
+enum SamKind {
+    VitB,
+    VitL,
+    VitH,
+    MobileSam,
 }
 
 /// Where the model comes from and how it runs (`--model` itself is each command's).
@@ -587,7 +601,16 @@ fn bench(args: BenchArgs) -> Result<()> {
         anyhow::bail!("--size: {} is not a positive multiple of 8; use 256 or 512", args.size);
     }
     let device = device(args.cpu, args.device.as_deref())?;
-    let json = if args.stages {
+    let json = if let Some(kind) = args.sam {
+        use layerdiff::models::sam::SamConfig;
+        let (name, cfg) = match kind {
+            SamKind::VitB => ("vit-b", SamConfig::vit_b()),
+            SamKind::VitL => ("vit-l", SamConfig::vit_l()),
+            SamKind::VitH => ("vit-h", SamConfig::vit_h()),
+            SamKind::MobileSam => ("mobile-sam", SamConfig::mobile_sam()),
+        };
+        serde_json::to_string_pretty(&layerdiff::bench::bench_sam(name, &cfg, &device, args.runs)?)?
+    } else if args.stages {
         let report = layerdiff::bench::bench_stages(&device, args.dtype.into(), args.size / 8, args.runs, args.full)?;
         serde_json::to_string_pretty(&report)?
     } else {
