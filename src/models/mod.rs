@@ -5,6 +5,7 @@ pub mod clip_text;
 pub mod embeddings;
 pub mod nn;
 pub mod resnet;
+pub mod sam;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
 pub mod vae;
