@@ -255,3 +255,28 @@ fn mask_logits_match_the_official_predictor() {
         }
     }
 }
+
+/// A SAM whose mask decoder outputs 0 everywhere selects nothing: the error says so and suggests
+/// another prompt, and no file is written.
+#[test]
+fn an_empty_mask_is_an_error_that_suggests_another_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let sam = tiny_sam(dir.path(), "sam");
+    let bytes = std::fs::read(&sam).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    // Zero hypernetwork outputs make every mask logit exactly 0, which is not > 0.
+    for (name, t) in tensors.iter_mut() {
+        if name.starts_with("mask_decoder.output_hypernetworks_mlps.") && name.contains(".layers.2.") {
+            *t = t.zeros_like().unwrap();
+        }
+    }
+    let silent = dir.path().join("silent.safetensors");
+    safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), header.metadata().clone(), &silent).unwrap();
+    let photo = dir.path().join("disc.png");
+    disc_photo(&photo);
+    let mask = dir.path().join("mask.png");
+    let e = error_of(&["segment", "--image", photo.to_str().unwrap(), "--point", "40,30", "--sam-model", silent.to_str().unwrap(), "--out", mask.to_str().unwrap()]);
+    assert!(e.contains("disc.png") && e.contains("the mask came out empty") && e.contains("try another point"), "{e}");
+    assert!(!mask.exists());
+}
