@@ -164,15 +164,7 @@ impl SamConfig {
     /// A tiny MobileSAM for tests and demos (`layerdiff tiny-model --kind mobile-sam`): a 4-stage
     /// TinyViT of widths 8..32 with the prompt encoder and mask decoder of [`SamConfig::tiny_vit`].
     pub fn tiny_mobile_sam() -> Self {
-        Self::tiny(SamEncoderConfig::TinyVit(TinyVitConfig {
-            img_size: 256,
-            embed_dims: vec![8, 16, 16, 32],
-            depths: vec![1, 1, 2, 1],
-            num_heads: vec![2, 2, 2, 4],
-            window_sizes: vec![7, 3, 5, 3],
-            out_chans: 32,
-            ..TinyVitConfig::mobile_sam()
-        }))
+        Self::tiny(SamEncoderConfig::TinyVit(TinyVitConfig::tiny()))
     }
 
     /// Side of the image embedding (and a quarter of the low-res masks' side): `image_size / 16`

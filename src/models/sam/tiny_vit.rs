@@ -234,13 +234,15 @@ impl Module for PatchMerging {
     }
 }
 
+/// A stage: its blocks (MBConv in stage 0, TinyViT blocks after), then the patch merging into
+/// the next stage, except after the last.
 #[derive(Debug)]
-struct ConvLayer {
-    blocks: Vec<MBConv>,
+struct Stage<B> {
+    blocks: Vec<B>,
     downsample: Option<PatchMerging>,
 }
 
-impl Module for ConvLayer {
+impl<B: Module> Module for Stage<B> {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let mut xs = xs.clone();
         for block in self.blocks.iter() {
@@ -382,31 +384,12 @@ impl Module for TinyViTBlock {
     }
 }
 
-#[derive(Debug)]
-struct BasicLayer {
-    blocks: Vec<TinyViTBlock>,
-    downsample: Option<PatchMerging>,
-}
-
-impl Module for BasicLayer {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut xs = xs.clone();
-        for block in self.blocks.iter() {
-            xs = block.forward(&xs)?
-        }
-        match &self.downsample {
-            None => Ok(xs),
-            Some(downsample) => downsample.forward(&xs),
-        }
-    }
-}
-
 /// MobileSAM's image encoder: `[B, in_chans, S, S]` -> `[B, out_chans, S/16, S/16]`.
 #[derive(Debug)]
 pub struct TinyViT {
     patch_embed: PatchEmbed,
-    layer0: ConvLayer,
-    layers: Vec<BasicLayer>,
+    layer0: Stage<MBConv>,
+    layers: Vec<Stage<TinyViTBlock>>,
     neck_conv1: candle_nn::Conv2d,
     neck_ln1: LayerNorm2d,
     neck_conv2: candle_nn::Conv2d,
@@ -448,7 +431,7 @@ impl TinyViT {
             let blocks = (0..cfg.depths[0])
                 .map(|j| MBConv::new(dims[0], dims[0], cfg.mbconv_expand_ratio, vb.pp("blocks").pp(j)))
                 .collect::<Result<Vec<_>>>()?;
-            ConvLayer { blocks, downsample: downsample(0, vb)? }
+            Stage { blocks, downsample: downsample(0, vb)? }
         };
         let layers = (1..n)
             .map(|i| {
@@ -460,7 +443,7 @@ impl TinyViT {
                 let blocks = (0..cfg.depths[i])
                     .map(|j| TinyViTBlock::new(dim, res, heads, cfg.window_sizes[i], cfg, vb.pp("blocks").pp(j)))
                     .collect::<Result<Vec<_>>>()?;
-                Ok(BasicLayer { blocks, downsample: downsample(i, vb)? })
+                Ok(Stage { blocks, downsample: downsample(i, vb)? })
             })
             .collect::<Result<Vec<_>>>()?;
         let last = dims[n - 1];
