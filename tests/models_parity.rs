@@ -1,5 +1,6 @@
 //! Forward parity of the UNet, VAE and CLIP text encoder with diffusers 0.42.1 / transformers 5.23.0
-//! (fixtures from `tools/make_fixtures.py`, tiny random-weight models), in f32.
+//! (fixtures from `tools/make_fixtures.py`, tiny random-weight models), in f32; on the CPU, or on
+//! the GPU with `LAYERDIFF_TEST_DEVICE=cuda`.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -21,13 +22,22 @@ fn read_json(rel: &str) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&std::fs::read_to_string(fixture(rel))?)?)
 }
 
+/// The CPU, or the GPU with `LAYERDIFF_TEST_DEVICE=cuda` (a `cuda` build: scripts/gpu-check.sh).
+fn device() -> Result<Device> {
+    Ok(match std::env::var("LAYERDIFF_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0)?,
+        Ok("cpu") | Err(_) => Device::Cpu,
+        Ok(other) => return Err(format!("LAYERDIFF_TEST_DEVICE={other}: use cpu or cuda").into()),
+    })
+}
+
 fn tensors(rel: &str) -> Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(fixture(rel), &Device::Cpu)?)
+    Ok(candle_core::safetensors::load(fixture(rel), &device()?)?)
 }
 
 fn weights(rel: &str, dtype: DType) -> Result<VarBuilder<'static>> {
     // SAFETY: the fixture files are not modified while the tests run.
-    Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[fixture(rel)], dtype, &Device::Cpu)? })
+    Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[fixture(rel)], dtype, &device()?)? })
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {

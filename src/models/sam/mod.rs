@@ -11,6 +11,7 @@
 //! ViT-B holds one 4096x4096 score matrix at a time; the automatic mask generator is left out.
 //! Weights use the official state-dict names, which is also the layout of `lmz/candle-sam`'s
 //! safetensors. `tests/sam_parity.rs` checks it against segment-anything 1.0 within 1e-4.
+mod depthwise;
 pub mod image_encoder;
 pub mod mask_decoder;
 pub mod prompt_encoder;

@@ -13,6 +13,7 @@ use candle_core::{bail, IndexOp, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, Module, VarBuilder};
 use std::collections::HashMap;
 
+use super::depthwise::DepthwiseConv2d;
 use super::LayerNorm2d;
 
 fn default_local_conv_size() -> usize {
@@ -133,13 +134,24 @@ pub fn infer(shapes: &HashMap<String, Vec<usize>>, prefix: &str) -> Option<TinyV
 /// A bias-free convolution followed by an eval-mode BatchNorm (`Conv2d_BN`).
 #[derive(Debug)]
 struct Conv2dBN {
-    c: candle_nn::Conv2d,
+    c: Conv,
     bn: candle_nn::BatchNorm,
+}
+
+/// Depthwise convolutions (one group per channel) take their own, much faster, CPU path.
+#[derive(Debug)]
+enum Conv {
+    Dense(candle_nn::Conv2d),
+    Depthwise(DepthwiseConv2d),
 }
 
 impl Conv2dBN {
     fn new(in_: usize, out: usize, ks: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Self> {
-        let c = candle_nn::conv2d_no_bias(in_, out, ks, cfg, vb.pp("c"))?;
+        let c = if cfg.groups > 1 && cfg.groups == in_ && in_ == out && cfg.dilation == 1 {
+            Conv::Depthwise(DepthwiseConv2d::new(out, ks, cfg.stride, cfg.padding, vb.pp("c"))?)
+        } else {
+            Conv::Dense(candle_nn::conv2d_no_bias(in_, out, ks, cfg, vb.pp("c"))?)
+        };
         let bn = candle_nn::batch_norm(out, 1e-5, vb.pp("bn"))?;
         Ok(Self { c, bn })
     }
@@ -147,7 +159,11 @@ impl Conv2dBN {
 
 impl Module for Conv2dBN {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.apply(&self.c)?.apply_t(&self.bn, false)
+        let xs = match &self.c {
+            Conv::Dense(c) => xs.apply(c)?,
+            Conv::Depthwise(c) => xs.apply(c)?,
+        };
+        xs.apply_t(&self.bn, false)
     }
 }
 

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The device check of issue 5, in two halves:
+#
+#   scripts/gpu-check.sh prepare      here, on the CPU machine (no GPU needed): builds the `cuda`
+#                                     binary and the parity test binary with tools/build-cuda.sh,
+#                                     and downloads the wheels the GPU machine lacks (diffusers),
+#                                     all into gpu-bundle/ (git-ignored; carry it).
+#   scripts/gpu-check.sh run          there, from the repo root (no network): the tiny-model
+#                                     parity tests on CUDA, a demo edit, then `layerdiff bench
+#                                     --stages` and tools/bench_stages_ref.py at 512x512 in f32 and
+#                                     bf16; every log and JSON into $OUT (default target/gpu-check).
+#
+# With the device tool: run(command="scripts/gpu-check.sh run", carry=["gpu-bundle"], timeout_s=540).
+# The run half takes about 5-7 minutes on an H100 (mostly building the random 860M-parameter UNets).
+# DEVICE=cpu SIZE=64 TINY=1 scripts/gpu-check.sh run tests the same script here, on tiny models.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE=${BUNDLE:-gpu-bundle}
+OUT=${OUT:-target/gpu-check}
+DEVICE=${DEVICE:-cuda}
+SIZE=${SIZE:-512}
+STEPS=${STEPS:-3}
+
+prepare() {
+  set -e
+  # `cargo build --release --features cuda --bin layerdiff --test models_parity`, with nvcc and link stubs.
+  CARGO_TARGET_DIR=target/cuda tools/build-cuda.sh --features cuda --bin layerdiff --test models_parity
+  mkdir -p "$BUNDLE/wheels"
+  cp target/cuda/release/layerdiff "$BUNDLE/layerdiff"
+  local parity
+  parity=$(ls -t target/cuda/release/deps/models_parity-* | grep -v '\.d$' | head -1)
+  cp "$parity" "$BUNDLE/models_parity"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$BUNDLE/wheels" \
+    diffusers==0.42.1 importlib_metadata
+  du -sh "$BUNDLE"
+}
+
+# One step: its output into $OUT/<name>.log, its status into the summary; never stops the script.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name"
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
+}
+
+run() {
+  mkdir -p "$OUT"
+  : >"$OUT/summary.txt"
+  local bin=$BUNDLE/layerdiff
+  if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site "$BUNDLE"/wheels/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    # cuBLAS, cuRAND and NVRTC of CUDA 13 come from PyTorch's wheels there (as ../shared/tools/cuda/run-on-gpu.sh).
+    export LD_LIBRARY_PATH=$(python3 -c 'import os, nvidia; print(":".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  else
+    bin=target/release/layerdiff
+  fi
+  local tiny=()
+  [ -n "${TINY:-}" ] && tiny=(--tiny)
+  # 1. correctness on the device
+  if [ "$DEVICE" = cuda ]; then
+    step parity 120 env LAYERDIFF_TEST_DEVICE=cuda "$BUNDLE/models_parity" --test-threads 1 --nocapture
+  fi
+  step demo-edit 120 "$bin" edit --device "$DEVICE" --model assets/tiny-sd --image assets/demo/dog.png \
+    --mask assets/demo/dog-mask.png --object "a jumping dog" --background "a dense forest" --size 64 \
+    --embedding-steps 20 --finetune-steps 10 --steps 10 --seeds 1,2 --force --out "$OUT/demo-edit"
+  # 2. speed: ours, then PyTorch's, per precision and fine-tuning mode, the most wanted first
+  for mode in lora full; do
+    for dtype in f32 bf16; do
+      step "rust-$dtype-$mode" 150 "$bin" bench --stages --device "$DEVICE" --size "$SIZE" --dtype "$dtype" \
+        --finetune "$mode" --steps "$STEPS" --json "$OUT/rust-$dtype-$mode.json" "${tiny[@]}"
+      step "torch-$dtype-$mode" 150 python3 tools/bench_stages_ref.py --device "$DEVICE" --size "$SIZE" \
+        --dtype "$dtype" --finetune "$mode" --steps "$STEPS" --json "$OUT/torch-$dtype-$mode.json" "${tiny[@]}"
+    done
+  done
+  cat "$OUT/summary.txt"
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  run) run ;;
+  *) echo "usage: scripts/gpu-check.sh prepare|run" >&2; exit 2 ;;
+esac
