@@ -1,12 +1,17 @@
 //! Benchmarks of the full-size SD v1.4 UNet with random weights (no download needed): one forward,
-//! and one forward + backward with respect to the text context (the step of stage 1); the
-//! method's stage steps; and Segment Anything's image embedding and decoding.
+//! and one forward + backward with respect to the text context; the steps of the method's three
+//! stages with the projected time of an edit ([`bench_stages`], the JSON of [`StageBench`], which
+//! `tools/bench_stages_ref.py` mirrors in PyTorch); and Segment Anything's image embedding and
+//! decoding.
 
-use crate::error::Result;
+use crate::error::{bad_input, Result};
+use crate::method::finetune::LayeredFinetune;
+use crate::method::optimize::LayeredOptimization;
+use crate::method::{EditSettings, FinetuneMode, LayeredLatents};
 use crate::models::sam::{Sam, SamConfig};
 use crate::models::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use crate::pipeline::seeded_noise;
-use candle_core::{DType, Device, Var};
+use candle_core::{DType, Device, DeviceLocation, Tensor, Var};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -68,38 +73,182 @@ pub fn bench_unet(device: &Device, dtype: DType, latent_size: usize, runs: usize
     })
 }
 
-/// Per-step medians of the method's stages at full size, each with its peak RSS.
-#[derive(Debug, Serialize)]
-pub struct StageBench {
-    pub device: String,
-    pub dtype: String,
-    pub latent_size: usize,
-    /// Stage 1: both layers in one batched forward, backward to the two embeddings, Adam.
-    pub stage1_step_s: f64,
-    pub stage1_peak_rss_mib: Option<f64>,
-    /// Stage 2, every UNet weight trained with Adam.
-    pub stage2_full_step_s: Option<f64>,
-    pub stage2_full_peak_rss_mib: Option<f64>,
-    /// Stage 2, rank-4 LoRA adapters on the attention projections.
-    pub stage2_lora_step_s: f64,
-    pub stage2_lora_peak_rss_mib: Option<f64>,
-    /// Stage 3: one classifier-free-guided UNet call (batch 2).
-    pub stage3_step_s: f64,
-    pub stage3_peak_rss_mib: Option<f64>,
+/// What `layerdiff bench --stages` times.
+#[derive(Debug, Clone)]
+pub struct StageBenchOptions {
+    /// Image side in pixels, a positive multiple of 8; the latents are `size / 8` on a side.
+    pub size: usize,
+    /// Weights and activations (stage 1's embeddings and stage 2's trained tensors keep f32
+    /// master copies under f16/bf16, as an edit does).
+    pub dtype: DType,
+    /// Which stage 2 to time: every weight, or rank-[`EditSettings::lora_rank`] LoRA adapters.
+    pub finetune: FinetuneMode,
+    /// Timed steps per stage, after one untimed warm-up step (0 counts as 1).
+    pub steps: usize,
+    /// The UNet's diffusers `config.json`; `None`: SD v1.4's ([`sd_v14_unet_config`]). Tests
+    /// pass a tiny one (`tiny::default_configs()["unet"]`) to run the same code in seconds.
+    pub unet_config: Option<serde_json::Value>,
 }
 
-/// Times one step of each stage of an edit on the full-size UNet with random weights, median of
-/// `runs` after a warm-up step. `full` includes full fine-tuning (about 20 GB at 32x32 on a CPU).
-pub fn bench_stages(device: &Device, dtype: DType, latent_size: usize, runs: usize, full: bool) -> Result<StageBench> {
-    use crate::method::finetune::LayeredFinetune;
-    use crate::method::optimize::LayeredOptimization;
-    use crate::method::{FinetuneMode, LayeredLatents};
+impl Default for StageBenchOptions {
+    fn default() -> Self {
+        Self { size: 512, dtype: DType::F32, finetune: EditSettings::default().finetune, steps: 3, unet_config: None }
+    }
+}
 
+/// Per-step medians of the method's three stages, each with its peak memory, and the projected
+/// time of a default edit. Serialized as the JSON of `layerdiff bench --stages`;
+/// `tools/bench_stages_ref.py` writes the same keys for PyTorch. The keys are stable:
+///
+/// | key | meaning |
+/// | --- | --- |
+/// | `framework` | `"candle 0.11.1"` here, `"torch <version>"` from the PyTorch script |
+/// | `unet` | `"sd-v1.4"`; `"tiny"` (the tiny test UNet) or `"custom"` for a config given in [`StageBenchOptions::unet_config`] |
+/// | `parameters` | the UNet's parameter count |
+/// | `device`, `dtype` | `"cpu"` or `"cuda:N"`; `"f32"`, `"f16"` or `"bf16"` |
+/// | `size`, `latent_size` | image side in pixels, latent side (`size / 8`) |
+/// | `finetune` | the stage 2 timed: `"full"` or `"lora"` (with `lora_rank`) |
+/// | `steps` | timed steps per stage (after one warm-up step) |
+/// | `memory` | what the peaks measure (see [`StageBench::memory`]) |
+/// | `stageN_step_s` | median seconds of one step of stage N |
+/// | `stageN_peak_mib` | peak memory during stage N's timed steps, MiB, or null |
+/// | `stage2_trained_parameters` | elements stage 2 trains (all of `parameters` when full) |
+/// | `stageN_edit_steps` | steps of stage N in a default edit ([`EditSettings::default`]) |
+/// | `projected_edit_s` | `sum over N of stageN_edit_steps * stageN_step_s` |
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct StageBench {
+    pub framework: String,
+    pub unet: String,
+    pub parameters: usize,
+    pub device: String,
+    pub dtype: String,
+    pub size: usize,
+    pub latent_size: usize,
+    pub finetune: FinetuneMode,
+    pub lora_rank: usize,
+    pub steps: usize,
+    /// What `stageN_peak_mib` measures:
+    /// - `"rss"`: on the CPU, the process's peak resident memory (Linux VmHWM, reset through
+    ///   `/proc/self/clear_refs` before each stage's timed steps; everything resident counts,
+    ///   weights included);
+    /// - `"cuda_pool_peak"`: on a GPU, the high-water mark of the memory in use from the device's
+    ///   current memory pool (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`, reset before each stage's timed
+    ///   steps). candle 0.11.1 keeps no allocator statistics of its own, but cudarc 0.19 allocates
+    ///   every tensor with `cuMemAllocAsync` from that pool when the device supports memory pools,
+    ///   so this is the counterpart of `torch.cuda.max_memory_allocated` (cuBLAS workspaces and
+    ///   the CUDA context are outside both);
+    /// - `"cuda_used_after"`: on a GPU without memory pools, `total - free` of `cuMemGetInfo`
+    ///   after the timed steps: the device's used memory (other processes and the context
+    ///   included), not a peak;
+    /// - `null`: none of these could be read (the peaks are null too).
+    pub memory: Option<String>,
+    /// Stage 1: both layers in one batched UNet call (batch 2), masked MSE losses, backward to the
+    /// two text embeddings only (weights frozen), Adam on the embeddings
+    /// ([`LayeredOptimization::run`]).
+    pub stage1_step_s: f64,
+    pub stage1_peak_mib: Option<f64>,
+    /// Stage 2 in mode `finetune`: the same batched call with `e_bar` frozen, backward to the
+    /// trained tensors, Adam ([`LayeredFinetune::run`]).
+    pub stage2_step_s: f64,
+    pub stage2_peak_mib: Option<f64>,
+    /// The elements stage 2 trains (full: every weight; LoRA: the adapters).
+    pub stage2_trained_parameters: usize,
+    /// Stage 3: one classifier-free-guided UNet call (batch 2), no graph
+    /// ([`crate::pipeline::guided_noise`]).
+    pub stage3_step_s: f64,
+    pub stage3_peak_mib: Option<f64>,
+    pub stage1_edit_steps: usize,
+    pub stage2_edit_steps: usize,
+    pub stage3_edit_steps: usize,
+    /// Seconds of a default edit's UNet work, one seed: the steps above times the medians.
+    pub projected_edit_s: f64,
+}
+
+impl StageBench {
+    /// `sum over N of stageN_edit_steps * stageN_step_s`.
+    pub fn projected(&self) -> f64 {
+        self.stage1_edit_steps as f64 * self.stage1_step_s
+            + self.stage2_edit_steps as f64 * self.stage2_step_s
+            + self.stage3_edit_steps as f64 * self.stage3_step_s
+    }
+}
+
+/// The table `layerdiff bench --stages` prints on stderr.
+impl std::fmt::Display for StageBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |m: Option<f64>| m.map_or("-".to_string(), |m| format!("{m:.0}"));
+        let mode = match self.finetune {
+            FinetuneMode::Full => "full".to_string(),
+            FinetuneMode::Lora => format!("lora r{}", self.lora_rank),
+        };
+        writeln!(
+            f,
+            "{} UNet ({:.0}M parameters), {}x{} px ({}x{} latents), {}, {}, {}; median of {} step(s) after a warm-up",
+            self.unet,
+            self.parameters as f64 / 1e6,
+            self.size,
+            self.size,
+            self.latent_size,
+            self.latent_size,
+            self.dtype,
+            self.device,
+            self.framework,
+            self.steps
+        )?;
+        let memory = match self.memory.as_deref() {
+            Some("rss") => "the process's peak RSS",
+            Some("cuda_pool_peak") => "the CUDA memory pool's peak",
+            Some("cuda_used_after") => "CUDA memory in use after the steps (not a peak)",
+            Some(other) => other,
+            None => "not measured",
+        };
+        writeln!(f, "{:<38}{:>10}{:>10}{:>12}{:>10}", "stage step", "step s", "peak MiB", "edit steps", "edit s")?;
+        let rows = [
+            ("1: embeddings (batch 2, Adam)".to_string(), self.stage1_step_s, self.stage1_peak_mib, self.stage1_edit_steps),
+            (format!("2: fine-tune {mode} (batch 2, Adam)"), self.stage2_step_s, self.stage2_peak_mib, self.stage2_edit_steps),
+            ("3: guided sampling (batch 2)".to_string(), self.stage3_step_s, self.stage3_peak_mib, self.stage3_edit_steps),
+        ];
+        for (name, s, peak, n) in rows {
+            writeln!(f, "{name:<38}{s:>10.3}{:>10}{n:>12}{:>10.0}", mib(peak), n as f64 * s)?;
+        }
+        write!(
+            f,
+            "projected default edit (one seed): {:.0} s ({:.2} h); peak memory: {memory}",
+            self.projected_edit_s,
+            self.projected_edit_s / 3600.0
+        )
+    }
+}
+
+/// Times steps of each stage of an edit on a UNet with seeded random weights (SD v1.4's
+/// architecture unless `opts.unet_config` says otherwise): the median of `opts.steps` timed
+/// steps after one warm-up step, with each stage's peak memory. The workloads are the real steps
+/// of [`LayeredOptimization::run`], [`LayeredFinetune::run`] and
+/// [`crate::pipeline::guided_noise`]. Stage 3 runs before stage 2 (freed memory is not always
+/// handed back, and stage 2 is the largest), and the frozen UNet of stages 1 and 3 is dropped
+/// before stage 2 builds its trainable copy. `on_stage` hears when each stage starts.
+pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dyn FnMut(&str)) -> Result<StageBench> {
+    let StageBenchOptions { size, dtype, finetune, steps, ref unet_config } = *opts;
+    if size == 0 || !size.is_multiple_of(8) {
+        return Err(bad_input("--size", format!("{size} is not a positive multiple of 8"), "use 256 or 512"));
+    }
     crate::pipeline::check_dtype(device, dtype)?;
-    let cfg = UNet2DConditionModelConfig::from_json(&sd_v14_unet_config())?;
+    let settings = EditSettings::default();
+    let steps = steps.max(1);
+    let latent_size = size / 8;
+    let unet_name = match unet_config {
+        None => "sd-v1.4",
+        Some(c) if *c == crate::tiny::default_configs()["unet"] => "tiny",
+        Some(_) => "custom",
+    };
+    let cfg = UNet2DConditionModelConfig::from_json(unet_config.as_ref().unwrap_or(&sd_v14_unet_config()))?;
     let (unet, weights) = crate::tiny::seeded_model(0, dtype, device, |vb| Ok(UNet2DConditionModel::new(vb, cfg.clone())?))?;
-    let shape = [1, 4, latent_size, latent_size];
-    let half_mask = |seed| -> Result<candle_core::Tensor> {
+    let parameters = weights.values().map(|t| t.elem_count()).sum();
+    let meter = PeakMeter::new(device);
+
+    // The data of an edit: two layers of latents, half-covering masks, one text embedding.
+    let shape = [1, cfg.in_channels, latent_size, latent_size];
+    let half_mask = |seed| -> Result<Tensor> {
         Ok(seeded_noise(seed, &[1, 1, latent_size, latent_size], device, dtype)?.ge(0.0)?.to_dtype(dtype)?)
     };
     let data = LayeredLatents {
@@ -108,51 +257,253 @@ pub fn bench_stages(device: &Device, dtype: DType, latent_size: usize, runs: usi
         background: seeded_noise(3, &shape, device, dtype)?,
         background_mask: half_mask(4)?,
     };
-    let context = seeded_noise(5, &[1, 77, 768], device, dtype)?;
+    let context = seeded_noise(5, &[1, 77, cfg.cross_attention_dim], device, dtype)?;
     let alphas: Vec<f64> = (0..1000).map(|i| 1.0 - (i as f64 + 1.0) * 9e-4).collect();
-    let mut stage1 = LayeredOptimization::new(&context, &context, 1e-3)?;
-    let (stage1_step_s, stage1_peak) = time_median(device, runs, &mut || {
-        let until = stage1.step + 1;
-        stage1.run(&unet, &alphas, &data, 0, until, &mut |_| {})
+
+    // 1. stage 1: layered optimization of the two embeddings
+    on_stage("stage 1");
+    let mut stage1 = LayeredOptimization::new(&context, &context, settings.embedding_lr)?;
+    let (stage1_step_s, stage1_peak_mib) = meter.time_loop(steps, &mut |n, tick| {
+        let until = stage1.step + n;
+        stage1.run(&unet, &alphas, &data, 0, until, &mut |_| tick())
     })?;
     drop(stage1);
 
-    // Stage 3 before stage 2: freed memory is not always handed back, and full fine-tuning is the largest.
+    // 2. stage 3: one classifier-free-guided call
+    on_stage("stage 3");
     let latents = seeded_noise(6, &shape, device, dtype)?;
-    let guidance = crate::pipeline::Guidance { cond: &context, uncond: &context, scale: 7.5 };
-    let (stage3_step_s, stage3_peak) = time_median(device, runs, &mut || {
+    let guidance = crate::pipeline::Guidance { cond: &context, uncond: &context, scale: settings.guidance_scale };
+    let (stage3_step_s, stage3_peak_mib) = meter.time_median(steps, &mut || {
         crate::pipeline::guided_noise(&unet, &latents, 500, &guidance)?;
         Ok(())
     })?;
-    let finetune_step = |mode: FinetuneMode| -> Result<(f64, Option<f64>)> {
-        let mut stage2 = LayeredFinetune::new(weights.clone().into_iter().collect(), cfg.clone(), mode, 4, 2e-6, dtype, device)?;
-        time_median(device, runs, &mut || {
-            let until = stage2.step + 1;
-            stage2.run(&context, 2.0, 1.0, &alphas, &data, 0, until, &mut |_| {})
-        })
-    };
-    let (stage2_lora_step_s, lora_peak) = finetune_step(FinetuneMode::Lora)?;
-    let (stage2_full_step_s, full_peak) = match full {
-        true => {
-            let (s, p) = finetune_step(FinetuneMode::Full)?;
-            (Some(s), p)
-        }
-        false => (None, None),
-    };
+    drop((unet, latents));
 
-    Ok(StageBench {
-        device: format!("{device:?}"),
-        dtype: format!("{dtype:?}"),
+    // 3. stage 2: layered fine-tuning, `e_bar` frozen
+    on_stage("stage 2");
+    let lambda_object = crate::method::finetune::lambda_object(settings.lambda_object, 0.5);
+    let mut stage2 = LayeredFinetune::new(
+        weights.into_iter().collect(),
+        cfg,
+        finetune,
+        settings.lora_rank,
+        settings.finetune_lr,
+        dtype,
+        device,
+    )?;
+    let stage2_trained_parameters =
+        stage2.state().iter().filter(|(k, _)| k.starts_with("var.")).map(|(_, t)| t.elem_count()).sum();
+    let (stage2_step_s, stage2_peak_mib) = meter.time_loop(steps, &mut |n, tick| {
+        let until = stage2.step + n;
+        stage2.run(&context, lambda_object, settings.lambda_background, &alphas, &data, 0, until, &mut |_| tick())
+    })?;
+    drop(stage2);
+
+    let mut report = StageBench {
+        framework: "candle 0.11.1".to_string(),
+        unet: unet_name.to_string(),
+        parameters,
+        device: device_name(device),
+        dtype: dtype_name(dtype).to_string(),
+        size,
         latent_size,
+        finetune,
+        lora_rank: settings.lora_rank,
+        steps,
+        memory: meter.kind.map(str::to_string),
         stage1_step_s,
-        stage1_peak_rss_mib: stage1_peak,
-        stage2_full_step_s,
-        stage2_full_peak_rss_mib: full_peak,
-        stage2_lora_step_s,
-        stage2_lora_peak_rss_mib: lora_peak,
+        stage1_peak_mib,
+        stage2_step_s,
+        stage2_peak_mib,
+        stage2_trained_parameters,
         stage3_step_s,
-        stage3_peak_rss_mib: stage3_peak,
-    })
+        stage3_peak_mib,
+        stage1_edit_steps: settings.embedding_steps,
+        stage2_edit_steps: settings.finetune_steps,
+        stage3_edit_steps: settings.steps,
+        projected_edit_s: 0.0,
+    };
+    report.projected_edit_s = report.projected();
+    Ok(report)
+}
+
+/// `cpu` or `cuda:N` (`metal:N`).
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        DeviceLocation::Cpu => "cpu".to_string(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// The CLI's name of a dtype.
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F64 => "f64",
+        _ => "other",
+    }
+}
+
+/// A stage that runs its own loop: `run(n, tick)` runs `n` steps and calls `tick` after each.
+type StageLoop<'a> = dyn FnMut(usize, &mut dyn FnMut()) -> Result<()> + 'a;
+
+/// Times a stage's steps and measures its peak memory, as [`StageBench::memory`] describes.
+struct PeakMeter<'a> {
+    device: &'a Device,
+    /// [`StageBench::memory`].
+    kind: Option<&'static str>,
+}
+
+impl<'a> PeakMeter<'a> {
+    fn new(device: &'a Device) -> Self {
+        let kind = if device.is_cpu() {
+            (reset_peak_rss() && peak_rss_mib().is_some()).then_some("rss")
+        } else {
+            cuda_memory::kind(device)
+        };
+        Self { device, kind }
+    }
+
+    fn reset(&self) {
+        match self.kind {
+            Some("rss") => {
+                reset_peak_rss();
+            }
+            Some("cuda_pool_peak") => cuda_memory::reset_pool_peak(self.device),
+            _ => {}
+        }
+    }
+
+    fn peak_mib(&self) -> Option<f64> {
+        match self.kind {
+            Some("rss") => peak_rss_mib(),
+            Some("cuda_pool_peak") => cuda_memory::pool_peak_mib(self.device),
+            Some("cuda_used_after") => cuda_memory::used_mib(self.device),
+            _ => None,
+        }
+    }
+
+    /// One warm-up call, then `steps` timed calls (at least one), the device synchronized around
+    /// each: the median seconds, and the peak memory of the timed calls.
+    fn time_median(&self, steps: usize, call: &mut dyn FnMut() -> Result<()>) -> Result<(f64, Option<f64>)> {
+        self.time_loop(steps, &mut |n, tick| {
+            for _ in 0..n {
+                call()?;
+                tick();
+            }
+            Ok(())
+        })
+    }
+
+    /// A stage that runs its own loop ([`StageLoop`]): one warm-up step, then `steps` (at least one) in one loop, timed from tick to tick with
+    /// the device synchronized at each: the median seconds, and the peak memory of the timed
+    /// steps. What a stage does once per loop rather than per step (stage 2's check that every
+    /// weight is finite, which an edit does once per checkpoint) falls outside the timed steps.
+    fn time_loop(
+        &self,
+        steps: usize,
+        run: &mut StageLoop<'_>,
+    ) -> Result<(f64, Option<f64>)> {
+        run(1, &mut || {})?;
+        self.device.synchronize()?;
+        self.reset();
+        let steps = steps.max(1);
+        let mut times = Vec::with_capacity(steps);
+        let mut synced = Ok(());
+        let mut last = Instant::now();
+        run(steps, &mut || {
+            if let Err(e) = self.device.synchronize() {
+                synced = Err(e);
+            }
+            let now = Instant::now();
+            times.push((now - last).as_secs_f64());
+            last = now;
+        })?;
+        synced?;
+        if times.len() != steps {
+            return Err(bad_input("bench", format!("{} timed steps ran, {steps} asked for", times.len()), "report this bug"));
+        }
+        times.sort_by(f64::total_cmp);
+        Ok((times[times.len() / 2], self.peak_mib()))
+    }
+}
+
+/// GPU memory through cudarc (candle 0.11.1 keeps no allocator statistics): the high-water mark
+/// of the device's current memory pool, which cudarc's `cuMemAllocAsync` allocations come from,
+/// or `cuMemGetInfo`'s used memory where the device has no memory pools.
+#[cfg(feature = "cuda")]
+mod cuda_memory {
+    use candle_core::cuda::cudarc::driver::{result, sys, CudaContext};
+    use candle_core::Device;
+    use std::sync::Arc;
+
+    const HIGH: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+
+    fn context(device: &Device) -> Option<Arc<CudaContext>> {
+        let ctx = device.as_cuda_device().ok()?.cuda_stream().context().clone();
+        ctx.bind_to_thread().ok()?;
+        Some(ctx)
+    }
+
+    /// The pool cudarc allocates from, when it allocates from one.
+    fn pool(device: &Device) -> Option<sys::CUmemoryPool> {
+        let ctx = context(device)?;
+        if !ctx.has_async_alloc() {
+            return None;
+        }
+        // SAFETY: `cu_device` is the live context's device.
+        unsafe { result::device::get_mem_pool(ctx.cu_device()) }.ok()
+    }
+
+    pub fn kind(device: &Device) -> Option<&'static str> {
+        if pool(device).is_some() && pool_peak_mib(device).is_some() {
+            Some("cuda_pool_peak")
+        } else {
+            used_mib(device).map(|_| "cuda_used_after")
+        }
+    }
+
+    /// Resets the pool's high-water mark (it can only be reset to zero).
+    pub fn reset_pool_peak(device: &Device) {
+        if let Some(pool) = pool(device) {
+            let mut zero: u64 = 0;
+            // SAFETY: a valid pool; USED_MEM_HIGH takes a cuuint64_t.
+            let _ = unsafe { result::mem_pool::set_attribute(pool, HIGH, (&mut zero as *mut u64).cast()) };
+        }
+    }
+
+    pub fn pool_peak_mib(device: &Device) -> Option<f64> {
+        let pool = pool(device)?;
+        let mut high: u64 = 0;
+        // SAFETY: a valid pool; USED_MEM_HIGH is a cuuint64_t.
+        unsafe { result::mem_pool::get_attribute(pool, HIGH, (&mut high as *mut u64).cast()) }.ok()?;
+        Some(high as f64 / (1024.0 * 1024.0))
+    }
+
+    pub fn used_mib(device: &Device) -> Option<f64> {
+        let (free, total) = context(device)?.mem_get_info().ok()?;
+        Some(total.saturating_sub(free) as f64 / (1024.0 * 1024.0))
+    }
+}
+
+/// Without the `cuda` feature there is no GPU to measure.
+#[cfg(not(feature = "cuda"))]
+mod cuda_memory {
+    use candle_core::Device;
+
+    pub fn kind(_: &Device) -> Option<&'static str> {
+        None
+    }
+    pub fn reset_pool_peak(_: &Device) {}
+    pub fn pool_peak_mib(_: &Device) -> Option<f64> {
+        None
+    }
+    pub fn used_mib(_: &Device) -> Option<f64> {
+        None
+    }
 }
 
 /// Segment Anything at full size with random weights: the image embedding (once per photo) and
@@ -196,6 +547,7 @@ pub fn bench_sam(model: &str, cfg: &SamConfig, device: &Device, runs: usize) -> 
 /// of the timed calls.
 fn time_median(device: &Device, runs: usize, step: &mut dyn FnMut() -> Result<()>) -> Result<(f64, Option<f64>)> {
     step()?;
+    device.synchronize()?;
     reset_peak_rss();
     let mut times = Vec::with_capacity(runs.max(1));
     for _ in 0..runs.max(1) {
@@ -209,8 +561,8 @@ fn time_median(device: &Device, runs: usize, step: &mut dyn FnMut() -> Result<()
 }
 
 /// Resets the kernel's peak-RSS counter (Linux: writing 5 to clear_refs), so each measurement has its own.
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 fn peak_rss_mib() -> Option<f64> {

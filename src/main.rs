@@ -58,17 +58,21 @@ enum Command {
     TinyModel(TinyModelArgs),
     /// Time the full-size SD v1.4 UNet (random weights, no download): one forward, and one forward +
     /// backward with respect to the text context; medians and peak RSS, as JSON. --stages times
-    /// the edit's stage steps, --sam a Segment Anything model.
+    /// the steps of an edit's three stages and projects a default edit's time, --sam a Segment
+    /// Anything model.
+    ///
+    /// Example: layerdiff bench --stages --size 512 --finetune lora --steps 3 --json stages.json
     Bench(BenchArgs),
 }
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Image side in pixels; the latents are size/8.
+    /// Image side in pixels, a positive multiple of 8 (256 or 512); the latents are size/8.
     #[arg(long, default_value_t = 256)]
     size: usize,
-    /// Timed runs per measurement (after one warm-up); the median is reported.
-    #[arg(long, default_value_t = 3)]
+    /// Timed runs per measurement (after one warm-up); the median is reported. Not with
+    /// --stages, which takes --steps.
+    #[arg(long, default_value_t = 3, conflicts_with = "stages")]
     runs: usize,
     /// Run on the CPU (same as --device cpu).
     #[arg(long)]
@@ -81,12 +85,21 @@ struct BenchArgs {
     /// Also write the JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Time one step of each stage of an edit instead (stage 1, stage 2 LoRA, stage 3).
+    /// Time the steps of an edit's three stages instead: per-step medians, peak memory per stage
+    /// (RSS on the CPU, the memory pool's peak on a GPU) and the projected time of a default edit
+    /// (500 x stage 1 + 250 x stage 2 + 50 x stage 3); a table on stderr, JSON on stdout.
     #[arg(long)]
     stages: bool,
-    /// With --stages: also full fine-tuning (about 20 GB of memory at --size 256).
-    #[arg(long, requires = "stages")]
-    full: bool,
+    /// With --stages: which stage 2 to time, every weight (full, about 22 GB at --size 256 on
+    /// the CPU) or rank-4 LoRA adapters.
+    #[arg(long, value_enum, default_value_t = EditSettings::default().finetune, requires = "stages")]
+    finetune: FinetuneMode,
+    /// With --stages: timed steps per stage, after one warm-up step; the median is reported.
+    #[arg(long, default_value_t = 3, requires = "stages")]
+    steps: usize,
+    /// With --stages: the tiny test UNet instead of SD v1.4's (tests; the numbers mean nothing).
+    #[arg(long, hide = true, requires = "stages")]
+    tiny: bool,
     /// Time Segment Anything instead, at its full size (1024 px input): one image embedding and
     /// one click's decoding.
     #[arg(long, value_enum, conflicts_with_all = ["stages", "size"])]
@@ -622,7 +635,17 @@ fn bench(args: BenchArgs) -> Result<()> {
         };
         serde_json::to_string_pretty(&layerdiff::bench::bench_sam(name, &cfg, &device, args.runs)?)?
     } else if args.stages {
-        let report = layerdiff::bench::bench_stages(&device, args.dtype.into(), args.size / 8, args.runs, args.full)?;
+        let opts = layerdiff::bench::StageBenchOptions {
+            size: args.size,
+            dtype: args.dtype.into(),
+            finetune: args.finetune,
+            steps: args.steps,
+            unet_config: args.tiny.then(|| layerdiff::tiny::default_configs()["unet"].clone()),
+        };
+        let report = layerdiff::bench::bench_stages(&device, &opts, &mut |stage| {
+            eprintln!("{stage}: a warm-up step and {} timed", opts.steps.max(1));
+        })?;
+        eprintln!("{report}");
         serde_json::to_string_pretty(&report)?
     } else {
         serde_json::to_string_pretty(&layerdiff::bench::bench_unet(&device, args.dtype.into(), args.size / 8, args.runs)?)?

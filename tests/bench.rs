@@ -1,0 +1,132 @@
+//! `layerdiff bench --stages` end to end on the tiny UNet (the hidden `--tiny`): the same code
+//! path as the full-size benchmark, in seconds. Checks the JSON, not the speed.
+
+use layerdiff::method::EditSettings;
+use serde_json::Value;
+use std::process::{Command, Output};
+
+fn layerdiff(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_layerdiff")).args(args).output().expect("runs")
+}
+
+/// The keys of the JSON, documented at `layerdiff::bench::StageBench`.
+const KEYS: &[&str] = &[
+    "framework",
+    "unet",
+    "parameters",
+    "device",
+    "dtype",
+    "size",
+    "latent_size",
+    "finetune",
+    "lora_rank",
+    "steps",
+    "memory",
+    "stage1_step_s",
+    "stage1_peak_mib",
+    "stage2_step_s",
+    "stage2_peak_mib",
+    "stage2_trained_parameters",
+    "stage3_step_s",
+    "stage3_peak_mib",
+    "stage1_edit_steps",
+    "stage2_edit_steps",
+    "stage3_edit_steps",
+    "projected_edit_s",
+];
+
+/// Runs the tiny stage bench with `--json`; returns the JSON (stdout and file must agree) and stderr.
+fn bench_stages(extra: &[&str]) -> (Value, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out/stages.json");
+    let path_str = path.to_str().unwrap();
+    let mut args = vec!["bench", "--stages", "--tiny", "--cpu", "--size", "64", "--steps", "2", "--json", path_str];
+    args.extend_from_slice(extra);
+    let out = layerdiff(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    let stdout: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).expect("JSON in --json");
+    assert_eq!(stdout, file);
+    (stdout, stderr)
+}
+
+fn f(json: &Value, key: &str) -> f64 {
+    json[key].as_f64().unwrap_or_else(|| panic!("{key} is not a number: {json}"))
+}
+
+fn check_report(json: &Value, finetune: &str) {
+    let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys.len(), KEYS.len(), "{keys:?}");
+    for key in KEYS {
+        assert!(json.get(*key).is_some(), "{key} missing: {json}");
+    }
+    assert_eq!(json["unet"], "tiny");
+    assert_eq!(json["device"], "cpu");
+    assert_eq!(json["dtype"], "f32");
+    assert_eq!(json["size"], 64);
+    assert_eq!(json["latent_size"], 8);
+    assert_eq!(json["finetune"], finetune);
+    assert_eq!(json["steps"], 2);
+    let defaults = EditSettings::default();
+    assert_eq!(json["stage1_edit_steps"], defaults.embedding_steps);
+    assert_eq!(json["stage2_edit_steps"], defaults.finetune_steps);
+    assert_eq!(json["stage3_edit_steps"], defaults.steps);
+    assert_eq!(json["lora_rank"], defaults.lora_rank);
+    let (s1, s2, s3) = (f(json, "stage1_step_s"), f(json, "stage2_step_s"), f(json, "stage3_step_s"));
+    for s in [s1, s2, s3] {
+        assert!(s > 0.0 && s < 60.0, "{json}");
+    }
+    let projected = defaults.embedding_steps as f64 * s1 + defaults.finetune_steps as f64 * s2 + defaults.steps as f64 * s3;
+    assert!((f(json, "projected_edit_s") - projected).abs() <= 1e-9 * projected, "{json}");
+    // Linux: the process's peak RSS, which holds at least the weights.
+    if json["memory"] == "rss" {
+        let weights_mib = f(json, "parameters") * 4.0 / (1024.0 * 1024.0);
+        for key in ["stage1_peak_mib", "stage2_peak_mib", "stage3_peak_mib"] {
+            assert!(f(json, key) > weights_mib, "{key}: {json}");
+        }
+    }
+}
+
+#[test]
+fn stages_lora_reports_every_key_and_the_projection() {
+    let (json, stderr) = bench_stages(&["--finetune", "lora"]);
+    check_report(&json, "lora");
+    // Rank-4 adapters on to_q/to_k/to_v/to_out.0 of the tiny UNet's 22 attentions, as
+    // tools/bench_stages_ref.py --tiny --finetune lora counts them.
+    assert_eq!(json["stage2_trained_parameters"], 33280);
+    assert!(stderr.contains("2: fine-tune lora r4"), "{stderr}");
+    assert!(stderr.contains("projected default edit"), "{stderr}");
+}
+
+#[test]
+fn stages_full_trains_every_weight() {
+    let (json, stderr) = bench_stages(&["--finetune", "full"]);
+    check_report(&json, "full");
+    assert_eq!(json["stage2_trained_parameters"], json["parameters"]);
+    assert!(stderr.contains("2: fine-tune full"), "{stderr}");
+}
+
+#[test]
+fn stage_flags_are_checked() {
+    for (args, what) in [
+        (&["bench", "--stages", "--tiny", "--cpu", "--size", "60"][..], "--size"),
+        (&["bench", "--steps", "2"][..], "--stages"),
+        (&["bench", "--finetune", "lora"][..], "--stages"),
+        (&["bench", "--stages", "--runs", "2"][..], "--runs"),
+    ] {
+        let out = layerdiff(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(what), "{args:?}: {stderr}");
+    }
+}
+
+/// The PyTorch reference writes the same keys (checked on its source: the test needs no Python).
+#[test]
+fn pytorch_reference_writes_the_same_keys() {
+    let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/bench_stages_ref.py")).unwrap();
+    for key in KEYS {
+        assert!(script.contains(&format!("\"{key}\": ")), "tools/bench_stages_ref.py lacks \"{key}\"");
+    }
+}
