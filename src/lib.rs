@@ -16,6 +16,7 @@ pub mod assets;
 pub mod baselines;
 pub mod bench;
 pub mod error;
+pub mod eval;
 pub mod image_io;
 pub mod method;
 pub mod models;
