@@ -1,9 +1,22 @@
-//! Evaluation: the paper's CLIP score and the fidelity metrics, with the metric models they need
-//! (CLIP and DINOv2 in the transformers layout) and their image preprocessing.
+//! Evaluation: the paper's CLIP score and the fidelity metrics ([`metrics`]), with the metric
+//! models they need (CLIP and DINOv2 in the transformers layout, [`models`]) and their image
+//! preprocessing ([`preprocess`]).
+//!
+//! ```no_run
+//! use layerdiff::eval::{Scorer, ScorerOptions};
+//! # fn main() -> layerdiff::Result<()> {
+//! let scorer = Scorer::load(&ScorerOptions::default())?; // openai/clip-vit-large-patch14, facebook/dinov2-base
+//! let output = layerdiff::image_io::load_rgb("edit-1.png".as_ref())?;
+//! let score = scorer.clip_score(&output, "a photo of a jumping dog")?;
+//! println!("CLIP score {:.3} ({:.1} as torchmetrics)", score.cosine, score.torchmetrics);
+//! # Ok(()) }
+//! ```
+pub mod metrics;
 pub mod models;
 pub mod preprocess;
 pub mod tiny;
 
+pub use metrics::{ClipScore, Fidelity, Reference, Scorer, ScorerOptions, Scores, DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL};
 pub use models::{ClipEmbedder, DinoEmbedder, MetricModelKind, TransformersFiles};
 pub use preprocess::ImageProcessor;
 pub use tiny::{write_tiny_clip, write_tiny_dinov2};
