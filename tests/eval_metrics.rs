@@ -162,3 +162,107 @@ fn metric_models_load_from_a_hub_repo_then_offline() {
     let offline = ScorerOptions { source: SourceOptions { offline: true, ..source }, ..opts };
     Scorer::load(&offline).unwrap();
 }
+
+/// CPU time of each metric at full size, with random weights: CLIP ViT-L/14 (openai/clip-vit-
+/// large-patch14's config) and DINOv2-base written in the transformers layout by the tiny
+/// writers. Not in CI (it writes 2 GB and takes about a minute):
+/// `cargo test --release --test eval_metrics -- --ignored --nocapture full_size`. The folders stay
+/// in `$LAYERDIFF_EVAL_FULLSIZE_DIR` (default `/tmp/layerdiff-eval-fullsize`), with the
+/// embeddings of one TEdBench photo in `rust.safetensors`, for `tools/eval_fullsize_ref.py`.
+#[test]
+#[ignore]
+fn full_size_timing() {
+    use layerdiff::eval::preprocess::ImageProcessor;
+    use layerdiff::eval::tiny::{write_clip, write_dinov2};
+    use layerdiff::models::clip::ClipConfig;
+    use layerdiff::models::dinov2::Dinov2Config;
+    use std::time::Instant;
+    let root = std::path::PathBuf::from(std::env::var("LAYERDIFF_EVAL_FULLSIZE_DIR").unwrap_or("/tmp/layerdiff-eval-fullsize".into()));
+    let (clip_dir, dino_dir) = (root.join("clip-vit-large-patch14-random"), root.join("dinov2-base-random"));
+    if !clip_dir.join("model.safetensors").exists() {
+        write_clip(&clip_dir, &ClipConfig::vit_large_patch14(), &ImageProcessor::clip(), 0).unwrap();
+    }
+    if !dino_dir.join("model.safetensors").exists() {
+        write_dinov2(&dino_dir, &Dinov2Config::base(), &ImageProcessor::dinov2(), 0).unwrap();
+    }
+    let opts = ScorerOptions { clip_model: clip_dir.to_str().unwrap().into(), dino_model: Some(dino_dir.to_str().unwrap().into()), source: SourceOptions::default(), device: Device::Cpu };
+    let t = Instant::now();
+    let s = Scorer::load(&opts).unwrap();
+    println!("load both models: {:.2} s", t.elapsed().as_secs_f64());
+    let (input, _, _) = timings(&s, 512);
+    let dino = s.dino.as_ref().unwrap();
+    let text = TEXT;
+    let tensors = std::collections::HashMap::from([
+        ("image_embeds", s.clip.image_embeds(&[&input]).unwrap()),
+        ("text_embeds", s.clip.text_embeds(&[text]).unwrap()),
+        ("dino_pooler_output", dino.image_embeds(&[&input]).unwrap()),
+        ("clip_pixel_values", s.clip.processor.preprocess(&input, &Device::Cpu).unwrap()),
+        ("dino_pixel_values", dino.processor.preprocess(&input, &Device::Cpu).unwrap()),
+    ]);
+    candle_core::safetensors::save(&tensors, root.join("rust.safetensors")).unwrap();
+    std::fs::write(root.join("text.txt"), text).unwrap();
+}
+
+const TEXT: &str = "A photo of a tomato in a blue tennis court.";
+
+/// Times each metric on a TEdBench photo (or a made-up picture) at `size`, as if it were the
+/// edit's input and a hue-rotated copy its output; returns (input, output, mask).
+fn timings(s: &Scorer, size: u32) -> (RgbImage, RgbImage, GrayImage) {
+    use layerdiff::eval::preprocess::load_rgb_for_metrics;
+    use std::time::Instant;
+    let photo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tedbench/originals/tennis_ball.jpeg");
+    let input = if photo.exists() { load_rgb_for_metrics(&photo).unwrap() } else { picture(1) };
+    let input = image::imageops::resize(&input, size, size, image::imageops::FilterType::Lanczos3);
+    let output = image::imageops::colorops::huerotate(&input, 40);
+    let m = GrayImage::from_fn(size, size, |x, y| Luma([if (size / 5..size * 4 / 5).contains(&x) && (size / 4..size * 5 / 6).contains(&y) { 255 } else { 0 }]));
+    let text = TEXT;
+    let time = |what: &str, runs: usize, f: &mut dyn FnMut()| {
+        f(); // warm-up
+        let t = Instant::now();
+        for _ in 0..runs {
+            f();
+        }
+        println!("{what}: {:.3} s", t.elapsed().as_secs_f64() / runs as f64 / if what.contains("batch of 3") { 3. } else { 1. });
+    };
+    let dino = s.dino.as_ref().unwrap();
+    time("CLIP image embedding, 1 image", 3, &mut || {
+        let _ = s.clip.image_embeds(&[&output]).unwrap();
+    });
+    time("CLIP image embedding, batch of 3 (one output's crops in score), per image", 1, &mut || {
+        let _ = s.clip.image_embeds(&[&output, &output, &output]).unwrap();
+    });
+    time("CLIP text embedding, 1 text", 3, &mut || {
+        let _ = s.clip.text_embeds(&[text]).unwrap();
+    });
+    time("DINOv2 image embedding, 1 image", 3, &mut || {
+        let _ = dino.image_embeds(&[&output]).unwrap();
+    });
+    time("clip_score (1 image + 1 text)", 2, &mut || {
+        let _ = s.clip_score(&output, text).unwrap();
+    });
+    time("subject_fidelity (2 crops, CLIP + DINOv2)", 2, &mut || {
+        let _ = s.subject_fidelity(&input, &m, &output).unwrap();
+    });
+    time("background_fidelity (2 regions, CLIP + DINOv2)", 2, &mut || {
+        let _ = s.background_fidelity(&input, &m, &output).unwrap();
+    });
+    time("image_fidelity (2 images, CLIP + DINOv2)", 2, &mut || {
+        let _ = s.image_fidelity(&input, &output).unwrap();
+    });
+    let reference = s.reference(&input, Some(&m), Some((&input, None))).unwrap();
+    time("score: every metric of one output, input side embedded once", 2, &mut || {
+        let _ = s.score(&reference, &output, text).unwrap();
+    });
+    time("reference: the input side, once per input", 1, &mut || {
+        let _ = s.reference(&input, Some(&m), Some((&input, None))).unwrap();
+    });
+    (input, output, m)
+}
+
+/// CPU time of each metric on the tiny models: `cargo test --release --test eval_metrics --
+/// --ignored --nocapture tiny_timing`.
+#[test]
+#[ignore]
+fn tiny_timing() {
+    timings(&tiny().scorer, 512);
+}
