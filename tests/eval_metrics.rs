@@ -104,7 +104,7 @@ fn score_gives_every_metric_as_the_single_calls() {
     assert!((-1.0..=1.0).contains(&clip.cosine));
     assert_eq!(clip.torchmetrics, (100.0 * clip.cosine).max(0.0));
     let image = s.image_fidelity(&input, &output).unwrap();
-    assert!(close(scores.image.clip, image.clip) && close(scores.image.dino.unwrap(), image.dino.unwrap()));
+    assert!(close(scores.image.unwrap().clip, image.clip) && close(scores.image.unwrap().dino.unwrap(), image.dino.unwrap()));
     let subject = s.subject_fidelity(&input, &m, &output).unwrap();
     assert!(close(scores.subject.unwrap().clip, subject.clip) && close(scores.subject.unwrap().dino.unwrap(), subject.dino.unwrap()));
     let union = GrayImage::from_fn(64, 48, |x, y| Luma([m.get_pixel(x, y).0[0].max(source_mask.get_pixel(x, y).0[0])]));
@@ -114,6 +114,9 @@ fn score_gives_every_metric_as_the_single_calls() {
     let whole = s.reference(&input, None, None).unwrap();
     let scores = s.score(&whole, &output, text).unwrap();
     assert!(scores.subject.is_none() && scores.background.is_none());
+    let alone = s.score(&Scorer::no_reference(), &output, text).unwrap();
+    assert!(alone.image.is_none() && alone.subject.is_none() && alone.background.is_none());
+    assert_eq!(alone.clip_score, scores.clip_score);
     // a different text scores differently
     assert_ne!(s.clip_score(&output, "a dense forest").unwrap(), clip);
 }

@@ -82,8 +82,8 @@ pub struct Fidelity {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Scores {
     pub clip_score: ClipScore,
-    /// Input vs output, whole images (DreamBooth's CLIP-I and DINO).
-    pub image: Fidelity,
+    /// Input vs output, whole images (DreamBooth's CLIP-I and DINO); `None` without an input.
+    pub image: Option<Fidelity>,
     pub subject: Option<Fidelity>,
     pub background: Option<Fidelity>,
 }
@@ -102,7 +102,7 @@ pub struct Reference {
     subject_mask: Option<GrayImage>,
     /// Pixels that are subject in the input or not background in the source.
     not_background: Option<GrayImage>,
-    image: Embeddings,
+    image: Option<Embeddings>,
     subject: Option<Embeddings>,
     background: Option<Embeddings>,
 }
@@ -183,7 +183,12 @@ impl Scorer {
             (Some((source, _)), Some(nb)) => background_region(source, nb).map(|region| self.embed(&region)).transpose()?,
             _ => None,
         };
-        Ok(Reference { subject_mask: subject_mask.cloned(), not_background, image, subject, background })
+        Ok(Reference { subject_mask: subject_mask.cloned(), not_background, image: Some(image), subject, background })
+    }
+
+    /// No input to compare with: [`Self::score`] gives the CLIP score alone.
+    pub fn no_reference() -> Reference {
+        Reference { subject_mask: None, not_background: None, image: None, subject: None, background: None }
     }
 
     /// Every metric of one output of the edit `reference` was made for, `text` its target text.
@@ -209,7 +214,7 @@ impl Scorer {
         };
         let whole = row(0)?;
         let clip_score = self.clip_score_of(&whole.clip, text)?;
-        let image = self.fidelity(&reference.image, &whole)?;
+        let image = reference.image.as_ref().map(|r| self.fidelity(r, &whole)).transpose()?;
         let mut next = 1;
         let subject = match &reference.subject {
             Some(r) => {

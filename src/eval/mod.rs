@@ -1,6 +1,6 @@
 //! Evaluation: the paper's CLIP score and the fidelity metrics ([`metrics`]), with the metric
 //! models they need (CLIP and DINOv2 in the transformers layout, [`models`]) and their image
-//! preprocessing ([`preprocess`]).
+//! preprocessing ([`preprocess`]); [`score::score_folder`] scores finished edits into a CSV.
 //!
 //! ```no_run
 //! use layerdiff::eval::{Scorer, ScorerOptions};
@@ -14,9 +14,11 @@
 pub mod metrics;
 pub mod models;
 pub mod preprocess;
+pub mod score;
 pub mod tiny;
 
 pub use metrics::{ClipScore, Fidelity, Reference, Scorer, ScorerOptions, Scores, DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL};
 pub use models::{ClipEmbedder, DinoEmbedder, MetricModelKind, TransformersFiles};
 pub use preprocess::ImageProcessor;
+pub use score::{score_folder, write_csv, ScoreRequest, ScoredImage};
 pub use tiny::{write_tiny_clip, write_tiny_dinov2};
