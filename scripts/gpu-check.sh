@@ -8,15 +8,18 @@
 #   scripts/gpu-check.sh run          there, from the repo root (no network): the tiny-model
 #                                     parity tests on CUDA, a demo edit, then `layerdiff bench
 #                                     --stages` and tools/bench_stages_ref.py at 512x512 in f32 and
-#                                     bf16; every log and JSON into $OUT (default target/gpu-check).
+#                                     bf16; every log and JSON packed into $OUT/gpu-check.tgz
+#                                     (the device tool returns at most 8 files), plus summary.txt.
 #
 # With the device tool: run(command="scripts/gpu-check.sh run", carry=["gpu-bundle"], timeout_s=540).
-# The run half takes about 5-7 minutes on an H100 (mostly building the random 860M-parameter UNets).
+# The run half should take 5-7 minutes on an H100, mostly drawing the random 860M-parameter UNets
+# (not yet run on one: no task so far was lent a device).
 # DEVICE=cpu SIZE=64 TINY=1 scripts/gpu-check.sh run tests the same script here, on tiny models.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=${BUNDLE:-gpu-bundle}
 OUT=${OUT:-target/gpu-check}
+WORK=${WORK:-/tmp/gpu-check-work}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-512}
 STEPS=${STEPS:-3}
@@ -37,27 +40,27 @@ prepare() {
   du -sh "$BUNDLE"
 }
 
-# One step: its output into $OUT/<name>.log, its status into the summary; never stops the script.
+# One step: its output into $WORK/<name>.log, its status into the summary; never stops the script.
 step() {
   local name=$1 limit=$2
   shift 2
   echo "== $name"
   local start=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
   local rc=$?
-  tail -n 25 "$OUT/$name.log"
-  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
+  tail -n 25 "$WORK/$name.log"
+  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$WORK/summary.txt"
 }
 
 run() {
-  mkdir -p "$OUT"
-  : >"$OUT/summary.txt"
+  mkdir -p "$OUT" "$WORK"
+  : >"$WORK/summary.txt"
   local bin=/tmp/gpu-check/layerdiff
   if [ "$DEVICE" = cuda ]; then
     mkdir -p /tmp/gpu-check
     xz -dc "$BUNDLE/layerdiff.xz" >"$bin" && xz -dc "$BUNDLE/models_parity.xz" >/tmp/gpu-check/models_parity
     chmod +x "$bin" /tmp/gpu-check/models_parity
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$WORK/gpu.txt" 2>&1
     python3 -m pip install -q --no-index --no-deps --target /tmp/site "$BUNDLE"/wheels/*.whl \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     # cuBLAS, cuRAND and NVRTC of CUDA 13 come from PyTorch's wheels there (as ../shared/tools/cuda/run-on-gpu.sh).
@@ -69,21 +72,22 @@ run() {
   [ -n "${TINY:-}" ] && tiny=(--tiny)
   # 1. correctness on the device
   if [ "$DEVICE" = cuda ]; then
-    step parity 120 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity --test-threads 1 --nocapture
+    step parity 60 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity --test-threads 1 --nocapture
   fi
-  step demo-edit 120 "$bin" edit --device "$DEVICE" --model assets/tiny-sd --image assets/demo/dog.png \
+  step demo-edit 60 "$bin" edit --device "$DEVICE" --model assets/tiny-sd --image assets/demo/dog.png \
     --mask assets/demo/dog-mask.png --object "a jumping dog" --background "a dense forest" --size 64 \
-    --embedding-steps 20 --finetune-steps 10 --steps 10 --seeds 1,2 --force --out "$OUT/demo-edit"
-  # 2. speed: ours, then PyTorch's, per precision and fine-tuning mode, the most wanted first
+    --embedding-steps 20 --finetune-steps 10 --steps 10 --seeds 1,2 --force --out "$WORK/demo-edit"
+  # 2. speed: ours, then PyTorch's (tools/bench_stages.sh prints both and the ratios), per
+  #    fine-tuning mode and precision, the most wanted first
   for mode in lora full; do
     for dtype in f32 bf16; do
-      step "rust-$dtype-$mode" 150 "$bin" bench --stages --device "$DEVICE" --size "$SIZE" --dtype "$dtype" \
-        --finetune "$mode" --steps "$STEPS" --json "$OUT/rust-$dtype-$mode.json" "${tiny[@]}"
-      step "torch-$dtype-$mode" 150 python3 tools/bench_stages_ref.py --device "$DEVICE" --size "$SIZE" \
-        --dtype "$dtype" --finetune "$mode" --steps "$STEPS" --json "$OUT/torch-$dtype-$mode.json" "${tiny[@]}"
+      step "stages-$dtype-$mode" 100 env BIN="$bin" OUT="$WORK" tools/bench_stages.sh python3 --device "$DEVICE" \
+        --size "$SIZE" --dtype "$dtype" --finetune "$mode" --steps "$STEPS" "${tiny[@]}"
     done
   done
-  cat "$OUT/summary.txt"
+  cp "$WORK/summary.txt" "$OUT/summary.txt"
+  tar czf "$OUT/gpu-check.tgz" -C "$WORK" .
+  cat "$WORK/summary.txt"
 }
 
 case "${1:-}" in
