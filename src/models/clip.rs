@@ -146,8 +146,13 @@ impl ClipConfig {
 
     /// Reads a `CLIPModel`'s `config.json` (with `text_config` and `vision_config`), with
     /// transformers' defaults for missing keys.
+    ///
+    /// Old configs (OpenAI's among them) may also hold `text_config_dict` / `vision_config_dict`:
+    /// transformers then builds each tower from that dict alone, with its defaults for missing
+    /// keys, whatever `text_config` / `vision_config` say; so does this.
     pub fn from_json(config: &Value) -> crate::Result<Self> {
-        let (Some(text_config), Some(vision_config)) = (config.get("text_config"), config.get("vision_config")) else {
+        let tower = |name: &str| config.get(format!("{name}_dict")).filter(|v| v.is_object()).or_else(|| config.get(name).filter(|v| v.is_object()));
+        let (Some(text_config), Some(vision_config)) = (tower("text_config"), tower("vision_config")) else {
             return Err(crate::bad_input(CONFIG_FILE, "has no text_config and vision_config: not a CLIPModel", CONFIG_FIX));
         };
         let raw: RawClipConfig = parse_config(config, CONFIG_FILE, CONFIG_FIX, &[])?;
@@ -463,4 +468,26 @@ pub fn cosine_similarity(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let a = a.broadcast_div(&norm(&a)?)?;
     let b = b.broadcast_div(&norm(&b)?)?;
     (a * b)?.sum(D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_dicts_replace_the_towers_configs_as_in_transformers() {
+        let config = serde_json::json!({
+            "projection_dim": 768,
+            "text_config": {"hidden_size": 512, "hidden_act": "gelu", "eos_token_id": 2},
+            "text_config_dict": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12},
+            "vision_config": {"hidden_size": 1024, "patch_size": 14, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24},
+            "vision_config_dict": null
+        });
+        let c = ClipConfig::from_json(&config).unwrap();
+        // the dict wins, and transformers' defaults fill what it lacks (quick_gelu, eos 49407)
+        assert_eq!((c.text.hidden_size, c.text.hidden_act, c.text_eos_token_id), (768, Activation::QuickGelu, 49407));
+        assert_eq!((c.vision.hidden_size, c.vision.patch_size, c.projection_dim), (1024, 14, 768));
+        assert_eq!(ClipConfig::from_json(&ClipConfig::vit_large_patch14().to_json()).unwrap(), ClipConfig::vit_large_patch14());
+        assert!(ClipConfig::from_json(&serde_json::json!({"model_type": "dinov2"})).is_err());
+    }
 }
