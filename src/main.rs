@@ -47,6 +47,13 @@ enum Command {
     /// points and box drawn, to <out>-overlay.png. `layerdiff edit --point/--box` does the same
     /// on the fly.
     Segment(SegmentArgs),
+    /// Score edited images: CLIP score against the target text, and subject, background and
+    /// whole-image fidelity to the input in CLIP and DINOv2 spaces; one CSV row per image.
+    ///
+    /// Example: layerdiff score --images dog-edit --csv scores.csv
+    ///   (an edit's --out folder: its texts, photo and mask are read from session.json), or
+    ///   layerdiff score --images outputs/ --text "a jumping dog in a dense forest" --input dog.jpg --mask dog-mask.png --csv scores.csv
+    Score(ScoreArgs),
     /// Draw new images from a finished edit session without repeating stages 1 and 2.
     ///
     /// Example: layerdiff sample --session dog-edit --seeds 7,8 --alpha 0.6 --out dog-more
@@ -342,6 +349,51 @@ enum TinyKind {
     Sd,
     Sam,
     MobileSam,
+    Clip,
+    Dinov2,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    /// Edit session folders (an --out of `layerdiff edit`), image files, or folders of images; repeat.
+    #[arg(long, required = true, num_args = 1..)]
+    images: Vec<PathBuf>,
+    /// The target text of images outside a session (replaces a session's own when given).
+    #[arg(long)]
+    text: Option<String>,
+    /// The input photo, for the fidelity metrics of images outside a session.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// The subject's mask on --input (white = subject); default: the whole photo.
+    #[arg(long, requires = "input")]
+    mask: Option<PathBuf>,
+    /// The background source; default: --input.
+    #[arg(long, requires = "input")]
+    background: Option<PathBuf>,
+    /// White where --background is NOT background.
+    #[arg(long, requires = "background")]
+    background_mask: Option<PathBuf>,
+    /// The CSV to write (atomically).
+    #[arg(long)]
+    csv: PathBuf,
+    /// CLIP model for the CLIP score and CLIP fidelity: a transformers folder or hub id.
+    #[arg(long, default_value = layerdiff::eval::DEFAULT_CLIP_MODEL)]
+    clip_model: String,
+    /// DINOv2 model for the DINO fidelity: a transformers folder or hub id.
+    #[arg(long, default_value = layerdiff::eval::DEFAULT_DINO_MODEL)]
+    dino_model: String,
+    /// Skip the DINOv2 metrics.
+    #[arg(long)]
+    no_dino: bool,
+    /// Run on the CPU (same as --device cpu).
+    #[arg(long)]
+    cpu: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    /// Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
 }
 
 /// The Segment Anything model and how its masks are cleaned (`segment`, `edit --point/--box`).
@@ -453,7 +505,8 @@ struct TinyModelArgs {
     #[arg(long)]
     out: PathBuf,
     /// sd: a Stable Diffusion pipeline; sam / mobile-sam: `tiny-sam.safetensors` /
-    /// `tiny-mobile-sam.safetensors` for --sam-model.
+    /// `tiny-mobile-sam.safetensors` for --sam-model; clip / dinov2: a transformers folder for
+    /// --clip-model / --dino-model.
     #[arg(long, value_enum, default_value_t = TinyKind::Sd)]
     kind: TinyKind,
     /// Seed of the random weights.
@@ -477,6 +530,7 @@ fn main() {
         Command::Generate(args) => generate(args),
         Command::Edit(args) => edit(*args),
         Command::Segment(args) => segment(args),
+        Command::Score(args) => score(args),
         Command::Sample(args) => sample(args),
         Command::TinyModel(args) => tiny_model(args),
         Command::Bench(args) => bench(args),
@@ -617,6 +671,17 @@ fn tiny_model(args: TinyModelArgs) -> Result<()> {
         }
         TinyKind::Sam => sam("tiny-sam.safetensors", layerdiff::models::sam::SamConfig::tiny_vit()),
         TinyKind::MobileSam => sam("tiny-mobile-sam.safetensors", layerdiff::models::sam::SamConfig::tiny_mobile_sam()),
+        TinyKind::Clip | TinyKind::Dinov2 => {
+            if overrides.is_some() {
+                anyhow::bail!("--config: only for --kind sd");
+            }
+            match args.kind {
+                TinyKind::Clip => layerdiff::eval::write_tiny_clip(&args.out, args.seed)?,
+                _ => layerdiff::eval::write_tiny_dinov2(&args.out, args.seed)?,
+            }
+            println!("{}", args.out.display());
+            Ok(())
+        }
     }
 }
 
@@ -837,6 +902,34 @@ fn segment_for_edit(args: &EditArgs, request: &mut EditRequest, out: &Path, prog
         segment::segment_to_files(&sam, image, &background, "background-", &args.sam.options(), &path, progress)?;
         *mask = Some(path);
     }
+    Ok(())
+}
+
+fn score(args: ScoreArgs) -> Result<()> {
+    let env = SourceOptions::from_env();
+    let opts = layerdiff::eval::ScorerOptions {
+        clip_model: args.clip_model.clone(),
+        dino_model: (!args.no_dino).then(|| args.dino_model.clone()),
+        source: SourceOptions { offline: args.offline || env.offline, ..env },
+        device: device(args.cpu, args.device.as_deref())?,
+    };
+    let scorer = layerdiff::eval::Scorer::load(&opts)?;
+    let request = layerdiff::eval::ScoreRequest {
+        images: args.images,
+        text: args.text,
+        input: args.input,
+        mask: args.mask,
+        background: args.background,
+        background_mask: args.background_mask,
+    };
+    let bar = progress_bar(0, "scoring");
+    let scored = layerdiff::eval::score_folder(&scorer, &request, &args.csv, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    eprintln!("{} images scored", scored.len());
+    println!("{}", args.csv.display());
     Ok(())
 }
 
