@@ -42,7 +42,11 @@ impl MetricModelKind {
             "" => "a model of unknown type (config.json has no model_type)".to_string(),
             t => format!("a `{t}` model"),
         };
-        Err(bad_input(shown, format!("is {what}, not {}", self.describe()), format!("give {}", self.describe())))
+        let flag = match self {
+            Self::Clip => "--clip-model",
+            Self::Dinov2 => "--dino-model",
+        };
+        Err(bad_input(shown, format!("is {what}, not {}", self.describe()), format!("give {flag} a model of that kind")))
     }
 }
 
