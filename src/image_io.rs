@@ -12,7 +12,38 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
 
 /// Reads any PNG, JPEG or WebP file, guessing the format from its contents; one-line errors.
 pub fn load_image(path: &Path) -> Result<image::DynamicImage> {
-    reader(path)?.decode().map_err(not_an_image(path))
+    let reader = reader(path)?;
+    let jpeg = reader.format() == Some(image::ImageFormat::Jpeg);
+    let img = reader.decode().map_err(not_an_image(path))?;
+    Ok(if jpeg { decode_jpeg_as_pillow(path).unwrap_or(img) } else { img })
+}
+
+/// A JPEG through libjpeg-turbo's decoder (mozjpeg's, the same code), as Pillow and so every
+/// Python reference decodes it: the image crate's decoder differs by up to 4 levels on a few
+/// percent of pixels, enough to move metrics and edits off the references. `None` where it fails
+/// or for CMYK; the image crate's decode has already checked the file. mozjpeg reports errors by
+/// unwinding without the panic hook, which `catch_unwind` turns back into a value.
+fn decode_jpeg_as_pillow(path: &Path) -> Option<image::DynamicImage> {
+    use mozjpeg::decompress::Format;
+    std::panic::catch_unwind(|| -> Option<image::DynamicImage> {
+        match mozjpeg::Decompress::new_path(path).ok()?.image().ok()? {
+            Format::RGB(mut d) => {
+                let (w, h) = (d.width() as u32, d.height() as u32);
+                let pixels = d.read_scanlines_flat().ok()?;
+                d.finish().ok()?;
+                RgbImage::from_raw(w, h, pixels).map(image::DynamicImage::ImageRgb8)
+            }
+            Format::Gray(mut d) => {
+                let (w, h) = (d.width() as u32, d.height() as u32);
+                let pixels = d.read_scanlines_flat().ok()?;
+                d.finish().ok()?;
+                GrayImage::from_raw(w, h, pixels).map(image::DynamicImage::ImageLuma8)
+            }
+            Format::CMYK(_) => None,
+        }
+    })
+    .ok()
+    .flatten()
 }
 
 /// An image file's (width, height), read from its header alone.
