@@ -54,6 +54,19 @@ enum Command {
     ///   (an edit's --out folder: its texts, photo and mask are read from session.json), or
     ///   layerdiff score --images outputs/ --text "a jumping dog in a dense forest" --input dog.jpg --mask dog-mask.png --csv scores.csv
     Score(ScoreArgs),
+    /// Edit every row of a benchmark manifest with one or more methods, score each output, and
+    /// write results.csv, summary.md (the per-method table of the paper's Table 1) and a contact
+    /// sheet per row; a second run resumes where the first stopped.
+    ///
+    /// Example: layerdiff batch --model CompVis/stable-diffusion-v1-4 --manifest tedbench/input_list.json
+    ///   --images tedbench/originals --method layerdiffusion,sdedit --seeds 1,2 --out runs/tedbench
+    ///
+    /// The manifest: a JSON list of {"img_name", "target_text"} (TEdBench's input_list.json),
+    /// optionally with "object", "background", and the subject as "mask" (relative to --images),
+    /// "point" [x,y] or "box" [x0,y0,x1,y1] (Segment Anything). Rows without a subject are edited
+    /// by the whole-photo baselines only. --shard K/N runs rows with index mod N == K (a Slurm
+    /// job array, a Kubernetes indexed Job); --summarize --out DIR merges the shards' results.
+    Batch(Box<BatchArgs>),
     /// Draw new images from a finished edit session without repeating stages 1 and 2.
     ///
     /// Example: layerdiff sample --session dog-edit --seeds 7,8 --alpha 0.6 --out dog-more
@@ -344,6 +357,77 @@ struct EditArgs {
     force: bool,
 }
 
+/// `layerdiff batch`: the essential edit options; the rest keep their defaults.
+#[derive(Args)]
+struct BatchArgs {
+    #[arg(long, help = MODEL_HELP, required_unless_present = "summarize")]
+    model: Option<String>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    /// The manifest: a JSON list of {"img_name", "target_text"} rows, as TEdBench's input_list.json.
+    #[arg(long, required_unless_present = "summarize")]
+    manifest: Option<PathBuf>,
+    /// The folder the manifest's img_name (and mask) paths are relative to.
+    #[arg(long, required_unless_present = "summarize")]
+    images: Option<PathBuf>,
+    /// The methods to compare, comma-separated: layerdiffusion,imagic,sdedit.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "layerdiffusion")]
+    method: Vec<Method>,
+    /// Seeds of the edited images, one image each per row and method: 1,2,3.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    seeds: Vec<u64>,
+    /// Side of the square working size.
+    #[arg(long, default_value_t = 512)]
+    size: u32,
+    /// Stage 1 Adam steps. [default: 500; Imagic 1000]
+    #[arg(long)]
+    embedding_steps: Option<usize>,
+    /// Stage 2 Adam steps. [default: 250; Imagic 1000]
+    #[arg(long)]
+    finetune_steps: Option<usize>,
+    /// Stage 3 (and SDEdit's) DDIM steps.
+    #[arg(long, default_value_t = EditSettings::default().steps)]
+    steps: usize,
+    /// Stage 2 trains every UNet weight (full) or LoRA adapters (lora).
+    #[arg(long, value_enum, default_value_t = EditSettings::default().finetune)]
+    finetune: FinetuneMode,
+    /// alpha of Eq. 3; Imagic's eta. [default: 0.7]
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// SDEdit's strength.
+    #[arg(long, default_value_t = layerdiff::baselines::SDEDIT_STRENGTH)]
+    strength: f64,
+    /// Seed of stages 1 and 2 and of the generated background.
+    #[arg(long, default_value_t = 0)]
+    train_seed: u64,
+    /// keep: edit only the subject, the photo's background stays (the background text, default
+    /// the target text, only steers stage 1); generated: Stable Diffusion's image for it.
+    #[arg(long, value_enum, default_value_t = BackgroundKind::Keep)]
+    background_source: BackgroundKind,
+    /// Run only rows whose index mod N is K: K/N (e.g. $SLURM_ARRAY_TASK_ID/$N); writes
+    /// results-shard-K-of-N.csv.
+    #[arg(long, value_parser = clap::value_parser!(layerdiff::eval::Shard))]
+    shard: Option<layerdiff::eval::Shard>,
+    /// Only merge every results*.csv in --out into summary.md (no model needed).
+    #[arg(long, conflicts_with_all = ["model", "manifest", "images", "shard"])]
+    summarize: bool,
+    /// Output folder (shared by the shards).
+    #[arg(long)]
+    out: PathBuf,
+    /// CLIP model of the metrics: a transformers folder or hub id.
+    #[arg(long, default_value = layerdiff::eval::DEFAULT_CLIP_MODEL)]
+    clip_model: String,
+    /// DINOv2 model of the fidelity metrics: a transformers folder or hub id.
+    #[arg(long, default_value = layerdiff::eval::DEFAULT_DINO_MODEL)]
+    dino_model: String,
+    /// Skip the DINOv2 metrics.
+    #[arg(long)]
+    no_dino: bool,
+    /// Segment Anything checkpoint, for rows with "point" or "box".
+    #[arg(long, default_value = segment::DEFAULT_SAM_MODEL)]
+    sam_model: String,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum TinyKind {
     Sd,
@@ -531,6 +615,7 @@ fn main() {
         Command::Edit(args) => edit(*args),
         Command::Segment(args) => segment(args),
         Command::Score(args) => score(args),
+        Command::Batch(args) => batch(*args),
         Command::Sample(args) => sample(args),
         Command::TinyModel(args) => tiny_model(args),
         Command::Bench(args) => bench(args),
@@ -930,6 +1015,86 @@ fn score(args: ScoreArgs) -> Result<()> {
     bar.finish_and_clear();
     eprintln!("{} images scored", scored.len());
     println!("{}", args.csv.display());
+    Ok(())
+}
+
+fn batch(args: BatchArgs) -> Result<()> {
+    if args.summarize {
+        let path = layerdiff::eval::summarize(&args.out)?;
+        println!("{}", path.display());
+        return Ok(());
+    }
+    let settings = |method: Method| {
+        let base = match method {
+            Method::Imagic => layerdiff::baselines::imagic_settings(),
+            Method::Layerdiffusion | Method::Sdedit => EditSettings::default(),
+        };
+        EditSettings {
+            alpha: args.alpha.unwrap_or(base.alpha),
+            embedding_steps: args.embedding_steps.unwrap_or(base.embedding_steps),
+            finetune_steps: args.finetune_steps.unwrap_or(base.finetune_steps),
+            finetune: args.finetune,
+            steps: args.steps,
+            ..base
+        }
+    };
+    let methods = args
+        .method
+        .iter()
+        .map(|m| match m {
+            Method::Layerdiffusion => layerdiff::eval::BatchMethod::Layerdiffusion,
+            Method::Imagic => layerdiff::eval::BatchMethod::Imagic,
+            Method::Sdedit => layerdiff::eval::BatchMethod::Sdedit,
+        })
+        .collect();
+    let background_source = match args.background_source {
+        BackgroundKind::Keep => BackgroundSource::Keep,
+        BackgroundKind::Generated => BackgroundSource::Generated,
+        BackgroundKind::Image => anyhow::bail!("--background-source image: not for batch; use keep or generated"),
+    };
+    let env = SourceOptions::from_env();
+    let rt = &args.runtime;
+    let source = SourceOptions { offline: rt.offline || env.offline, revision: rt.revision.clone(), variant: rt.variant.clone(), tokenizer: rt.tokenizer.clone(), ..env.clone() };
+    let device = device(rt.cpu, rt.device.as_deref())?;
+    let request = layerdiff::eval::BatchRequest {
+        model: args.model.clone().expect("clap requires --model without --summarize"),
+        manifest: args.manifest.clone().expect("clap requires --manifest without --summarize"),
+        images: args.images.clone().expect("clap requires --images without --summarize"),
+        methods,
+        seeds: args.seeds.clone(),
+        size: args.size,
+        train_seed: args.train_seed,
+        background_source,
+        settings: settings(Method::Layerdiffusion),
+        imagic_settings: settings(Method::Imagic),
+        strength: args.strength,
+        shard: args.shard,
+        out: args.out.clone(),
+        sam_model: args.sam_model.clone(),
+        scorer: layerdiff::eval::ScorerOptions {
+            clip_model: args.clip_model.clone(),
+            dino_model: (!args.no_dino).then(|| args.dino_model.clone()),
+            source: SourceOptions { offline: rt.offline || env.offline, ..env },
+            device: device.clone(),
+        },
+        source,
+        device,
+        dtype: rt.dtype.into(),
+    };
+    let mut bars = Bars::new();
+    let report = layerdiff::eval::run_batch(&request, &mut bars, &mut |line| eprintln!("{line}"))?;
+    eprintln!(
+        "{} edited, {} already done, {} skipped; {} outputs scored",
+        report.edited,
+        report.already_done,
+        report.skipped.len(),
+        report.scored
+    );
+    println!("{}", report.results_csv.display());
+    match &report.summary {
+        Some(path) => println!("{}", path.display()),
+        None => eprintln!("shard done; when every shard is: layerdiff batch --summarize --out {}", args.out.display()),
+    }
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! Evaluation: the paper's CLIP score and the fidelity metrics ([`metrics`]), with the metric
 //! models they need (CLIP and DINOv2 in the transformers layout, [`models`]) and their image
-//! preprocessing ([`preprocess`]); [`score::score_folder`] scores finished edits into a CSV.
+//! preprocessing ([`preprocess`]); [`score::score_folder`] scores finished edits into a CSV, and
+//! [`batch::run_batch`] edits and scores a benchmark manifest (`layerdiff batch`).
 //!
 //! ```no_run
 //! use layerdiff::eval::{Scorer, ScorerOptions};
@@ -11,12 +12,14 @@
 //! println!("CLIP score {:.3} ({:.1} as torchmetrics)", score.cosine, score.torchmetrics);
 //! # Ok(()) }
 //! ```
+pub mod batch;
 pub mod metrics;
 pub mod models;
 pub mod preprocess;
 pub mod score;
 pub mod tiny;
 
+pub use batch::{read_manifest, run_batch, summarize, BatchMethod, BatchReport, BatchRequest, ManifestRow, Shard, Skipped};
 pub use metrics::{ClipScore, Fidelity, Reference, Scorer, ScorerOptions, Scores, DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL};
 pub use models::{ClipEmbedder, DinoEmbedder, MetricModelKind, TransformersFiles};
 pub use preprocess::ImageProcessor;
