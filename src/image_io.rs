@@ -29,13 +29,13 @@ fn decode_jpeg_as_pillow(path: &Path) -> Option<image::DynamicImage> {
         match mozjpeg::Decompress::new_path(path).ok()?.image().ok()? {
             Format::RGB(mut d) => {
                 let (w, h) = (d.width() as u32, d.height() as u32);
-                let pixels = d.read_scanlines_flat().ok()?;
+                let pixels: Vec<u8> = d.read_scanlines().ok()?;
                 d.finish().ok()?;
                 RgbImage::from_raw(w, h, pixels).map(image::DynamicImage::ImageRgb8)
             }
             Format::Gray(mut d) => {
                 let (w, h) = (d.width() as u32, d.height() as u32);
-                let pixels = d.read_scanlines_flat().ok()?;
+                let pixels: Vec<u8> = d.read_scanlines().ok()?;
                 d.finish().ok()?;
                 GrayImage::from_raw(w, h, pixels).map(image::DynamicImage::ImageLuma8)
             }

@@ -199,7 +199,7 @@ impl ClipEmbedder {
     /// `image_embeds (n, projection_dim)` of RGB images, not normalized.
     pub fn image_embeds(&self, images: &[&RgbImage]) -> Result<Tensor> {
         let pixel_values = self.processor.preprocess_batch(images, &self.device)?;
-        let size = self.model.config().vision.image_size as usize;
+        let size = self.model.config().vision.image_size;
         if pixel_values.dim(2)? != size || pixel_values.dim(3)? != size {
             return Err(bad_input(
                 format!("{}/preprocessor_config.json", self.files.id),

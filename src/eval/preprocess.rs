@@ -226,7 +226,7 @@ impl ImageProcessor {
         }
         if let Some(v) = obj.get("image_std").filter(|v| !v.is_null()) {
             p.image_std = triple("image_std", v)?;
-            if p.image_std.iter().any(|&s| s == 0.0) {
+            if p.image_std.contains(&0.0) {
                 return Err(bad("image_std", v));
             }
         }

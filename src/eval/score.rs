@@ -139,10 +139,11 @@ pub fn score_folder(scorer: &Scorer, req: &ScoreRequest, csv: &Path, progress: &
         for (path, seed) in &job.images {
             let output = image_io::load_rgb(path)?;
             let size = output.dimensions();
-            if !references.contains_key(&size) {
-                references.insert(size, job.reference(scorer, size)?);
-            }
-            let scores = scorer.score(&references[&size], &output, &job.text)?;
+            let reference = match references.entry(size) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(job.reference(scorer, size)?),
+            };
+            let scores = scorer.score(reference, &output, &job.text)?;
             rows.push(ScoredImage { image: path.clone(), method: job.method.clone(), seed: *seed, text: job.text.clone(), scores });
             progress(rows.len(), total);
         }
