@@ -414,15 +414,8 @@ struct BatchArgs {
     /// Output folder (shared by the shards).
     #[arg(long)]
     out: PathBuf,
-    /// CLIP model of the metrics: a transformers folder or hub id.
-    #[arg(long, default_value = layerdiff::eval::DEFAULT_CLIP_MODEL)]
-    clip_model: String,
-    /// DINOv2 model of the fidelity metrics: a transformers folder or hub id.
-    #[arg(long, default_value = layerdiff::eval::DEFAULT_DINO_MODEL)]
-    dino_model: String,
-    /// Skip the DINOv2 metrics.
-    #[arg(long)]
-    no_dino: bool,
+    #[command(flatten)]
+    metrics: MetricArgs,
     /// Segment Anything checkpoint, for rows with "point" or "box".
     #[arg(long, default_value = segment::DEFAULT_SAM_MODEL)]
     sam_model: String,
@@ -435,6 +428,31 @@ enum TinyKind {
     MobileSam,
     Clip,
     Dinov2,
+}
+
+/// The metric models (`score`, `batch`).
+#[derive(Args)]
+struct MetricArgs {
+    /// CLIP model for the CLIP score and CLIP fidelity: a transformers folder or hub id.
+    #[arg(long, default_value = layerdiff::eval::DEFAULT_CLIP_MODEL)]
+    clip_model: String,
+    /// DINOv2 model for the DINO fidelity: a transformers folder or hub id.
+    #[arg(long, default_value = layerdiff::eval::DEFAULT_DINO_MODEL)]
+    dino_model: String,
+    /// Skip the DINOv2 metrics.
+    #[arg(long)]
+    no_dino: bool,
+}
+
+impl MetricArgs {
+    fn scorer_options(&self, source: SourceOptions, device: Device) -> layerdiff::eval::ScorerOptions {
+        layerdiff::eval::ScorerOptions {
+            clip_model: self.clip_model.clone(),
+            dino_model: (!self.no_dino).then(|| self.dino_model.clone()),
+            source,
+            device,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -460,15 +478,8 @@ struct ScoreArgs {
     /// The CSV to write (atomically).
     #[arg(long)]
     csv: PathBuf,
-    /// CLIP model for the CLIP score and CLIP fidelity: a transformers folder or hub id.
-    #[arg(long, default_value = layerdiff::eval::DEFAULT_CLIP_MODEL)]
-    clip_model: String,
-    /// DINOv2 model for the DINO fidelity: a transformers folder or hub id.
-    #[arg(long, default_value = layerdiff::eval::DEFAULT_DINO_MODEL)]
-    dino_model: String,
-    /// Skip the DINOv2 metrics.
-    #[arg(long)]
-    no_dino: bool,
+    #[command(flatten)]
+    metrics: MetricArgs,
     /// Run on the CPU (same as --device cpu).
     #[arg(long)]
     cpu: bool,
@@ -992,12 +1003,7 @@ fn segment_for_edit(args: &EditArgs, request: &mut EditRequest, out: &Path, prog
 
 fn score(args: ScoreArgs) -> Result<()> {
     let env = SourceOptions::from_env();
-    let opts = layerdiff::eval::ScorerOptions {
-        clip_model: args.clip_model.clone(),
-        dino_model: (!args.no_dino).then(|| args.dino_model.clone()),
-        source: SourceOptions { offline: args.offline || env.offline, ..env },
-        device: device(args.cpu, args.device.as_deref())?,
-    };
+    let opts = args.metrics.scorer_options(SourceOptions { offline: args.offline || env.offline, ..env }, device(args.cpu, args.device.as_deref())?);
     let scorer = layerdiff::eval::Scorer::load(&opts)?;
     let request = layerdiff::eval::ScoreRequest {
         images: args.images,
@@ -1071,12 +1077,7 @@ fn batch(args: BatchArgs) -> Result<()> {
         shard: args.shard,
         out: args.out.clone(),
         sam_model: args.sam_model.clone(),
-        scorer: layerdiff::eval::ScorerOptions {
-            clip_model: args.clip_model.clone(),
-            dino_model: (!args.no_dino).then(|| args.dino_model.clone()),
-            source: SourceOptions { offline: rt.offline || env.offline, ..env },
-            device: device.clone(),
-        },
+        scorer: args.metrics.scorer_options(SourceOptions { offline: rt.offline || env.offline, ..env }, device.clone()),
         source,
         device,
         dtype: rt.dtype.into(),

@@ -11,7 +11,7 @@
 
 use super::clip_text::{Activation, ClipTextConfig, ClipTextTransformer};
 use super::{parse_config, unsupported};
-use crate::models::nn::{layer_norm, linear, linear_no_bias, softmax_last_dim, Conv2d, Conv2dConfig, LayerNorm, Linear};
+use crate::models::nn::{layer_norm, linear, linear_no_bias, full_attention, Conv2d, Conv2dConfig, LayerNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
@@ -282,7 +282,6 @@ struct ClipAttention {
     v_proj: Linear,
     out_proj: Linear,
     num_heads: usize,
-    head_dim: usize,
     scale: f64,
 }
 
@@ -295,25 +294,13 @@ impl ClipAttention {
             v_proj: linear(dim, dim, vb.pp("v_proj"))?,
             out_proj: linear(dim, dim, vb.pp("out_proj"))?,
             num_heads,
-            head_dim,
             scale: (head_dim as f64).powf(-0.5),
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, n, dim) = xs.dims3()?;
-        let heads = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, n, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?.reshape((b * self.num_heads, n, self.head_dim))
-        };
-        let in_dtype = xs.dtype();
-        let dtype = if matches!(in_dtype, DType::F16 | DType::BF16) { DType::F32 } else { in_dtype };
-        let q = heads(self.q_proj.forward(xs)?)?.to_dtype(dtype)?;
-        let k = heads(self.k_proj.forward(xs)?)?.to_dtype(dtype)?;
-        let v = heads(self.v_proj.forward(xs)?)?.to_dtype(dtype)?;
-        let probs = softmax_last_dim(&(q.matmul(&k.t()?)? * self.scale)?)?;
-        let xs = probs.matmul(&v)?.to_dtype(in_dtype)?;
-        let xs = xs.reshape((b, self.num_heads, n, self.head_dim))?.transpose(1, 2)?.contiguous()?.reshape((b, n, dim))?;
-        self.out_proj.forward(&xs)
+        let (q, k, v) = (self.q_proj.forward(xs)?, self.k_proj.forward(xs)?, self.v_proj.forward(xs)?);
+        self.out_proj.forward(&full_attention(&q, &k, &v, self.num_heads, self.scale)?)
     }
 }
 

@@ -12,7 +12,7 @@
 use super::clip::{activation, activation_name};
 use super::clip_text::Activation;
 use super::{parse_config, unsupported};
-use crate::models::nn::{layer_norm, linear, softmax_last_dim, Conv2d, Conv2dConfig, LayerNorm, Linear};
+use crate::models::nn::{layer_norm, linear, full_attention, Conv2d, Conv2dConfig, LayerNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -278,7 +278,6 @@ struct Dinov2Attention {
     value: Linear,
     output: Linear,
     num_heads: usize,
-    head_dim: usize,
     scale: f64,
 }
 
@@ -294,23 +293,12 @@ impl Dinov2Attention {
         } else {
             (lin(vb.pp("q_proj"))?, lin(vb.pp("k_proj"))?, lin(vb.pp("v_proj"))?, linear(dim, dim, vb.pp("o_proj"))?)
         };
-        Ok(Self { query, key, value, output, num_heads: c.num_attention_heads, head_dim, scale: (head_dim as f64).powf(-0.5) })
+        Ok(Self { query, key, value, output, num_heads: c.num_attention_heads, scale: (head_dim as f64).powf(-0.5) })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, n, dim) = xs.dims3()?;
-        let heads = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, n, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?.reshape((b * self.num_heads, n, self.head_dim))
-        };
-        let in_dtype = xs.dtype();
-        let dtype = if matches!(in_dtype, DType::F16 | DType::BF16) { DType::F32 } else { in_dtype };
-        let q = heads(self.query.forward(xs)?)?.to_dtype(dtype)?;
-        let k = heads(self.key.forward(xs)?)?.to_dtype(dtype)?;
-        let v = heads(self.value.forward(xs)?)?.to_dtype(dtype)?;
-        let probs = softmax_last_dim(&(q.matmul(&k.t()?)? * self.scale)?)?;
-        let xs = probs.matmul(&v)?.to_dtype(in_dtype)?;
-        let xs = xs.reshape((b, self.num_heads, n, self.head_dim))?.transpose(1, 2)?.contiguous()?.reshape((b, n, dim))?;
-        self.output.forward(&xs)
+        let (q, k, v) = (self.query.forward(xs)?, self.key.forward(xs)?, self.value.forward(xs)?);
+        self.output.forward(&full_attention(&q, &k, &v, self.num_heads, self.scale)?)
     }
 }
 

@@ -187,6 +187,23 @@ impl LoraAdapter {
     }
 }
 
+/// Multi-head attention of projected `q`, `k`, `v` `[b, n, heads * head_dim]` without a mask, as
+/// the vision transformers of the metrics (CLIP's vision tower, DINOv2) compute it: scores in f32
+/// for half-precision inputs, the result in the input's dtype, heads merged back to `[b, n, dim]`.
+pub fn full_attention(q: &Tensor, k: &Tensor, v: &Tensor, num_heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, n, dim) = q.dims3()?;
+    let head_dim = dim / num_heads;
+    let in_dtype = q.dtype();
+    let dtype = if matches!(in_dtype, DType::F16 | DType::BF16) { DType::F32 } else { in_dtype };
+    let heads = |t: &Tensor| -> Result<Tensor> {
+        t.reshape((b, n, num_heads, head_dim))?.transpose(1, 2)?.contiguous()?.reshape((b * num_heads, n, head_dim))?.to_dtype(dtype)
+    };
+    let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
+    let probs = softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
+    let xs = probs.matmul(&v)?.to_dtype(in_dtype)?;
+    xs.reshape((b, num_heads, n, head_dim))?.transpose(1, 2)?.contiguous()?.reshape((b, n, dim))
+}
+
 /// `xs W^T` for a `[out, in]` weight and `xs` of any rank, its last dimension `in`.
 fn matmul_rows(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let w = weight.t()?;
