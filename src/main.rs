@@ -141,24 +141,50 @@ struct RuntimeArgs {
     /// Hub revision (branch, tag or commit).
     #[arg(long)]
     revision: Option<String>,
-    /// Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1).
-    #[arg(long)]
-    offline: bool,
     /// Weight file variant, e.g. fp16 for `diffusion_pytorch_model.fp16.safetensors`.
     #[arg(long)]
     variant: Option<String>,
     /// A tokenizer folder to use instead of the model's (tokenizer.json, or vocab.json + merges.txt).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    place: PlaceArgs,
+    /// Weights and activations in this precision (the file's dtype is converted on load).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    dtype: Precision,
+}
+
+impl RuntimeArgs {
+    /// The hub settings of the environment with this command's flags.
+    fn sources(&self) -> SourceOptions {
+        SourceOptions { revision: self.revision.clone(), variant: self.variant.clone(), tokenizer: self.tokenizer.clone(), ..self.place.sources() }
+    }
+}
+
+/// Where a command runs and whether it may use the network (every command that loads a model).
+#[derive(Args)]
+struct PlaceArgs {
     /// Run on the CPU (same as --device cpu).
     #[arg(long)]
     cpu: bool,
     /// cpu, cuda or cuda:N. Default: cuda when built with it, else cpu.
     #[arg(long)]
     device: Option<String>,
-    /// Weights and activations in this precision (the file's dtype is converted on load).
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    dtype: Precision,
+    /// Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
+}
+
+impl PlaceArgs {
+    fn device(&self) -> Result<Device> {
+        device(self.cpu, self.device.as_deref())
+    }
+
+    /// The environment's hub settings (`HF_ENDPOINT`, `HF_HUB_OFFLINE`, ...), offline with --offline.
+    fn sources(&self) -> SourceOptions {
+        let env = SourceOptions::from_env();
+        SourceOptions { offline: self.offline || env.offline, ..env }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -480,15 +506,8 @@ struct ScoreArgs {
     csv: PathBuf,
     #[command(flatten)]
     metrics: MetricArgs,
-    /// Run on the CPU (same as --device cpu).
-    #[arg(long)]
-    cpu: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long)]
-    device: Option<String>,
-    /// Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1).
-    #[arg(long)]
-    offline: bool,
+    #[command(flatten)]
+    place: PlaceArgs,
 }
 
 /// The Segment Anything model and how its masks are cleaned (`segment`, `edit --point/--box`).
@@ -515,9 +534,8 @@ impl SamArgs {
         SegmentOptions { multimask: self.multimask, clean: CleanOptions { fill_holes: !self.keep_holes, dilate: self.dilate } }
     }
 
-    fn load(&self, device: &Device, offline: bool) -> Result<Segmenter> {
-        let env = SourceOptions::from_env();
-        let sam = Segmenter::load(&self.sam_model, &SourceOptions { offline: offline || env.offline, ..env }, device)?;
+    fn load(&self, place: &PlaceArgs) -> Result<Segmenter> {
+        let sam = Segmenter::load(&self.sam_model, &place.sources(), &place.device()?)?;
         eprintln!("segment anything: {} ({})", sam.path.display(), sam.describe());
         Ok(sam)
     }
@@ -548,15 +566,8 @@ struct SegmentArgs {
     out: PathBuf,
     #[command(flatten)]
     sam: SamArgs,
-    /// Run on the CPU (same as --device cpu).
-    #[arg(long)]
-    cpu: bool,
-    /// cpu, cuda or cuda:N. Default: cuda when built with it, else cpu.
-    #[arg(long)]
-    device: Option<String>,
-    /// Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1).
-    #[arg(long)]
-    offline: bool,
+    #[command(flatten)]
+    place: PlaceArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -662,16 +673,8 @@ fn device(cpu: bool, device: Option<&str>) -> Result<Device> {
 }
 
 fn load_model(model: &str, args: &RuntimeArgs) -> Result<(ModelFiles, StableDiffusion)> {
-    let env = SourceOptions::from_env();
-    let opts = SourceOptions {
-        offline: args.offline || env.offline,
-        revision: args.revision.clone(),
-        variant: args.variant.clone(),
-        tokenizer: args.tokenizer.clone(),
-        ..env
-    };
-    let files = ModelFiles::resolve(model, &opts)?;
-    let sd = StableDiffusion::load(&files, &device(args.cpu, args.device.as_deref())?, args.dtype.into())?;
+    let files = ModelFiles::resolve(model, &args.sources())?;
+    let sd = StableDiffusion::load(&files, &args.place.device()?, args.dtype.into())?;
     Ok((files, sd))
 }
 
@@ -964,7 +967,7 @@ fn segment(args: SegmentArgs) -> Result<()> {
     let prompt = prompt(&args.points, &args.negative_points, args.bbox);
     // Cheap checks first: the model may take a download and seconds to load.
     prompt.validate(image_io::dimensions(&args.image)?, "")?;
-    let sam = args.sam.load(&device(args.cpu, args.device.as_deref())?, args.offline)?;
+    let sam = args.sam.load(&args.place)?;
     let result = segment::segment_to_files(&sam, &args.image, &prompt, "", &args.sam.options(), &args.out, &mut Bars::new())?;
     let area = result.mask.pixels().filter(|p| p.0[0] >= 128).count() as f64 / result.mask.pixels().len() as f64;
     eprintln!("predicted IoU {:.3}, {:.1} % of the image", result.iou, 100.0 * area);
@@ -984,7 +987,7 @@ fn segment_for_edit(args: &EditArgs, request: &mut EditRequest, out: &Path, prog
     if !subject.is_empty() {
         subject.validate(image_io::dimensions(&request.image)?, "")?;
     }
-    let sam = args.sam.load(&device(args.runtime.cpu, args.runtime.device.as_deref())?, args.runtime.offline)?;
+    let sam = args.sam.load(&args.runtime.place)?;
     if !subject.is_empty() {
         let mask = out.join("sam-mask.png");
         segment::segment_to_files(&sam, &request.image, &subject, "", &args.sam.options(), &mask, progress)?;
@@ -1002,8 +1005,7 @@ fn segment_for_edit(args: &EditArgs, request: &mut EditRequest, out: &Path, prog
 }
 
 fn score(args: ScoreArgs) -> Result<()> {
-    let env = SourceOptions::from_env();
-    let opts = args.metrics.scorer_options(SourceOptions { offline: args.offline || env.offline, ..env }, device(args.cpu, args.device.as_deref())?);
+    let opts = args.metrics.scorer_options(args.place.sources(), args.place.device()?);
     let scorer = layerdiff::eval::Scorer::load(&opts)?;
     let request = layerdiff::eval::ScoreRequest {
         images: args.images,
@@ -1058,10 +1060,9 @@ fn batch(args: BatchArgs) -> Result<()> {
         BackgroundKind::Generated => BackgroundSource::Generated,
         BackgroundKind::Image => anyhow::bail!("--background-source image: not for batch; use keep or generated"),
     };
-    let env = SourceOptions::from_env();
     let rt = &args.runtime;
-    let source = SourceOptions { offline: rt.offline || env.offline, revision: rt.revision.clone(), variant: rt.variant.clone(), tokenizer: rt.tokenizer.clone(), ..env.clone() };
-    let device = device(rt.cpu, rt.device.as_deref())?;
+    let source = rt.sources();
+    let device = rt.place.device()?;
     let request = layerdiff::eval::BatchRequest {
         model: args.model.clone().expect("clap requires --model without --summarize"),
         manifest: args.manifest.clone().expect("clap requires --manifest without --summarize"),
@@ -1077,7 +1078,7 @@ fn batch(args: BatchArgs) -> Result<()> {
         shard: args.shard,
         out: args.out.clone(),
         sam_model: args.sam_model.clone(),
-        scorer: args.metrics.scorer_options(SourceOptions { offline: rt.offline || env.offline, ..env }, device.clone()),
+        scorer: args.metrics.scorer_options(rt.place.sources(), device.clone()),
         source,
         device,
         dtype: rt.dtype.into(),
