@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 import diffusers
 from diffusers import UNet2DConditionModel
+from fullsize_unet_ref import _proc_status, _reset_peak  # the process's peak RSS, as that bench reads it
 
 # src/bench.rs sd_v14_unet_config(): CompVis/stable-diffusion-v1-4 unet/config.json.
 SD14_UNET_CONFIG = dict(
@@ -182,16 +183,6 @@ def check_finite(value, what):
         raise SystemExit(f"{what} became {value}")
 
 
-def proc_status_kib(field):
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 class PeakMeter:
     """Per-stage peak memory: VmHWM on the CPU, max_memory_allocated on a GPU (see the docstring)."""
 
@@ -200,16 +191,7 @@ class PeakMeter:
         if device.type == "cuda":
             self.kind = "cuda_max_allocated"
         else:
-            self.kind = "rss" if self._reset_rss() and proc_status_kib("VmHWM") else None
-
-    @staticmethod
-    def _reset_rss():
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
+            self.kind = "rss" if _reset_peak() and _proc_status("VmHWM") else None
 
     def sync(self):
         if self.device.type == "cuda":
@@ -217,13 +199,13 @@ class PeakMeter:
 
     def reset(self):
         if self.kind == "rss":
-            self._reset_rss()
+            _reset_peak()
         elif self.kind == "cuda_max_allocated":
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak_mib(self):
         if self.kind == "rss":
-            return proc_status_kib("VmHWM") / 1024.0
+            return _proc_status("VmHWM") / 2**20
         if self.kind == "cuda_max_allocated":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return None
