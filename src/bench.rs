@@ -258,7 +258,10 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
         background_mask: half_mask(4)?,
     };
     let context = seeded_noise(5, &[1, 77, cfg.cross_attention_dim], device, dtype)?;
-    let alphas: Vec<f64> = (0..1000).map(|i| 1.0 - (i as f64 + 1.0) * 9e-4).collect();
+    let alphas = crate::schedulers::TrainSchedule {
+        alphas_cumprod: (0..1000).map(|i| 1.0 - (i as f64 + 1.0) * 9e-4).collect(),
+        prediction_type: crate::schedulers::PredictionType::Epsilon,
+    };
 
     // 1. stage 1: layered optimization of the two embeddings
     on_stage("stage 1");

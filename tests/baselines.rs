@@ -139,7 +139,7 @@ fn imagic_stage1_reconstruction_loss_falls() {
 
     // The whole-image reconstruction loss on held-out draws (not trained on) falls from c(T) to e*.
     let data = whole_image(&sd, &req);
-    let ac = sd.scheduler().unwrap().alphas_cumprod().to_vec();
+    let ac = layerdiff::schedulers::TrainSchedule::from_scheduler(&sd.scheduler().unwrap());
     let held_out = |e: &Tensor| {
         (1000..1008)
             .map(|k| scalar(&object_term(&sd.unet, &noisy_step(&ac, &data, 0, 77, k).unwrap(), &data, e).unwrap()))
@@ -241,7 +241,7 @@ fn object_only_stages_equal_the_mask_trick() {
     let req = imagic_request(IMAGIC_ETA);
     // All-ones masks: (1 - M_b) = 0 switches the background term off in the batched loss.
     let data = whole_image(&sd, &req);
-    let ac = sd.scheduler().unwrap().alphas_cumprod().to_vec();
+    let ac = layerdiff::schedulers::TrainSchedule::from_scheduler(&sd.scheduler().unwrap());
     let target = sd.encode_prompt(&req.prompt()).unwrap();
     let close = |a: f64, b: f64| assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
 

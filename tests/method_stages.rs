@@ -12,7 +12,7 @@ use layerdiff::method::optimize::{
 use layerdiff::method::{FinetuneMode, LayeredLatents, StepLoss};
 use layerdiff::models::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use layerdiff::pipeline::seeded_noise;
-use layerdiff::schedulers::{DdimConfig, DdimScheduler};
+use layerdiff::schedulers::{DdimConfig, DdimScheduler, TrainSchedule};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -38,9 +38,9 @@ fn frozen_unet(weights: &HashMap<String, Tensor>) -> Result<UNet2DConditionModel
     Ok(UNet2DConditionModel::new(VarBuilder::from_tensors(weights.clone(), DType::F32, DEV), config()?)?)
 }
 
-fn alphas_cumprod() -> Result<Vec<f64>> {
+fn alphas_cumprod() -> Result<TrainSchedule> {
     let cfg = DdimConfig::from_file(&fixture("tiny-sd/scheduler/scheduler_config.json"))?;
-    Ok(DdimScheduler::new(cfg)?.alphas_cumprod().to_vec())
+    Ok(TrainSchedule::from_scheduler(&DdimScheduler::new(cfg)?))
 }
 
 /// `[1, 1, 8, 8]` masks: 1 on columns `< split` (subject) or rows `< split` (not background).
@@ -105,7 +105,7 @@ fn probe(unet: &UNet2DConditionModel, context: &Tensor) -> Result<Tensor> {
 fn stage2_stream_loss(
     unet: &UNet2DConditionModel,
     e_bar: &Tensor,
-    ac: &[f64],
+    ac: &TrainSchedule,
     d: &LayeredLatents,
     k: usize,
 ) -> Result<f64> {
@@ -193,22 +193,22 @@ fn masks_gate_the_layer_terms() -> Result<()> {
     let mix =
         |keep: &Tensor, replace_where: &Tensor| -> Result<Tensor> { Ok(replace_where.where_cond(&garbage, keep)?) };
     let mut changed = noisy.clone();
-    changed.subject_noise = mix(&noisy.subject_noise, &outside_s.gt(0.5)?)?;
-    changed.background_noise = mix(&noisy.background_noise, &inside_b.gt(0.5)?)?;
+    changed.subject_target = mix(&noisy.subject_target, &outside_s.gt(0.5)?)?;
+    changed.background_target = mix(&noisy.background_target, &inside_b.gt(0.5)?)?;
     let (g_o2, g_b2) = grads(&changed)?;
     assert_same_bits("object-term gradient after changes outside M_s", &g_o2, &g_o)?;
     assert_same_bits("background-term gradient after changes inside M_b", &g_b2, &g_b)?;
 
     // And the other way round, they matter.
     let mut inside = noisy.clone();
-    inside.subject_noise = mix(&noisy.subject_noise, &outside_s.lt(0.5)?)?;
-    inside.background_noise = mix(&noisy.background_noise, &inside_b.lt(0.5)?)?;
+    inside.subject_target = mix(&noisy.subject_target, &outside_s.lt(0.5)?)?;
+    inside.background_target = mix(&noisy.background_target, &inside_b.lt(0.5)?)?;
     let (g_o3, g_b3) = grads(&inside)?;
     assert!(bits(&g_o3)? != bits(&g_o)? && bits(&g_b3)? != bits(&g_b)?);
 
     // The loss's gradient with respect to the prediction is zero outside the mask.
     let pred = Var::from_tensor(&seeded_noise(5, &[1, 4, 8, 8], DEV, DType::F32)?)?;
-    let g = masked_mse(pred.as_tensor(), &noisy.subject_noise, &d.subject_mask)?.backward()?;
+    let g = masked_mse(pred.as_tensor(), &noisy.subject_target, &d.subject_mask)?.backward()?;
     let g = g.get(pred.as_tensor()).ok_or("no prediction gradient")?;
     let outside = (g * &outside_s)?.abs()?.max_all()?.to_scalar::<f32>()?;
     let inside = (g * d.subject_mask.broadcast_as((1, 4, 8, 8))?)?.abs()?.min_all()?.to_scalar::<f32>()?;

@@ -33,6 +33,7 @@ use crate::method::session::{self, names, Losses};
 use crate::method::{EditSettings, FinetuneMode, LayeredLatents, StepLoss};
 use crate::models::unet_2d::UNet2DConditionModel;
 use crate::pipeline::StableDiffusion;
+use crate::schedulers::TrainSchedule;
 use crate::sources::{Component, ModelFiles};
 use candle_core::Tensor;
 use image::RgbImage;
@@ -110,7 +111,7 @@ pub fn imagic_train(
     let data = LayeredLatents { subject: z.clone(), subject_mask: ones.clone(), background: z, background_mask: ones };
     let target = sd.encode_prompt(&req.prompt())?;
     let uncond = sd.encode_prompt("")?;
-    let alphas_cumprod = sd.scheduler()?.alphas_cumprod().to_vec();
+    let schedule = TrainSchedule::from_scheduler(&sd.scheduler()?);
     let mut timings = HashMap::new();
 
     // 1. optimize e from c(T)
@@ -118,7 +119,7 @@ pub fn imagic_train(
     let mut stage1 = LayeredOptimization::new(&target, &target, settings.embedding_lr)?.object_only();
     progress.start("stage 1", settings.embedding_steps);
     progress.step(0, None);
-    stage1.run(&sd.unet, &alphas_cumprod, &data, req.train_seed, settings.embedding_steps, &mut |l: StepLoss| {
+    stage1.run(&sd.unet, &schedule, &data, req.train_seed, settings.embedding_steps, &mut |l: StepLoss| {
         progress.step(l.step + 1, Some(l.loss))
     })?;
     progress.finish();
@@ -143,7 +144,7 @@ pub fn imagic_train(
     .object_only();
     progress.start("stage 2", settings.finetune_steps);
     progress.step(0, None);
-    stage2.run(&optimized, 1.0, 0.0, &alphas_cumprod, &data, req.train_seed, settings.finetune_steps, &mut |l: StepLoss| {
+    stage2.run(&optimized, 1.0, 0.0, &schedule, &data, req.train_seed, settings.finetune_steps, &mut |l: StepLoss| {
         progress.step(l.step + 1, Some(l.loss))
     })?;
     progress.finish();

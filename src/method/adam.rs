@@ -1,5 +1,5 @@
 //! Adam, exactly as `torch.optim.Adam` (betas 0.9 / 0.999, eps 1e-8, no weight decay, no amsgrad,
-//! bias correction), over named [`Var`]s.
+//! bias correction), over named [`Var`]s; with `weight_decay`, `torch.optim.AdamW`.
 //!
 //! Our own rather than `candle_nn::AdamW` because that one keeps its step count and moments
 //! private: a checkpoint must hold them for a killed run to resume bit for bit. [`Adam::state`]
@@ -27,11 +27,13 @@ pub struct AdamParams {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
+    /// Decoupled weight decay (`torch.optim.AdamW`: `p <- p (1 - lr wd)` before the step); 0 is Adam.
+    pub weight_decay: f64,
 }
 
 impl Default for AdamParams {
     fn default() -> Self {
-        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
     }
 }
 
@@ -102,7 +104,7 @@ impl Adam {
     /// One update of every variable that has a gradient in `grads` (others are skipped, as torch
     /// skips parameters whose `.grad` is None).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        let AdamParams { lr, beta1, beta2, eps } = self.params;
+        let AdamParams { lr, beta1, beta2, eps, weight_decay } = self.params;
         for slot in &mut self.slots {
             let Some(grad) = grads.get(slot.var.as_tensor()) else { continue };
             let dtype = slot.m.dtype();
@@ -115,7 +117,10 @@ impl Adam {
             let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
             let step_size = lr / bias_correction1;
             let denom = ((v.sqrt()? / bias_correction2_sqrt)? + eps)?;
-            let p = slot.var.as_tensor().detach().to_dtype(dtype)?;
+            let mut p = slot.var.as_tensor().detach().to_dtype(dtype)?;
+            if weight_decay != 0.0 {
+                p = (p * (1.0 - lr * weight_decay))?;
+            }
             let p = (p + ((&m * -step_size)? / denom)?)?;
             slot.var.set(&p.to_dtype(slot.var.dtype())?)?;
             slot.m = m;
@@ -182,6 +187,24 @@ mod tests {
 
     /// Two parameters on `f(x, y) = sum(a x^2) + sum(y^3)`, three steps, against torch's formulas
     /// evaluated by hand in f64.
+    #[test]
+    fn weight_decay_is_decoupled_as_torch_adamw() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::new(&[1.0f64, -2.0], &dev)?;
+        let (lr, wd) = (0.1, 0.5);
+        let mut opt = Adam::new(vec![("x".into(), x.clone())], AdamParams { lr, weight_decay: wd, ..Default::default() })?;
+        for t in 1..=2 {
+            let before = x.as_tensor().to_vec1::<f64>()?;
+            opt.backward_step(&x.as_tensor().sum_all()?)?;
+            // A constant gradient of 1: bias-corrected m / sqrt(v) is 1, so each step is -lr (1 - eps).
+            for (after, p) in x.as_tensor().to_vec1::<f64>()?.iter().zip(before) {
+                let expected = p * (1.0 - lr * wd) - lr / (1.0 + 1e-8);
+                assert!((after - expected).abs() < 1e-9, "step {t}: {after} vs {expected}");
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn matches_torch_adam_by_hand() -> Result<()> {
         let dev = Device::Cpu;

@@ -9,6 +9,7 @@ use super::{EditSettings, GuidanceEmbedding, LayeredLatents, StepLoss};
 use crate::error::{bad_input, Result};
 use crate::image_io::{self, save_png_atomic};
 use crate::pipeline::{generate, seeded_noise, GenerateOptions, StableDiffusion};
+use crate::schedulers::TrainSchedule;
 use crate::sources::{Component, ModelFiles};
 use candle_core::Tensor;
 use image::{GrayImage, RgbImage};
@@ -127,7 +128,7 @@ pub fn edit(
     let uncond = sd.encode_prompt("")?;
 
     let checkpoint = if resume { read_checkpoint(out, &sd.device)? } else { None };
-    let alphas_cumprod = sd.scheduler()?.alphas_cumprod().to_vec();
+    let schedule = TrainSchedule::from_scheduler(&sd.scheduler()?);
 
     // 5. stage 1: layered controlled optimization (Eq. 2)
     let t = Instant::now();
@@ -143,7 +144,7 @@ pub fn edit(
     progress.step(stage1.step, stage1.losses.last().map(|l| l.loss));
     while stage1.step < settings.embedding_steps {
         let until = (stage1.step + req.checkpoint_every.max(1)).min(settings.embedding_steps);
-        stage1.run(&sd.unet, &alphas_cumprod, &data, req.train_seed, until, &mut |l: StepLoss| progress.step(l.step + 1, Some(l.loss)))?;
+        stage1.run(&sd.unet, &schedule, &data, req.train_seed, until, &mut |l: StepLoss| progress.step(l.step + 1, Some(l.loss)))?;
         let losses = Losses { stage1: stage1.losses.clone(), stage2: vec![] };
         write_checkpoint(out, "stage1", stage1.step, losses, session::with_prefix(stage1.state(), "stage1.").collect())?;
         stop_if_asked(progress, out, "stage 1", stage1.step)?;
@@ -176,7 +177,7 @@ pub fn edit(
     while stage2.step < settings.finetune_steps {
         let until = (stage2.step + req.checkpoint_every.max(1)).min(settings.finetune_steps);
         let lambda_b = settings.lambda_background;
-        stage2.run(&e_bar, lambda_o, lambda_b, &alphas_cumprod, &data, req.train_seed, until, &mut |l: StepLoss| progress.step(l.step + 1, Some(l.loss)))?;
+        stage2.run(&e_bar, lambda_o, lambda_b, &schedule, &data, req.train_seed, until, &mut |l: StepLoss| progress.step(l.step + 1, Some(l.loss)))?;
         let mut tensors: HashMap<String, Tensor> = session::with_prefix(stage1.state(), "stage1.").collect();
         tensors.extend(session::with_prefix(stage2.state(), "stage2."));
         let losses = Losses { stage1: stage1.losses.clone(), stage2: stage2.losses.clone() };

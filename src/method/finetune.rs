@@ -27,6 +27,7 @@ use super::{FinetuneMode, LayeredLatents, StepLoss};
 use crate::error::{bad_input, Result};
 use crate::models::nn::{LORA_A, LORA_B};
 use crate::models::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use crate::schedulers::TrainSchedule;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
@@ -258,7 +259,7 @@ impl LayeredFinetune {
         e_bar: &Tensor,
         lambda_object: f64,
         lambda_background: f64,
-        alphas_cumprod: &[f64],
+        schedule: &TrainSchedule,
         data: &LayeredLatents,
         seed: u64,
         until: usize,
@@ -274,7 +275,7 @@ impl LayeredFinetune {
         let fix = format!("lower --finetune-lr (now {})", self.adam.params().lr);
         let start = self.step;
         while self.step < until {
-            let noisy = noisy_step(alphas_cumprod, data, seed, STAGE2_STREAM, self.step)?;
+            let noisy = noisy_step(schedule, data, seed, STAGE2_STREAM, self.step)?;
             let loss = if self.object_only {
                 (object_term(&self.train_unet, &noisy, data, &e_bar)? * lambda_object)?
             } else {

@@ -16,6 +16,7 @@ use super::{LayeredLatents, StepLoss};
 use crate::error::{bad_input, Result};
 use crate::models::unet_2d::UNet2DConditionModel;
 use crate::pipeline::seeded_noise;
+use crate::schedulers::TrainSchedule;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -49,47 +50,34 @@ pub fn masked_mse(pred: &Tensor, eps: &Tensor, mask: &Tensor) -> Result<Tensor> 
     Ok(residual.broadcast_mul(&mask.to_dtype(dtype)?)?.sqr()?.mean_all()?)
 }
 
-/// One training step's draw: the timestep, the noise of each layer and the noisy latents.
+/// One training step's draw: the timestep, the noisy latents of each layer and the UNet's target
+/// for them.
 #[derive(Debug, Clone)]
 pub struct NoisyStep {
     /// `t ~ U{0 .. num_train_timesteps - 1}`.
     pub t: usize,
-    /// `eps` of the subject layer and `z_s,t = sqrt(abar_t) z_s + sqrt(1 - abar_t) eps`.
-    pub subject_noise: Tensor,
+    /// The subject layer's target (`eps`, or `v` for a v-prediction model, see
+    /// [`TrainSchedule::target`]) and `z_s,t = sqrt(abar_t) z_s + sqrt(1 - abar_t) eps`.
+    pub subject_target: Tensor,
     pub subject: Tensor,
-    /// `eps` of the background layer and `z_b,t`.
-    pub background_noise: Tensor,
+    /// The background layer's target and `z_b,t`.
+    pub background_target: Tensor,
     pub background: Tensor,
 }
 
 /// The draw of step `step` of the stage `stream` (a pure function of `(seed, stream, step)`, so a
 /// run in chunks or resumed draws exactly what one uninterrupted run draws). The noise is drawn on
 /// the CPU ([`seeded_noise`]), so a seed gives the same draw on every device.
-pub fn noisy_step(
-    alphas_cumprod: &[f64],
-    data: &LayeredLatents,
-    seed: u64,
-    stream: u64,
-    step: usize,
-) -> Result<NoisyStep> {
-    if alphas_cumprod.is_empty() {
-        return Err(bad_input(
-            "scheduler",
-            "no training timesteps",
-            "use a scheduler config with num_train_timesteps >= 1",
-        ));
-    }
+pub fn noisy_step(schedule: &TrainSchedule, data: &LayeredLatents, seed: u64, stream: u64, step: usize) -> Result<NoisyStep> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(draw_seed(seed, stream, step, 0));
-    let t = rng.random_range(0..alphas_cumprod.len());
-    let abar = alphas_cumprod[t];
+    let t = rng.random_range(0..schedule.num_timesteps()?);
     let noisy = |z: &Tensor, draw: u64| -> Result<(Tensor, Tensor)> {
         let eps = seeded_noise(draw_seed(seed, stream, step, draw), z.dims(), z.device(), z.dtype())?;
-        let z_t = ((z * abar.sqrt())? + (&eps * (1.0 - abar).sqrt())?)?;
-        Ok((eps, z_t))
+        Ok((schedule.target(z, &eps, &[t])?, schedule.add_noise(z, &eps, &[t])?))
     };
-    let (subject_noise, subject) = noisy(&data.subject, 1)?;
-    let (background_noise, background) = noisy(&data.background, 2)?;
-    Ok(NoisyStep { t, subject_noise, subject, background_noise, background })
+    let (subject_target, subject) = noisy(&data.subject, 1)?;
+    let (background_target, background) = noisy(&data.background, 2)?;
+    Ok(NoisyStep { t, subject_target, subject, background_target, background })
 }
 
 /// Checks that the two layers can share one batched UNet call: latents `[1, c, h, w]` of one
@@ -137,9 +125,9 @@ pub fn layer_terms(
     let input = Tensor::cat(&[&noisy.subject, &noisy.background], 0)?;
     let context = Tensor::cat(&[context_object, context_background], 0)?;
     let pred = unet.forward(&input, noisy.t as f64, &context)?;
-    let object = masked_mse(&pred.narrow(0, 0, 1)?, &noisy.subject_noise, &data.subject_mask)?;
+    let object = masked_mse(&pred.narrow(0, 0, 1)?, &noisy.subject_target, &data.subject_mask)?;
     let background_weight = data.background_mask.affine(-1.0, 1.0)?;
-    let background = masked_mse(&pred.narrow(0, 1, 1)?, &noisy.background_noise, &background_weight)?;
+    let background = masked_mse(&pred.narrow(0, 1, 1)?, &noisy.background_target, &background_weight)?;
     Ok((object, background))
 }
 
@@ -153,7 +141,7 @@ pub fn object_term(
     context: &Tensor,
 ) -> Result<Tensor> {
     let pred = unet.forward(&noisy.subject, noisy.t as f64, context)?;
-    masked_mse(&pred, &noisy.subject_noise, &data.subject_mask)
+    masked_mse(&pred, &noisy.subject_target, &data.subject_mask)
 }
 
 /// Eq. 2: `L1 = ||M_s (.) (eps - eps_theta(z_s,t, t, e_o))||^2 + ||(1 - M_b) (.) (eps - eps_theta(z_b,t, t, e_b))||^2`.
@@ -308,7 +296,7 @@ impl LayeredOptimization {
     pub fn run(
         &mut self,
         unet: &UNet2DConditionModel,
-        alphas_cumprod: &[f64],
+        schedule: &TrainSchedule,
         data: &LayeredLatents,
         seed: u64,
         until: usize,
@@ -317,7 +305,7 @@ impl LayeredOptimization {
         check_layers(data)?;
         let fix = format!("lower --embedding-lr (now {})", self.adam.params().lr);
         while self.step < until {
-            let noisy = noisy_step(alphas_cumprod, data, seed, STAGE1_STREAM, self.step)?;
+            let noisy = noisy_step(schedule, data, seed, STAGE1_STREAM, self.step)?;
             // In the model's dtype, on the graph (a no-op when the dtypes agree).
             let (e_o, e_b) = (self.e_o.as_tensor().to_dtype(self.dtype)?, self.e_b.as_tensor().to_dtype(self.dtype)?);
             let loss = if self.object_only {

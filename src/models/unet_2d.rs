@@ -444,7 +444,14 @@ impl UNet2DConditionModel {
     /// The predicted noise for `sample` `(batch, in_channels, h, w)` at `timestep` (the same for the
     /// whole batch) given `encoder_hidden_states` `(batch, tokens, cross_attention_dim)`.
     pub fn forward(&self, sample: &Tensor, timestep: f64, encoder_hidden_states: &Tensor) -> Result<Tensor> {
-        let (bsize, _channels, height, width) = sample.dims4()?;
+        let timesteps = Tensor::full(timestep as f32, sample.dim(0)?, sample.device())?;
+        self.forward_timesteps(sample, &timesteps, encoder_hidden_states)
+    }
+
+    /// [`Self::forward`] with one timestep per sample (`timesteps` f32 `(batch,)`), as training
+    /// draws them.
+    pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        let (_, _, height, width) = sample.dims4()?;
         let n_blocks = self.config.blocks.len();
         // The input size need not be a multiple of the overall upsampling factor: then the up
         // blocks upsample to the sizes of the skips.
@@ -456,8 +463,7 @@ impl UNet2DConditionModel {
 
         // 1. time: sinusoidal features in f32 (the f64 timestep rounded to f32, as torch's
         // `timesteps.float()`), cast to the model dtype, then the embedding MLP.
-        let timesteps = Tensor::full(timestep as f32, bsize, sample.device())?;
-        let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(xs.dtype())?;
+        let t_emb = self.time_proj.forward(timesteps)?.to_dtype(xs.dtype())?;
         let emb = self.time_embedding.forward(&t_emb)?;
 
         // 2. pre-process
