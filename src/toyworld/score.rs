@@ -25,6 +25,9 @@ pub struct Reading {
 const COLOUR_DISTANCE: f32 = 90.0;
 /// ...and at least this saturated (max - min channel): greys, sky and ground never are.
 const MIN_CHROMA: i32 = 80;
+/// A pixel near the subject's centre this far (RGB) from the subject's mean colour is its dot: noise
+/// of sigma 8 moves a pixel about 14, a dot blurred into its surround still 100 or more.
+const DOT_DISTANCE: f32 = 60.0;
 /// Below this total per-channel variance the background is plain: noise of sigma 8 gives about
 /// 200, the weakest pattern about 4000.
 const PLAIN_VARIANCE: f64 = 1000.0;
@@ -49,13 +52,15 @@ pub fn read_scene(img: &RgbImage) -> Reading {
 
     let mut reading = Reading { background, colour: None, shape: None, size: None, position: None, dot: None, subjects: big.len() };
     if let Some(blob) = big.iter().max_by_key(|b| b.len()) {
-        read_subject(img, &classes, blob, &mut reading);
+        let far = dilate(&excluded, w, h, 1).into_iter().map(|e| !e).collect::<Vec<_>>();
+        read_subject(img, &classes, blob, &far, &mut reading);
     }
     reading
 }
 
-/// Fills the subject attributes of `reading` from the largest blob.
-fn read_subject(img: &RgbImage, classes: &[Option<Colour>], blob: &[usize], reading: &mut Reading) {
+/// Fills the subject attributes of `reading` from the largest blob; `far` marks background pixels
+/// well away from any subject.
+fn read_subject(img: &RgbImage, classes: &[Option<Colour>], blob: &[usize], far: &[bool], reading: &mut Reading) {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let side = w.min(h) as f32;
     let mut votes = [0usize; 4];
@@ -65,24 +70,48 @@ fn read_subject(img: &RgbImage, classes: &[Option<Colour>], blob: &[usize], read
         }
     }
     let best = (0..4).max_by_key(|&k| votes[k]).unwrap_or(0);
-    reading.colour = Some(Colour::ALL[best]);
+    let colour = Colour::ALL[best];
+    reading.colour = Some(colour);
 
-    let filled = fill_holes(blob, w, h);
+    let pixel = |i: usize| img.get_pixel((i % w) as u32, (i / w) as u32).0.map(f32::from);
+    let mut in_blob = vec![false; w * h];
+    for &i in blob {
+        in_blob[i] = true;
+    }
+    let interior: Vec<[f32; 3]> =
+        blob.iter().filter(|&&i| classes[i] == Some(colour) && neighbours(i, w, h).all(|j| in_blob[j])).map(|&i| pixel(i)).collect();
+    let own = if interior.is_empty() { colour.rgb().0.map(f32::from) } else { mean3(&interior) };
+    let kept: Vec<usize> = blob.iter().copied().filter(|&i| mostly_subject(pixel(i), own, i, far, w, h, &pixel)).collect();
+
+    let filled = fill_holes(&kept, w, h);
     let (mut area, mut sx, mut sy) = (0usize, 0usize, 0usize);
     let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
+    let mut widths = vec![0usize; h];
     for (i, _) in filled.iter().enumerate().filter(|(_, f)| **f) {
         let (x, y) = (i % w, i / w);
         area += 1;
         sx += x;
         sy += y;
+        widths[y] += 1;
         (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
     }
+    if area == 0 {
+        return;
+    }
     let (cx, cy) = (sx as f32 / area as f32 + 0.5, sy as f32 / area as f32 + 0.5);
-    let fill = area as f32 / ((x1 + 1 - x0) * (y1 + 1 - y0)) as f32;
-    // Filled fraction of the bounding box: triangle 0.5, circle 0.785, square 1.
-    let shape = if fill < 0.64 {
+    // Row widths tell the shapes apart whatever a blurred edge adds or takes: a triangle is much
+    // wider at the bottom than at the top, a circle much narrower at top and bottom than in the
+    // middle, a square the same all the way.
+    let rows = &widths[y0..=y1];
+    let band = |from: f32, to: f32| {
+        let n = rows.len() as f32;
+        let picked: Vec<f32> = rows.iter().enumerate().filter(|(k, _)| (from..to).contains(&((*k as f32 + 0.5) / n))).map(|(_, w)| *w as f32).collect();
+        picked.iter().sum::<f32>() / picked.len().max(1) as f32
+    };
+    let widest = *rows.iter().max().unwrap_or(&1) as f32;
+    let shape = if band(2.0 / 3.0, 1.0) > 1.6 * band(0.0, 1.0 / 3.0) {
         Shape::Triangle
-    } else if fill < 0.9 {
+    } else if (band(0.0, 0.25) + band(0.75, 1.0)) / 2.0 < 0.82 * widest {
         Shape::Circle
     } else {
         Shape::Square
@@ -102,24 +131,56 @@ fn read_subject(img: &RgbImage, classes: &[Option<Colour>], blob: &[usize], read
         _ => Position::Right,
     });
 
-    // The dot: holes in the blob near its centroid, dark or bright.
-    let mut in_blob = vec![false; w * h];
-    for &i in blob {
-        in_blob[i] = true;
+    // The dot: the pixel near the centroid farthest from the subject's own colour, if far enough,
+    // darker or brighter than the subject. Not only holes: a blurred dot near an edge may open
+    // its hole to the outside.
+    let reach = (0.5 * r).max(1.5);
+    let dot = (0..w * h)
+        .filter(|&i| !far[i] && ((i % w) as f32 + 0.5 - cx).hypot((i / w) as f32 + 0.5 - cy) <= reach)
+        .map(|i| (distance(pixel(i), own), pixel(i)))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    if let Some((_, p)) = dot.filter(|(d, _)| *d > DOT_DISTANCE) {
+        reading.dot = Some(if luma(p) < luma(own) { Dot::Black } else { Dot::White });
     }
-    let reach = (0.6 * r).max(1.5);
-    let lumas: Vec<f32> = (0..w * h)
-        .filter(|&i| filled[i] && !in_blob[i])
-        .filter(|&i| ((i % w) as f32 + 0.5 - cx).hypot((i / w) as f32 + 0.5 - cy) <= reach)
-        .map(|i| {
-            let [r, g, b] = img.get_pixel((i % w) as u32, (i / w) as u32).0;
-            0.299 * r as f32 + 0.587 * g as f32 + 0.114 * b as f32
-        })
-        .collect();
-    if !lumas.is_empty() {
-        let mean = lumas.iter().sum::<f32>() / lumas.len() as f32;
-        reading.dot = Some(if mean < 128.0 { Dot::Black } else { Dot::White });
+}
+
+fn distance(a: [f32; 3], b: [f32; 3]) -> f32 {
+    (0..3).map(|k| (a[k] - b[k]).powi(2)).sum::<f32>().sqrt()
+}
+
+/// Whether blob pixel `i`, of colour `p`, is at least half subject: its colour projected on the
+/// line from the nearest far background colour to the subject's own colour `own`. Interior pixels
+/// and those with no background near are kept.
+fn mostly_subject(p: [f32; 3], own: [f32; 3], i: usize, far: &[bool], w: usize, h: usize, pixel: &impl Fn(usize) -> [f32; 3]) -> bool {
+    let (x, y) = ((i % w) as i64, (i / w) as i64);
+    for d in 1..=3i64 {
+        let ring: Vec<[f32; 3]> = (-d..=d)
+            .flat_map(|dy| (-d..=d).map(move |dx| (x + dx, y + dy)))
+            .filter(|&(xx, yy)| (xx - x).abs().max((yy - y).abs()) == d && (0..w as i64).contains(&xx) && (0..h as i64).contains(&yy))
+            .map(|(xx, yy)| yy as usize * w + xx as usize)
+            .filter(|&j| far[j])
+            .map(pixel)
+            .collect();
+        if !ring.is_empty() {
+            if d == 3 {
+                return true;
+            }
+            let b = mean3(&ring);
+            let along: f32 = (0..3).map(|k| (p[k] - b[k]) * (own[k] - b[k])).sum();
+            let length: f32 = (0..3).map(|k| (own[k] - b[k]).powi(2)).sum();
+            return along >= 0.5 * length;
+        }
     }
+    true
+}
+
+fn mean3(pixels: &[[f32; 3]]) -> [f32; 3] {
+    let n = pixels.len().max(1) as f32;
+    [0, 1, 2].map(|k| pixels.iter().map(|p| p[k]).sum::<f32>() / n)
+}
+
+fn luma(p: [f32; 3]) -> f32 {
+    0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2]
 }
 
 /// The subject colour `p` is, if any.
@@ -136,7 +197,8 @@ fn subject_colour(p: [u8; 3]) -> Option<Colour> {
     (distance(best) <= COLOUR_DISTANCE).then_some(best)
 }
 
-/// 4-connected blobs of subject-coloured pixels (any subject colour), as pixel indices.
+/// 8-connected blobs of subject-coloured pixels (any subject colour), as pixel indices: a thin
+/// blurred triangle stays one blob.
 fn components(classes: &[Option<Colour>], w: usize, h: usize) -> Vec<Vec<usize>> {
     let mut seen = vec![false; w * h];
     let mut blobs = Vec::new();
@@ -150,7 +212,7 @@ fn components(classes: &[Option<Colour>], w: usize, h: usize) -> Vec<Vec<usize>>
         while next < blob.len() {
             let i = blob[next];
             next += 1;
-            for j in neighbours(i, w, h) {
+            for j in neighbours8(i, w, h) {
                 if !seen[j] && classes[j].is_some() {
                     seen[j] = true;
                     blob.push(j);
@@ -165,6 +227,14 @@ fn components(classes: &[Option<Colour>], w: usize, h: usize) -> Vec<Vec<usize>>
 fn neighbours(i: usize, w: usize, h: usize) -> impl Iterator<Item = usize> {
     let (x, y) = (i % w, i / w);
     [(x > 0).then(|| i - 1), (x + 1 < w).then_some(i + 1), (y > 0).then(|| i - w), (y + 1 < h).then_some(i + w)].into_iter().flatten()
+}
+
+fn neighbours8(i: usize, w: usize, h: usize) -> impl Iterator<Item = usize> {
+    let (x, y) = ((i % w) as i64, (i / w) as i64);
+    (-1..=1i64)
+        .flat_map(move |dy| (-1..=1i64).map(move |dx| (x + dx, y + dy)))
+        .filter(move |&(xx, yy)| (xx, yy) != (x, y) && (0..w as i64).contains(&xx) && (0..h as i64).contains(&yy))
+        .map(move |(xx, yy)| yy as usize * w + xx as usize)
 }
 
 /// The blob with its holes filled: every pixel the image border cannot reach without crossing it.
@@ -446,8 +516,7 @@ mod tests {
     fn reads_clean_renders_exactly() {
         for (n, size) in [(2000, 32), (500, 64), (300, 48), (300, 16)] {
             let acc = accuracy(n, size, size as u64, |img, _| img.clone());
-            let bar = if size == 16 { 0.97 } else { 0.995 };
-            assert!(acc.worst() >= bar, "{size} px: {acc}");
+            assert!(acc.worst() >= 0.995, "{size} px: {acc}");
         }
     }
 

@@ -366,14 +366,14 @@ mod tests {
     #[test]
     fn positions_and_jitter_move_the_subject() {
         let centre_x = |s: &Scene| {
-            let (_, mask) = s.render(32);
+            let (_, mask) = s.render(64);
             let xs: Vec<u32> = mask.enumerate_pixels().filter(|p| p.2 .0[0] == 255).map(|p| p.0).collect();
             xs.iter().sum::<u32>() as f32 / xs.len() as f32
         };
         let left = scene(Shape::Square, Size::Small, Position::Left);
         let right = scene(Shape::Square, Size::Small, Position::Right);
-        assert!((centre_x(&left) - 8.0).abs() < 0.6 && (centre_x(&right) - 24.0).abs() < 0.6);
+        assert!((centre_x(&left) - 16.0).abs() < 0.6 && (centre_x(&right) - 48.0).abs() < 0.6);
         let moved = Scene { offset: (0.04, 0.0), ..left.clone() };
-        assert!(centre_x(&moved) > centre_x(&left) + 1.0);
+        assert!(centre_x(&moved) > centre_x(&left) + 2.0);
     }
 }
