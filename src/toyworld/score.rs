@@ -149,11 +149,11 @@ fn distance(a: [f32; 3], b: [f32; 3]) -> f32 {
 }
 
 /// Whether blob pixel `i`, of colour `p`, is at least half subject: its colour projected on the
-/// line from the nearest far background colour to the subject's own colour `own`. Interior pixels
-/// and those with no background near are kept.
+/// line from the nearest far background colour (at most 2 pixels off) to the subject's own colour
+/// `own`. Pixels with no far background that near are interior, and kept.
 fn mostly_subject(p: [f32; 3], own: [f32; 3], i: usize, far: &[bool], w: usize, h: usize, pixel: &impl Fn(usize) -> [f32; 3]) -> bool {
     let (x, y) = ((i % w) as i64, (i / w) as i64);
-    for d in 1..=3i64 {
+    for d in 1..=2i64 {
         let ring: Vec<[f32; 3]> = (-d..=d)
             .flat_map(|dy| (-d..=d).map(move |dx| (x + dx, y + dy)))
             .filter(|&(xx, yy)| (xx - x).abs().max((yy - y).abs()) == d && (0..w as i64).contains(&xx) && (0..h as i64).contains(&yy))
@@ -162,9 +162,6 @@ fn mostly_subject(p: [f32; 3], own: [f32; 3], i: usize, far: &[bool], w: usize, 
             .map(pixel)
             .collect();
         if !ring.is_empty() {
-            if d == 3 {
-                return true;
-            }
             let b = mean3(&ring);
             let along: f32 = (0..3).map(|k| (p[k] - b[k]) * (own[k] - b[k])).sum();
             let length: f32 = (0..3).map(|k| (own[k] - b[k]).powi(2)).sum();
@@ -189,12 +186,9 @@ fn subject_colour(p: [u8; 3]) -> Option<Colour> {
     if chroma < MIN_CHROMA {
         return None;
     }
-    let distance = |c: Colour| -> f32 {
-        let q = c.rgb().0;
-        (0..3).map(|k| (p[k] as f32 - q[k] as f32).powi(2)).sum::<f32>().sqrt()
-    };
-    let best = Colour::ALL.iter().copied().min_by(|a, b| distance(*a).total_cmp(&distance(*b)))?;
-    (distance(best) <= COLOUR_DISTANCE).then_some(best)
+    let from = |c: Colour| distance(p.map(f32::from), c.rgb().0.map(f32::from));
+    let best = Colour::ALL.iter().copied().min_by(|a, b| from(*a).total_cmp(&from(*b)))?;
+    (from(best) <= COLOUR_DISTANCE).then_some(best)
 }
 
 /// 8-connected blobs of subject-coloured pixels (any subject colour), as pixel indices: a thin
@@ -332,9 +326,9 @@ struct Moments {
 impl Moments {
     fn add(&mut self, p: [u8; 3]) {
         self.n += 1.0;
-        for k in 0..3 {
-            self.sum[k] += p[k] as f64;
-            self.sq[k] += (p[k] as f64).powi(2);
+        for (k, v) in p.into_iter().enumerate() {
+            self.sum[k] += v as f64;
+            self.sq[k] += (v as f64).powi(2);
         }
     }
 
