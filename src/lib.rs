@@ -26,5 +26,6 @@ pub mod segment;
 pub mod sources;
 pub mod tiny;
 pub mod tokenizer;
+pub mod toyworld;
 
 pub use error::{bad_input, Error, Result};
