@@ -10,10 +10,11 @@ use std::path::Path;
 pub const CLIP_VOCAB: &[u8] = include_bytes!("../assets/clip-tokenizer/vocab.json");
 pub const CLIP_MERGES: &[u8] = include_bytes!("../assets/clip-tokenizer/merges.txt");
 
-/// Writes the SD v1 tokenizer as the CompVis and runwayml repositories ship it.
-pub fn write_clip_tokenizer(dir: &Path) -> Result<()> {
+/// Writes the SD v1 tokenizer as the CompVis and runwayml repositories ship it, padding to `max_len`
+/// tokens (77 for SD).
+pub fn write_clip_tokenizer(dir: &Path, max_len: usize) -> Result<()> {
     let config = json!({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_len,
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
         "do_lower_case": true

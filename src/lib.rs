@@ -27,5 +27,6 @@ pub mod sources;
 pub mod tiny;
 pub mod tokenizer;
 pub mod toyworld;
+pub mod train;
 
 pub use error::{bad_input, Error, Result};

@@ -53,32 +53,54 @@ pub fn default_configs() -> Value {
     })
 }
 
+/// How [`SeededWeights`] draws a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightInit {
+    /// For tests: scales chosen so activations stay O(1) and no weight is trivially 0 or 1 (so
+    /// that a swapped or missing weight shows up in parity tests): fan-in scaled normals for
+    /// matrices and kernels, `1 + 0.1 n` for norm scales and variances, `0.1 n` for biases.
+    Test,
+    /// For training from scratch, as torch's layer defaults: `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`
+    /// for matrices and kernels, norm scales 1, biases 0, embedding tables `N(0, 0.02)` (CLIP's).
+    Torch,
+}
+
 /// Hands out seeded random tensors for whatever a model asks for, and remembers them.
 struct SeededWeights {
     rng: Mutex<rand::rngs::StdRng>,
     made: Mutex<BTreeMap<String, Tensor>>,
+    init: WeightInit,
 }
 
 impl SeededWeights {
-    fn new(seed: u64) -> Self {
-        Self { rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)), made: Mutex::new(BTreeMap::new()) }
+    fn new(seed: u64, init: WeightInit) -> Self {
+        Self { rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)), made: Mutex::new(BTreeMap::new()), init }
     }
 
-    /// Scales chosen so activations stay O(1) and no weight is trivially 0 or 1 (so that a swapped
-    /// or missing weight shows up in parity tests): fan-in scaled normals for matrices and kernels,
-    /// `1 + 0.1 n` for norm scales and variances, `0.1 n` for biases.
     fn sample(&self, shape: &Shape, name: &str) -> candle_core::Result<Tensor> {
         let dims = shape.dims();
         let fan_in: usize = dims.iter().skip(1).product();
-        let (offset, scale) = match dims.len() {
-            // Norm scales and BatchNorm variances sit near 1 (a variance must stay positive).
-            1 if name.ends_with("weight") || name.ends_with("running_var") => (1.0, 0.1),
-            1 => (0.0, 0.1),
-            _ => (0.0, 1.0 / (fan_in.max(1) as f32).sqrt()),
+        let fan_scale = 1.0 / (fan_in.max(1) as f32).sqrt();
+        let unit_weight = name.ends_with("weight") || name.ends_with("running_var");
+        // (offset, scale, uniform): offset + scale * (U(-1, 1) or N(0, 1))
+        let (offset, scale, uniform) = match (self.init, dims.len()) {
+            (WeightInit::Test, 1) if unit_weight => (1.0, 0.1, false),
+            (WeightInit::Test, 1) => (0.0, 0.1, false),
+            (WeightInit::Test, _) => (0.0, fan_scale, false),
+            (WeightInit::Torch, 1) => (if unit_weight { 1.0 } else { 0.0 }, 0.0, false),
+            (WeightInit::Torch, _) if name.contains("embedding") && dims.len() == 2 => (0.0, 0.02, false),
+            (WeightInit::Torch, _) => (0.0, fan_scale, true),
         };
         let mut rng = self.rng.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
         let data: Vec<f32> = (0..shape.elem_count())
-            .map(|_| offset + scale * Distribution::<f32>::sample(&StandardNormal, &mut *rng))
+            .map(|_| {
+                let draw = if uniform {
+                    rand::Rng::random_range(&mut *rng, -1f32..1f32)
+                } else {
+                    Distribution::<f32>::sample(&StandardNormal, &mut *rng)
+                };
+                offset + scale * draw
+            })
             .collect();
         Tensor::from_vec(data, shape.clone(), &Device::Cpu)
     }
@@ -112,15 +134,26 @@ impl SimpleBackend for &SeededWeights {
     }
 }
 
-/// Builds a model from seeded random weights; also returns the weights it asked for, by
-/// checkpoint name (f32, on the CPU).
+/// Builds a model from seeded random weights (drawn by [`WeightInit::Test`]); also returns the
+/// weights it asked for, by checkpoint name (f32, on the CPU).
 pub fn seeded_model<M>(
     seed: u64,
     dtype: DType,
     device: &Device,
     build: impl FnOnce(VarBuilder) -> Result<M>,
 ) -> Result<(M, BTreeMap<String, Tensor>)> {
-    let weights = SeededWeights::new(seed);
+    seeded_model_with(WeightInit::Test, seed, dtype, device, build)
+}
+
+/// [`seeded_model`] with the initialization `init`.
+pub fn seeded_model_with<M>(
+    init: WeightInit,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> Result<M>,
+) -> Result<(M, BTreeMap<String, Tensor>)> {
+    let weights = SeededWeights::new(seed, init);
     let model = build(VarBuilder::from_backend(Box::new(&weights), dtype, device.clone()))?;
     Ok((model, weights.into_tensors()))
 }
@@ -142,6 +175,21 @@ pub fn write_tiny_model(out: &Path, seed: u64, overrides: Option<&Value>, dtype:
     let (_, vae) = seeded_model(seed.wrapping_add(1), DType::F32, &cpu, |vb| Ok(AutoencoderKL::new(vb, vae_cfg)?))?;
     let (_, clip) = seeded_model(seed.wrapping_add(2), DType::F32, &cpu, |vb| Ok(ClipTextTransformer::new(vb, clip_cfg)?))?;
 
+    write_pipeline(out, &configs, unet, vae, clip, dtype)
+}
+
+/// Writes a Stable Diffusion pipeline in the diffusers layout to `out`: `model_index.json`, each
+/// component's config (from `configs`, keyed `unet`, `vae`, `text_encoder`, `scheduler`) and
+/// weights (cast to `dtype`), and the real SD v1 CLIP tokenizer padded to the text encoder's
+/// `max_position_embeddings`.
+pub fn write_pipeline(
+    out: &Path,
+    configs: &Value,
+    unet: BTreeMap<String, Tensor>,
+    vae: BTreeMap<String, Tensor>,
+    text_encoder: BTreeMap<String, Tensor>,
+    dtype: DType,
+) -> Result<()> {
     let model_index = json!({
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
@@ -161,8 +209,9 @@ pub fn write_tiny_model(out: &Path, seed: u64, overrides: Option<&Value>, dtype:
     write_json(&out.join("scheduler/scheduler_config.json"), &configs["scheduler"])?;
     write_safetensors(&out.join("unet/diffusion_pytorch_model.safetensors"), unet, dtype, None)?;
     write_safetensors(&out.join("vae/diffusion_pytorch_model.safetensors"), vae, dtype, None)?;
-    write_safetensors(&out.join("text_encoder/model.safetensors"), clip, dtype, None)?;
-    crate::assets::write_clip_tokenizer(&out.join("tokenizer"))
+    write_safetensors(&out.join("text_encoder/model.safetensors"), text_encoder, dtype, None)?;
+    let max_len = configs["text_encoder"]["max_position_embeddings"].as_u64().unwrap_or(77) as usize;
+    crate::assets::write_clip_tokenizer(&out.join("tokenizer"), max_len)
 }
 
 fn merge_overrides(configs: &mut Value, overrides: &Value) -> Result<()> {
@@ -180,7 +229,7 @@ fn merge_overrides(configs: &mut Value, overrides: &Value) -> Result<()> {
     Ok(())
 }
 
-fn write_json(path: &Path, value: &Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, value: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| bad_input(path.display(), e, "report this bug"))?;
     write_atomic(path, text.as_bytes())
 }
@@ -194,7 +243,12 @@ pub fn write_tiny_sam(path: &Path, cfg: &SamConfig, seed: u64) -> Result<()> {
     write_safetensors(path, tensors, DType::F32, Some(HashMap::from([("sam_config".to_string(), config)])))
 }
 
-fn write_safetensors(path: &Path, tensors: BTreeMap<String, Tensor>, dtype: DType, metadata: Option<HashMap<String, String>>) -> Result<()> {
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: BTreeMap<String, Tensor>,
+    dtype: DType,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let tensors = tensors
         .into_iter()
         .map(|(k, v)| Ok((k, v.to_dtype(dtype)?)))

@@ -84,7 +84,7 @@ pub fn write_clip(dir: &Path, config: &ClipConfig, processor: &ImageProcessor, s
     write_json(&dir.join("config.json"), &config.to_json())?;
     write_json(&dir.join("preprocessor_config.json"), &processor.to_json("CLIPImageProcessor"))?;
     write_safetensors(&dir.join("model.safetensors"), tensors)?;
-    crate::assets::write_clip_tokenizer(dir)
+    crate::assets::write_clip_tokenizer(dir, 77)
 }
 
 /// Writes a tiny random-weight `Dinov2Model` to `dir`: `config.json`, `model.safetensors` (f32)

@@ -353,8 +353,7 @@ impl Conv2d {
     }
 
     fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
-        let c = self.cfg;
-        let ys = xs.conv2d(&self.weight, c.padding, c.stride, c.dilation, 1)?;
+        let ys = conv2d_forward(xs, &self.weight, self.cfg)?;
         match &self.bias {
             Some(b) => ys.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(ys),
@@ -401,10 +400,13 @@ impl Module for Conv2d {
             let (weight, c) = (self.weight.clone(), self.cfg);
             return attach_backward(xs, ys, move |arg, _, grad| conv2d_input_grad(grad, &weight, c, arg.dim(2)?));
         }
-        if trainable(&self.weight) && flip_for_input_grad(xs.device(), self.cfg) {
-            // candle's own backward would take the input gradient through its CUDA direct loop.
+        if trainable(&self.weight) {
+            // candle's own backward computes the kernel gradient as a convolution whose kernel is
+            // the whole output gradient (its CPU im2col then copies every window element by
+            // element: a third of a training step) and, on a GPU, the input gradient in a
+            // direct loop.
             let c = self.cfg;
-            let ys = xs.detach().conv2d(&self.weight.detach(), c.padding, c.stride, c.dilation, 1)?;
+            let ys = conv2d_forward(&xs.detach(), &self.weight.detach(), c)?;
             let ys = attach_backward2(xs, &self.weight, ys, move |arg, weight, _, grad| {
                 Ok((Some(conv2d_input_grad(grad, weight, c, arg.dim(2)?)?), Some(conv2d_kernel_grad(arg, weight, grad, c)?)))
             })?;
@@ -415,6 +417,37 @@ impl Module for Conv2d {
         }
         self.forward_plain(xs)
     }
+}
+
+/// A convolution, on the CPU for kernels over 1x1 as im2col by strided views and one matrix
+/// product: candle's CPU im2col writes its column tiles one element at a time across rows (over a
+/// third of a toy-model training step); elsewhere candle's own.
+fn conv2d_forward(xs: &Tensor, weight: &Tensor, c: Conv2dConfig) -> Result<Tensor> {
+    let (c_out, c_in, k_h, k_w) = weight.dims4()?;
+    if !xs.device().is_cpu() || k_h * k_w == 1 {
+        return xs.conv2d(weight, c.padding, c.stride, c.dilation, 1);
+    }
+    let (b, _, h, w) = xs.dims4()?;
+    let out = |size: usize, k: usize| (size + 2 * c.padding).checked_sub(c.dilation * (k - 1) + 1).map(|n| n / c.stride + 1);
+    let (Some(out_h), Some(out_w)) = (out(h, k_h), out(w, k_w)) else {
+        return xs.conv2d(weight, c.padding, c.stride, c.dilation, 1);
+    };
+    let cols = im2col(xs, k_h, k_w, out_h, out_w, c)?.reshape((b, c_in * k_h * k_w, out_h * out_w))?;
+    let w = weight.reshape((1, c_out, c_in * k_h * k_w))?.broadcast_as((b, c_out, c_in * k_h * k_w))?;
+    w.matmul(&cols)?.reshape((b, c_out, out_h, out_w))
+}
+
+/// `[b, c, k_h k_w, out_h, out_w]`: for each kernel position, the input samples it multiplies.
+fn im2col(xs: &Tensor, k_h: usize, k_w: usize, out_h: usize, out_w: usize, c: Conv2dConfig) -> Result<Tensor> {
+    let x = xs.pad_with_zeros(2, c.padding, c.padding)?.pad_with_zeros(3, c.padding, c.padding)?;
+    let mut windows = Vec::with_capacity(k_h * k_w);
+    for kh in 0..k_h {
+        let rows = strided(&x, 2, kh * c.dilation, out_h, c.stride)?;
+        for kw in 0..k_w {
+            windows.push(strided(&rows, 3, kw * c.dilation, out_w, c.stride)?);
+        }
+    }
+    Tensor::stack(&windows, 2)
 }
 
 /// Whether [`conv2d_input_grad`] takes the flipped-kernel convolution: on a GPU, for stride 1.
@@ -445,12 +478,29 @@ fn conv2d_input_grad_flipped(grad: &Tensor, weight: &Tensor, c: Conv2dConfig) ->
     grad.conv2d(&flipped, c.dilation * (k_h - 1) - c.padding, 1, c.dilation, 1)
 }
 
-/// A convolution's kernel gradient, as candle's backward: the convolution of the input with the
-/// output gradient, batch and channels swapped (stride and dilation trade places).
+/// A convolution's kernel gradient as one matrix product: `dW[o, (i, kh, kw)] = sum over (b, y, x)
+/// of g[b, o, y, x] x_pad[b, i, y s + kh d, x s + kw d]`, the input's windows gathered (im2col)
+/// by `k_h k_w` strided views.
 fn conv2d_kernel_grad(arg: &Tensor, weight: &Tensor, grad: &Tensor, c: Conv2dConfig) -> Result<Tensor> {
-    let (_, _, k_h, k_w) = weight.dims4()?;
-    let g = arg.transpose(0, 1)?.conv2d(&grad.transpose(0, 1)?, c.padding, c.dilation, c.stride, 1)?.transpose(0, 1)?;
-    g.narrow(2, 0, k_h)?.narrow(3, 0, k_w)
+    let (c_out, c_in, k_h, k_w) = weight.dims4()?;
+    let (b, _, out_h, out_w) = grad.dims4()?;
+    // [b, c_in, k_h k_w, out_h, out_w] -> [c_in k_h k_w, b out_h out_w]
+    let cols = im2col(arg, k_h, k_w, out_h, out_w, c)?.permute((1, 2, 0, 3, 4))?.reshape((c_in * k_h * k_w, b * out_h * out_w))?;
+    let g = grad.permute((1, 0, 2, 3))?.reshape((c_out, b * out_h * out_w))?;
+    g.matmul(&cols.t()?)?.reshape((c_out, c_in, k_h, k_w))
+}
+
+/// Elements `start, start + step, ..., start + (n - 1) step` of dimension `dim`.
+fn strided(t: &Tensor, dim: usize, start: usize, n: usize, step: usize) -> Result<Tensor> {
+    if step == 1 {
+        return t.narrow(dim, start, n);
+    }
+    let short = (start + n * step).saturating_sub(t.dim(dim)?);
+    let t = t.pad_with_zeros(dim, 0, short)?.narrow(dim, start, n * step)?;
+    let mut dims = t.dims().to_vec();
+    dims[dim] = n;
+    dims.insert(dim + 1, step);
+    t.contiguous()?.reshape(dims)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
 }
 
 pub fn conv2d(in_c: usize, out_c: usize, kernel: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
@@ -675,21 +725,38 @@ mod tests {
     }
 
     #[test]
-    fn conv_gradients_by_flipped_kernel_match_candles() -> Result<()> {
-        for (k, padding, dilation) in [(3, 1, 1), (1, 0, 1), (3, 2, 2)] {
-            let c = Conv2dConfig { padding, stride: 1, dilation };
-            let x = Var::from_tensor(&randn(&[2, 3, 7, 6])?)?;
+    fn im2col_convolution_matches_candles() -> Result<()> {
+        for (k, padding, dilation, stride) in [(3, 1, 1, 1), (3, 2, 2, 1), (3, 1, 1, 2), (3, 0, 2, 2), (1, 0, 1, 1), (4, 1, 1, 2)] {
+            let c = Conv2dConfig { padding, stride, dilation };
+            let (x, w) = (randn(&[2, 3, 9, 7])?, randn(&[4, 3, k, k])?);
+            let ours = conv2d_forward(&x, &w, c)?;
+            let theirs = x.conv2d(&w, padding, stride, dilation, 1)?;
+            assert_eq!(ours.dims(), theirs.dims());
+            let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "k {k} padding {padding} dilation {dilation} stride {stride}: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn conv_gradients_by_flipped_kernel_and_im2col_match_candles() -> Result<()> {
+        for (k, padding, dilation, stride) in [(3, 1, 1, 1), (1, 0, 1, 1), (3, 2, 2, 1), (3, 1, 1, 2), (3, 0, 2, 2)] {
+            let c = Conv2dConfig { padding, stride, dilation };
+            let x = Var::from_tensor(&randn(&[2, 3, 7, 7])?)?;
             let w = Var::from_tensor(&randn(&[4, 3, k, k])?)?;
-            let y = x.as_tensor().conv2d(w.as_tensor(), padding, 1, dilation, 1)?;
+            let y = x.as_tensor().conv2d(w.as_tensor(), padding, stride, dilation, 1)?;
             let g = randn(y.dims())?;
             let grads = (&y * &g)?.sum_all()?.backward()?;
-            let dx = conv2d_input_grad_flipped(&g, w.as_tensor(), c)?;
             let dw = conv2d_kernel_grad(x.as_tensor(), w.as_tensor(), &g, c)?;
-            for (ours, theirs) in [(dx, grads.get(x.as_tensor())), (dw, grads.get(w.as_tensor()))] {
+            let mut pairs = vec![(dw, grads.get(w.as_tensor()))];
+            if stride == 1 {
+                pairs.push((conv2d_input_grad_flipped(&g, w.as_tensor(), c)?, grads.get(x.as_tensor())));
+            }
+            for (ours, theirs) in pairs {
                 let theirs = theirs.expect("candle's gradient");
                 assert_eq!(ours.dims(), theirs.dims());
                 let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
-                assert!(diff < 1e-10, "k {k} padding {padding} dilation {dilation}: {diff}");
+                assert!(diff < 1e-10, "k {k} padding {padding} dilation {dilation} stride {stride}: {diff}");
             }
         }
         Ok(())

@@ -203,7 +203,7 @@ impl ModelFiles {
             TokenizerFiles::Bundled => {
                 // ClipTokenizer reads files: give it the bundled ones in a scratch folder.
                 let dir = tempfile::tempdir().map_err(io_err(&std::env::temp_dir()))?;
-                crate::assets::write_clip_tokenizer(dir.path())?;
+                crate::assets::write_clip_tokenizer(dir.path(), 77)?;
                 ClipTokenizer::from_dir(dir.path())
             }
         }
