@@ -106,6 +106,56 @@ enum ToyworldCommand {
     /// and attributes per scene) and world.json. Scene i depends only on (--seed, i); a stopped
     /// run resumes when given the same flags.
     Data(ToyDataArgs),
+    /// Edit tasks from held-out scenes (a new background, size or position, or a background with
+    /// one of those) with each method, every output read by the exact scorers: results.csv,
+    /// summary.md (the paper's Table 1 form) and sheet.png. A stopped run resumes.
+    ///
+    /// Example: layerdiff toyworld bench --model assets/toy-sd --methods layerdiffusion,imagic,sdedit
+    ///   --ablations --tasks 20 --seeds 1,2 --out toy-bench
+    Bench(ToyBenchArgs),
+}
+
+#[derive(Args)]
+struct ToyBenchArgs {
+    /// The toy model (`layerdiff train`).
+    #[arg(long, default_value = "assets/toy-sd")]
+    model: String,
+    /// Any of layerdiffusion, imagic, sdedit.
+    #[arg(long, value_delimiter = ',', default_value = "layerdiffusion,imagic,sdedit")]
+    methods: Vec<String>,
+    /// Also LayerDiffusion without stage 1, without fine-tuning, without iterative guidance,
+    /// with alpha 0 and 1, and with lambda_o 1 and 3.
+    #[arg(long)]
+    ablations: bool,
+    #[arg(long, default_value_t = 10)]
+    tasks: usize,
+    /// One output per seed, per task and variant.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    seeds: Vec<u64>,
+    /// The world seed the model was trained on: tasks come from its held-out scenes.
+    #[arg(long, default_value_t = 0)]
+    world_seed: u64,
+    /// Image side: the model's training size.
+    #[arg(long, default_value_t = 32)]
+    size: u32,
+    #[arg(long, default_value_t = toyworld::bench::toy_edit_settings().embedding_steps)]
+    embedding_steps: usize,
+    #[arg(long, default_value_t = toyworld::bench::toy_edit_settings().finetune_steps)]
+    finetune_steps: usize,
+    #[arg(long, default_value_t = toyworld::bench::toy_edit_settings().finetune_lr)]
+    finetune_lr: f64,
+    /// DDIM steps of the sampling.
+    #[arg(long, default_value_t = toyworld::bench::toy_edit_settings().steps)]
+    steps: usize,
+    #[arg(long, default_value_t = toyworld::bench::toy_edit_settings().guidance_scale)]
+    guidance_scale: f64,
+    /// SDEdit's strength.
+    #[arg(long, default_value_t = layerdiff::baselines::SDEDIT_STRENGTH)]
+    strength: f64,
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    place: PlaceArgs,
 }
 
 #[derive(Args)]
@@ -131,7 +181,8 @@ struct TrainArgs {
     /// The model folder: the diffusers pipeline, train-state.safetensors and train-log.jsonl.
     #[arg(long)]
     out: PathBuf,
-    /// Continue the run in --out from its last checkpoint (same flags as the first run).
+    /// Continue the run in --out from its last checkpoint: the same flags as the first run, except
+    /// --steps, --vae-steps, --checkpoint-every and --eval-* (to train longer, say).
     #[arg(long)]
     resume: bool,
     /// Stop cleanly, with a checkpoint, after this many minutes; --resume goes on.
@@ -748,6 +799,7 @@ fn main() {
         Command::TinyModel(args) => tiny_model(args),
         Command::Bench(args) => bench(args),
         Command::Toyworld(ToyworldCommand::Data(args)) => toyworld_data(args),
+        Command::Toyworld(ToyworldCommand::Bench(args)) => toyworld_bench(args),
         Command::Train(args) => train(args),
     };
     if let Err(e) = result {
@@ -1290,8 +1342,9 @@ fn train(args: TrainArgs) -> Result<()> {
                 Some(a) => format!("{phase} step {step}: checkpoint; held-out samples: {a}"),
                 None => format!("{phase} step {step}: checkpoint"),
             };
+            // Also when stderr is no terminal (the bars are hidden then, and so is `println`).
             match &bar {
-                Some(b) => b.println(line),
+                Some(b) => b.suspend(|| eprintln!("{line}")),
                 None => eprintln!("{line}"),
             }
         }
@@ -1300,5 +1353,32 @@ fn train(args: TrainArgs) -> Result<()> {
         b.finish();
     }
     println!("{}", args.out.display());
+    Ok(())
+}
+
+fn toyworld_bench(args: ToyBenchArgs) -> Result<()> {
+    use toyworld::bench::{make_tasks, run_bench, summary_markdown, toy_edit_settings, variants, BenchRequest};
+    let base = EditSettings {
+        embedding_steps: args.embedding_steps,
+        finetune_steps: args.finetune_steps,
+        finetune_lr: args.finetune_lr,
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        ..toy_edit_settings()
+    };
+    let request = BenchRequest {
+        tasks: make_tasks(train::held_out_seed(args.world_seed), args.tasks),
+        variants: variants(&args.methods, args.ablations, &base)?,
+        seeds: args.seeds.clone(),
+        size: args.size,
+        strength: args.strength,
+        out: args.out.clone(),
+    };
+    let files = ModelFiles::resolve(&args.model, &args.place.sources())?;
+    let sd = StableDiffusion::load(&files, &args.place.device()?, DType::F32)?;
+    let mut bars = Bars::new();
+    let results = run_bench(&sd, &files, &request, &mut bars, &mut |line| eprintln!("{line}"))?;
+    print!("{}", summary_markdown(&results, &request.variants, request.tasks.len(), request.seeds.len()));
+    eprintln!("{}", args.out.join("summary.md").display());
     Ok(())
 }

@@ -16,7 +16,7 @@ pub mod sdedit;
 pub use imagic::{imagic, imagic_embedding, imagic_settings, imagic_train, ImagicTrained, IMAGIC_ETA};
 pub use sdedit::{sdedit, SDEDIT_STRENGTH};
 
-use crate::error::{bad_input, Result};
+use crate::error::Result;
 use crate::image_io::{self, save_png_atomic, Crop};
 use crate::method::edit::EditRequest;
 use crate::method::session::{self, SessionInfo};
@@ -45,10 +45,7 @@ impl BaselineSession {
 /// `I_s` at the working size (resized to cover it and centre-cropped, as `edit` does) and the crop.
 pub(crate) fn load_subject(req: &EditRequest) -> Result<(RgbImage, Crop)> {
     let image = image_io::load_rgb(&req.image)?;
-    let (w, h) = image.dimensions();
-    if w.min(h) < 64 {
-        return Err(bad_input(req.image.display(), format!("{w}x{h} is too small"), "give a photo at least 64 pixels on each side"));
-    }
+    crate::method::edit::check_photo_size(req, image.dimensions())?;
     Ok(image_io::resize_center_crop(&image, req.size, req.size))
 }
 

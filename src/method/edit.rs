@@ -73,6 +73,16 @@ impl EditRequest {
     }
 }
 
+/// A thumbnail blown up to SD's size gives a blurred subject: a photo needs 64 pixels a side, or
+/// the working size where that is smaller (a toy model works at 32 px).
+pub(crate) fn check_photo_size(req: &EditRequest, (w, h): (u32, u32)) -> Result<()> {
+    let min_side = req.size.min(64);
+    if w.min(h) < min_side {
+        return Err(bad_input(req.image.display(), format!("{w}x{h} is too small"), format!("give a photo at least {min_side} pixels on each side")));
+    }
+    Ok(())
+}
+
 /// What an edit produced.
 pub struct EditResult {
     pub images: Vec<(u64, RgbImage)>,
@@ -94,9 +104,7 @@ pub fn edit(
     check_request(req, sd.vae_factor(), "--alpha", true)?;
     let image = image_io::load_rgb(&req.image)?;
     let (w, h) = image.dimensions();
-    if w.min(h) < 64 {
-        return Err(bad_input(req.image.display(), format!("{w}x{h} is too small"), "give a photo at least 64 pixels on each side"));
-    }
+    check_photo_size(req, (w, h))?;
     let started = Instant::now();
 
     // 2. prepare the two layers' images and masks at the working size

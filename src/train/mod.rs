@@ -95,6 +95,24 @@ impl Default for TrainSettings {
     }
 }
 
+impl TrainSettings {
+    /// Whether a run with `other` continues this one step for step: the lengths of the phases,
+    /// the checkpoint period and the evaluation may change on resume (train longer, check more
+    /// often); nothing that shapes a step may.
+    pub fn continues(&self, other: &TrainSettings) -> bool {
+        let lengths = |s: &TrainSettings| TrainSettings {
+            vae_steps: 0,
+            steps: 0,
+            checkpoint_every: 1,
+            eval_samples: 0,
+            eval_steps: 0,
+            eval_guidance: 0.0,
+            ..s.clone()
+        };
+        lengths(self) == lengths(other)
+    }
+}
+
 /// What [`train`] reports as it goes.
 #[derive(Debug)]
 pub enum TrainEvent<'a> {
@@ -284,11 +302,11 @@ pub fn train(
     // 1. where the run stands
     let mut progress = if resume {
         let state = read_state(&state_path)?;
-        if state.0.settings != *settings {
+        if !state.0.settings.continues(settings) {
             return Err(bad_input(
                 state_path.display(),
                 "was written with other settings",
-                "resume with the flags of the first run, or train into another --out",
+                "resume with the flags of the first run (only --steps, --vae-steps, --checkpoint-every and --eval-* may change), or train into another --out",
             ));
         }
         Some(state)
