@@ -214,7 +214,8 @@ pub fn write_pipeline(
     crate::assets::write_clip_tokenizer(&out.join("tokenizer"), max_len)
 }
 
-fn merge_overrides(configs: &mut Value, overrides: &Value) -> Result<()> {
+/// Replaces keys of `configs` per component (`{"unet": {...}, ...}`).
+pub(crate) fn merge_overrides(configs: &mut Value, overrides: &Value) -> Result<()> {
     let Some(o) = overrides.as_object() else {
         return Err(bad_input("--config", "not a JSON object", r#"give {"unet": {...}, "vae": {...}, "text_encoder": {...}, "scheduler": {...}}"#));
     };

@@ -130,38 +130,23 @@ pub enum TrainEvent<'a> {
 /// blocks (32, 64, 64) and cross-attention on a 2-layer width-64 CLIP text encoder over 24 tokens,
 /// 1000-step cosine schedule with v-prediction.
 pub fn toy_configs(size: u32) -> Value {
-    json!({
-        "unet": {
-            "_class_name": "UNet2DConditionModel",
-            "sample_size": size / 2, "in_channels": 4, "out_channels": 4,
-            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            "block_out_channels": [32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8,
-            "cross_attention_dim": 64, "attention_head_dim": 4, "use_linear_projection": false,
-            "act_fn": "silu", "flip_sin_to_cos": true, "freq_shift": 0
-        },
+    // The tiny test pipeline's configs, with these changes.
+    let mut configs = crate::tiny::default_configs();
+    let changes = json!({
+        "unet": { "sample_size": size / 2, "layers_per_block": 1, "cross_attention_dim": 64 },
         "vae": {
-            "_class_name": "AutoencoderKL",
-            "in_channels": 3, "out_channels": 3, "latent_channels": 4,
             "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
             "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-            "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
-            "sample_size": size, "scaling_factor": 1.0, "act_fn": "silu"
+            "block_out_channels": [32, 64], "sample_size": size, "scaling_factor": 1.0
         },
-        "text_encoder": {
-            "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-            "vocab_size": 49408, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "max_position_embeddings": 24, "hidden_act": "quick_gelu",
-            "layer_norm_eps": 1e-5, "projection_dim": 64,
-            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1
-        },
+        "text_encoder": { "hidden_size": 64, "intermediate_size": 256, "max_position_embeddings": 24, "projection_dim": 64 },
         "scheduler": {
-            "_class_name": "DDIMScheduler",
-            "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "clip_sample": false,
-            "set_alpha_to_one": false, "steps_offset": 0, "prediction_type": "v_prediction",
+            "beta_schedule": "squaredcos_cap_v2", "steps_offset": 0, "prediction_type": "v_prediction",
             "timestep_spacing": "trailing"
         }
-    })
+    });
+    crate::tiny::merge_overrides(&mut configs, &changes).expect("the changes name known components");
+    configs
 }
 
 /// Where a run stands: the phase, steps done in it, and (diffusion) the VAE's scaling factor.
@@ -317,6 +302,13 @@ pub fn train(
     };
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let images = image_tensor(&examples, device)?;
+    let progress_at = |phase: &str, step: usize, scaling_factor: f64| Progress {
+        phase: phase.into(),
+        step,
+        scaling_factor,
+        settings: settings.clone(),
+        data: data.to_path_buf(),
+    };
 
     // 2. the VAE
     let vae_done = progress.as_ref().is_some_and(|(p, _)| p.phase == "diffusion");
@@ -344,8 +336,7 @@ pub fn train(
             step += 1;
             events(TrainEvent::Step { phase: "vae", step, loss: value });
             if step % settings.checkpoint_every == 0 || step == settings.vae_steps || out_of_time() {
-                let p = Progress { phase: "vae".into(), step, scaling_factor: 1.0, settings: settings.clone(), data: data.to_path_buf() };
-                trainee.save(&state_path, &p)?;
+                trainee.save(&state_path, &progress_at("vae", step, 1.0))?;
                 log_line(out, json!({"phase": "vae", "step": step, "loss": value}))?;
                 events(TrainEvent::Checkpoint { phase: "vae", step, accuracy: None });
                 if out_of_time() && step < settings.vae_steps {
@@ -394,8 +385,7 @@ pub fn train(
     }
     events(TrainEvent::Phase { phase: "diffusion", step, total: settings.steps });
     let checkpoint = |trainee: &Trainee, step: usize, loss: f64, events: &mut dyn FnMut(TrainEvent)| -> Result<()> {
-        let p = Progress { phase: "diffusion".into(), step, scaling_factor, settings: settings.clone(), data: data.to_path_buf() };
-        trainee.save(&state_path, &p)?;
+        trainee.save(&state_path, &progress_at("diffusion", step, scaling_factor))?;
         write_model(out, &configs, trainee)?;
         let accuracy = evaluate(out, world.seed, world.size, settings, device, events)?;
         let mut line = json!({"phase": "diffusion", "step": step, "loss": loss});
@@ -408,8 +398,7 @@ pub fn train(
     };
     if step == 0 {
         // The VAE phase's checkpoint must not be mistaken for this phase's on resume.
-        let p = Progress { phase: "diffusion".into(), step, scaling_factor, settings: settings.clone(), data: data.to_path_buf() };
-        trainee.save(&state_path, &p)?;
+        trainee.save(&state_path, &progress_at("diffusion", 0, scaling_factor))?;
     }
     while step < settings.steps {
         let unet = UNet2DConditionModel::new(VarBuilder::from_tensors(trainee.tensors("unet."), DType::F32, device), unet_cfg.clone())?;
