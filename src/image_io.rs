@@ -260,8 +260,12 @@ pub fn tensor_to_images(t: &Tensor) -> Result<Vec<RgbImage>> {
     Ok(images)
 }
 
-/// Encodes a PNG and writes it atomically.
-pub fn save_png_atomic(img: &RgbImage, path: &Path) -> Result<()> {
+/// Encodes a PNG (RGB, or gray for masks) and writes it atomically.
+pub fn save_png_atomic<P>(img: &ImageBuffer<P, Vec<P::Subpixel>>, path: &Path) -> Result<()>
+where
+    P: image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+{
     let mut bytes = std::io::Cursor::new(Vec::new());
     img.write_to(&mut bytes, image::ImageFormat::Png)
         .map_err(|e| bad_input(path.display(), format!("cannot encode PNG ({e})"), "report this bug"))?;

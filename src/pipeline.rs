@@ -137,6 +137,15 @@ pub fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
     Ok(())
 }
 
+/// SplitMix64's finalizer: a bijective mix of 64 bits, so neighbouring inputs (steps, indices)
+/// give unrelated seeds.
+pub(crate) fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// Standard normal noise from a seed, drawn on the CPU so that a seed gives the same image on
 /// every device.
 pub fn seeded_noise(seed: u64, shape: &[usize], device: &Device, dtype: DType) -> Result<Tensor> {

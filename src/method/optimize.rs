@@ -15,7 +15,7 @@ use super::adam::{Adam, AdamParams};
 use super::{LayeredLatents, StepLoss};
 use crate::error::{bad_input, Result};
 use crate::models::unet_2d::UNet2DConditionModel;
-use crate::pipeline::seeded_noise;
+use crate::pipeline::{seeded_noise, splitmix64};
 use crate::schedulers::TrainSchedule;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -26,17 +26,9 @@ use std::collections::HashMap;
 pub(crate) const STAGE1_STREAM: u64 = 0x5354_4147_4531; // "STAGE1"
 pub(crate) const STAGE2_STREAM: u64 = 0x5354_4147_4532; // "STAGE2"
 
-/// SplitMix64's finalizer: a bijective mix of 64 bits.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// The seed of one draw of one step of one stage.
 fn draw_seed(seed: u64, stream: u64, step: usize, draw: u64) -> u64 {
-    mix(mix(mix(seed ^ stream) ^ step as u64) ^ draw)
+    splitmix64(splitmix64(splitmix64(seed ^ stream) ^ step as u64) ^ draw)
 }
 
 /// `||mask (.) (eps - pred)||^2`: the mean over all latent elements of `(mask * (eps - pred))^2`,

@@ -245,7 +245,7 @@ pub fn run_bench(
         let (image, mask) = task.input.render(req.size);
         let (image_path, mask_path) = (dir.join("input.png"), dir.join("mask.png"));
         save_png_atomic(&image, &image_path)?;
-        mask.save(&mask_path).map_err(|e| bad_input(mask_path.display(), e, "check the disk"))?;
+        save_png_atomic(&mask, &mask_path)?;
         let mut row = vec![("input".to_string(), image.clone())];
         for variant in &req.variants {
             let vdir = dir.join(&variant.name);

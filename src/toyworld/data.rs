@@ -6,6 +6,7 @@
 use super::world::Scene;
 use crate::error::{bad_input, io_err, Result};
 use crate::image_io::{load_image, load_rgb, save_png_atomic, write_atomic};
+use crate::pipeline::splitmix64;
 use image::{GrayImage, RgbImage};
 use rand::SeedableRng;
 use rayon::prelude::*;
@@ -63,14 +64,6 @@ pub fn scene_for(seed: u64, index: usize) -> Scene {
     Scene::sample(&mut rand::rngs::StdRng::seed_from_u64(seed ^ splitmix64(index as u64)))
 }
 
-/// SplitMix64's finaliser: neighbouring indices give unrelated seeds.
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Writes the dataset, calling `progress(done, n)` after each scene. Resumes a dataset of the same
 /// settings in `opts.out` (scenes whose image and mask exist are kept); refuses any other
 /// non-empty folder.
@@ -109,7 +102,7 @@ pub fn write_dataset(opts: &DataOptions, progress: &mut dyn FnMut(usize, usize))
         if !(image_path.exists() && mask_path.exists()) {
             let (img, m) = scene.render(opts.size);
             save_png_atomic(&img, &image_path)?;
-            save_gray_png(&m, &mask_path)?;
+            save_png_atomic(&m, &mask_path)?;
         }
         let record = Record { index, image, mask, caption: scene.caption(), object_text: scene.object_text(), background_text: scene.background_text(), scene };
         lines.push_str(&String::from_utf8_lossy(&to_json(&record)?));
@@ -173,13 +166,6 @@ fn read_info(path: &Path) -> Result<WorldInfo> {
 
 fn to_json(value: &impl Serialize) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| bad_input("toy-world record", format!("cannot be written as JSON ({e})"), "report this bug"))
-}
-
-fn save_gray_png(img: &GrayImage, path: &Path) -> Result<()> {
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut bytes, image::ImageFormat::Png)
-        .map_err(|e| bad_input(path.display(), format!("cannot encode PNG ({e})"), "report this bug"))?;
-    write_atomic(path, bytes.get_ref())
 }
 
 #[cfg(test)]

@@ -326,8 +326,9 @@ pub fn train(
             step = p.step;
         }
         events(TrainEvent::Phase { phase: "vae", step, total: settings.vae_steps });
+        // Built once on the variables: the optimizer updates them in place.
+        let vae = AutoencoderKL::new(VarBuilder::from_tensors(trainee.tensors(""), DType::F32, device), vae_cfg.clone())?;
         while step < settings.vae_steps {
-            let vae = AutoencoderKL::new(VarBuilder::from_tensors(trainee.tensors(""), DType::F32, device), vae_cfg.clone())?;
             let mut rng = step_rng(settings.seed, 1, step);
             let x = batch_of(&images, settings.batch, &mut rng)?;
             let loss = vae_loss(&vae, &x, settings.kl_weight, &mut rng)?;
@@ -400,9 +401,9 @@ pub fn train(
         // The VAE phase's checkpoint must not be mistaken for this phase's on resume.
         trainee.save(&state_path, &progress_at("diffusion", 0, scaling_factor))?;
     }
+    let unet = UNet2DConditionModel::new(VarBuilder::from_tensors(trainee.tensors("unet."), DType::F32, device), unet_cfg.clone())?;
+    let text = ClipTextTransformer::new(VarBuilder::from_tensors(trainee.tensors("text_encoder."), DType::F32, device), clip_cfg.clone())?;
     while step < settings.steps {
-        let unet = UNet2DConditionModel::new(VarBuilder::from_tensors(trainee.tensors("unet."), DType::F32, device), unet_cfg.clone())?;
-        let text = ClipTextTransformer::new(VarBuilder::from_tensors(trainee.tensors("text_encoder."), DType::F32, device), clip_cfg.clone())?;
         let mut rng = step_rng(settings.seed, 2, step);
         let loss = diffusion_loss(&unet, &text, &schedule, &latents, &tokens, &empty, settings, &mut rng)?;
         let value = finite(&loss, "diffusion", step)?;
