@@ -159,12 +159,13 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// The README's edit demo, with fewer steps.
+/// The README's edit demo (the trained toy model), with fewer steps.
 fn edit_args(out: &str) -> Vec<&str> {
     vec![
-        "edit", "--model", "assets/tiny-sd", "--image", "assets/demo/dog.png", "--mask", "assets/demo/dog-mask.png",
-        "--object", "a jumping dog", "--background", "a dense forest", "--size", "64", "--embedding-steps", "4",
-        "--finetune-steps", "2", "--steps", "3", "--seeds", "1,2", "--out", out,
+        "edit", "--model", "assets/toy-sd", "--image", "assets/demo/toy-scene.png", "--mask", "assets/demo/toy-mask.png",
+        "--object", "a large green triangle on the left", "--background", "a horizontal stripes background", "--size", "32",
+        "--embedding-steps", "4", "--finetune-steps", "2", "--finetune-lr", "1e-4", "--steps", "3", "--guidance-scale", "3",
+        "--seeds", "1,2", "--out", out,
     ]
 }
 
@@ -184,11 +185,11 @@ fn edit_demo_writes_the_session_and_sample_reproduces_it() {
     }
     let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("session.json")).unwrap()).unwrap();
     assert_eq!(info["progress"], "done");
-    assert_eq!(info["request"]["object"], "a jumping dog");
+    assert_eq!(info["request"]["object"], "a large green triangle on the left");
     assert_eq!(info["request"]["settings"]["alpha"], 0.7);
     assert_eq!(info["request"]["settings"]["guidance_period"], 2);
     assert_eq!(info["losses"]["stage1"].as_array().unwrap().len(), 4);
-    assert_eq!(image::open(out.join("edit-1.png")).unwrap().width(), 64);
+    assert_eq!(image::open(out.join("edit-1.png")).unwrap().width(), 32);
 
     // A second edit into the same folder is refused, unless --force.
     let err = String::from_utf8_lossy(&layerdiff_in_repo(&edit_args(out_s)).stderr).to_string();

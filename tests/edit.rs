@@ -1,15 +1,15 @@
-//! The edit as a whole on the tiny model: the session it writes, `sample` reproducing it, and a
-//! resumed run ending where an uninterrupted one does.
+//! The edit as a whole on the bundled toy model (assets/toy-sd, trained, not random): the session
+//! it writes, `sample` reproducing it, and a resumed run ending where an uninterrupted one does.
 
 #[path = "common/tiny.rs"]
 mod tiny;
-use tiny::{bytes, demo_request, load, root, Recorder};
+use tiny::{bytes, load_toy as load, root, toy_request, Recorder};
 use layerdiff::method::edit::{edit, sample_session, BackgroundSource, EditRequest};
 use layerdiff::method::session::{self, SessionInfo};
 use layerdiff::method::EditSettings;
 
 fn request() -> EditRequest {
-    demo_request(EditSettings {
+    toy_request(EditSettings {
         embedding_steps: 6,
         embedding_lr: 1e-2,
         finetune_steps: 4,
@@ -34,10 +34,10 @@ fn edit_writes_a_complete_session_and_sample_reproduces_it() {
     assert!(!out.join(session::CHECKPOINT_JSON).exists(), "checkpoint left behind");
     let info: SessionInfo = session::read_json(&out.join(session::SESSION_JSON)).unwrap();
     assert_eq!(info.progress, "done");
-    assert_eq!(info.request.object, "a jumping dog");
+    assert_eq!(info.request.object, "a large green triangle on the left");
     assert_eq!(info.losses.stage1.len(), 6);
     assert_eq!(info.losses.stage2.len(), 4);
-    assert_eq!((info.crop.width, info.crop.height), (64, 64));
+    assert_eq!((info.crop.width, info.crop.height), (32, 32));
     assert!(info.model_files.iter().all(|f| f.sha256.len() == 64));
     for stage in ["stage1", "stage2", "stage3"] {
         assert!(info.timings.contains_key(stage), "no timing for {stage}");
@@ -89,7 +89,7 @@ fn background_sources_choose_the_background_layer() {
     let out = dir.path().join("image");
     edit(&sd, &files, &req, &out, false, &mut Recorder::new(None)).unwrap();
     let background = image::open(out.join("background.png")).unwrap().to_rgb8();
-    assert_eq!(background.dimensions(), (64, 64));
+    assert_eq!(background.dimensions(), (32, 32));
     assert!(background.pixels().all(|p| p.0 == [20, 140, 60]));
 
     // `keep`: the background layer is the photo itself, and no background is generated.
@@ -98,8 +98,8 @@ fn background_sources_choose_the_background_layer() {
     let mut rec = Recorder::new(None);
     edit(&sd, &files, &req, &out, false, &mut rec).unwrap();
     assert!(!rec.stages.contains(&"background".to_string()));
-    let input = image::open(root().join("assets/demo/dog.png")).unwrap().to_rgb8();
-    let (expected, _) = layerdiff::image_io::resize_center_crop(&input, 64, 64);
+    let input = image::open(root().join("assets/demo/toy-scene.png")).unwrap().to_rgb8();
+    let (expected, _) = layerdiff::image_io::resize_center_crop(&input, 32, 32);
     assert_eq!(image::open(out.join("background.png")).unwrap().to_rgb8(), expected);
 }
 
@@ -110,7 +110,7 @@ fn bad_requests_are_refused_before_any_work() {
     let blank = dir.path().join("blank.png");
     image::GrayImage::new(256, 256).save(&blank).unwrap();
     let small = dir.path().join("small.png");
-    image::RgbImage::new(32, 32).save(&small).unwrap();
+    image::RgbImage::new(16, 16).save(&small).unwrap();
     let not_an_image = dir.path().join("text.png");
     std::fs::write(&not_an_image, "hello").unwrap();
     type Change = Box<dyn Fn(&mut EditRequest)>;
@@ -118,7 +118,7 @@ fn bad_requests_are_refused_before_any_work() {
         (Box::new(|r| r.object = " ".into()), "--object"),
         (Box::new(|r| r.background = String::new()), "--background"),
         (Box::new(|r| r.settings.alpha = 1.5), "--alpha"),
-        (Box::new(|r| r.size = 60), "--size"),
+        (Box::new(|r| r.size = 33), "--size"),
         (Box::new(move |r| r.mask = blank.clone()), "empty"),
         (Box::new(move |r| r.image = small.clone()), "too small"),
         (Box::new(move |r| r.image = not_an_image.clone()), "text.png"),

@@ -3,15 +3,14 @@
 //! a small toy-world benchmark must still score, so a regression in the model code, the sampler or
 //! the method shows up as a falling number.
 
-use candle_core::{DType, Device};
+#[path = "common/tiny.rs"]
+mod tiny;
+use tiny::{load_toy as load, Recorder};
 use layerdiff::image_io::tensor_to_images;
-use layerdiff::pipeline::{generate, GenerateOptions, StableDiffusion};
-use layerdiff::sources::{ModelFiles, SourceOptions};
+use layerdiff::pipeline::{generate, GenerateOptions};
 use layerdiff::toyworld::bench::{make_tasks, rates, run_bench, toy_edit_settings, variants, BenchRequest};
 use layerdiff::toyworld::{read_scene, scene_for, Accuracy};
 use layerdiff::train::held_out_seed;
-
-const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/toy-sd");
 
 // Floors, from the committed model's measured scores (assets/toy-sd/README.md, README's toy-world
 // table) with margin for the small samples here: at 1000 steps it drew 64 held-out captions
@@ -25,20 +24,6 @@ const FLOOR_SHAPE: f64 = 0.25;
 const BENCH_TASKS: usize = 5;
 const FLOOR_EDIT_COLOUR_KEPT: f64 = 60.0;
 const FLOOR_EDIT_BACKGROUND: f64 = 20.0;
-
-fn load() -> (ModelFiles, StableDiffusion) {
-    let files = ModelFiles::resolve(MODEL, &SourceOptions { offline: true, ..Default::default() }).unwrap();
-    let sd = StableDiffusion::load(&files, &Device::Cpu, DType::F32).unwrap();
-    (files, sd)
-}
-
-struct Quiet;
-
-impl layerdiff::method::edit::Progress for Quiet {
-    fn start(&mut self, _: &str, _: usize) {}
-    fn step(&mut self, _: usize, _: Option<f64>) {}
-    fn finish(&mut self) {}
-}
 
 #[test]
 fn the_toy_model_draws_held_out_captions() {
@@ -74,7 +59,7 @@ fn a_small_benchmark_keeps_its_scores() {
         strength: layerdiff::baselines::SDEDIT_STRENGTH,
         out: dir.path().to_path_buf(),
     };
-    let results = run_bench(&sd, &files, &request, &mut Quiet, &mut |_| {}).unwrap();
+    let results = run_bench(&sd, &files, &request, &mut Recorder::default(), &mut |_| {}).unwrap();
     assert_eq!(results.len(), 2 * BENCH_TASKS);
     assert!(dir.path().join("summary.md").is_file() && dir.path().join("sheet.png").is_file());
     // rates: background, attribute, colour, shape, dot, single, all (percent)

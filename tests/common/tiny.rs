@@ -12,9 +12,19 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// tests/fixtures/tiny-sd in f32 on the CPU.
+/// tests/fixtures/tiny-sd (random weights, the parity fixtures' model) in f32 on the CPU.
 pub fn load() -> (ModelFiles, StableDiffusion) {
-    let files = ModelFiles::resolve(root().join("tests/fixtures/tiny-sd").to_str().unwrap(), &SourceOptions::default()).unwrap();
+    load_model("tests/fixtures/tiny-sd")
+}
+
+/// The bundled toy model, assets/toy-sd (trained on the toy world), in f32 on the CPU.
+pub fn load_toy() -> (ModelFiles, StableDiffusion) {
+    load_model("assets/toy-sd")
+}
+
+fn load_model(dir: &str) -> (ModelFiles, StableDiffusion) {
+    let options = SourceOptions { offline: true, ..Default::default() };
+    let files = ModelFiles::resolve(root().join(dir).to_str().unwrap(), &options).unwrap();
     let sd = StableDiffusion::load(&files, &Device::Cpu, DType::F32).unwrap();
     (files, sd)
 }
@@ -33,6 +43,19 @@ pub fn demo_request(settings: EditSettings) -> EditRequest {
         train_seed: 0,
         settings,
         checkpoint_every: 2,
+    }
+}
+
+/// The README's first command on the toy model: the toy scene (a large green triangle with a white
+/// dot, on grey) at 32x32, horizontal stripes behind it, seeds 1 and 2, with these settings.
+pub fn toy_request(settings: EditSettings) -> EditRequest {
+    EditRequest {
+        image: root().join("assets/demo/toy-scene.png"),
+        mask: root().join("assets/demo/toy-mask.png"),
+        object: "a large green triangle on the left".into(),
+        background: "a horizontal stripes background".into(),
+        size: 32,
+        ..demo_request(settings)
     }
 }
 
