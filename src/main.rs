@@ -751,6 +751,9 @@ struct SampleArgs {
     /// Override the session's alpha (Eq. 3).
     #[arg(long)]
     alpha: Option<f64>,
+    /// Override the session's iterative-guidance period (Eq. 7); 0 turns it off.
+    #[arg(long)]
+    guidance_period: Option<usize>,
     /// Output folder (edit-<seed>.png).
     #[arg(long)]
     out: PathBuf,
@@ -1278,7 +1281,15 @@ fn sample(args: SampleArgs) -> Result<()> {
     let model = args.model.clone().unwrap_or(info.model);
     let (files, sd) = load_model(&model, &args.runtime)?;
     let mut bars = Bars::new();
-    let images = method_edit::sample_session(&sd, &files, &args.session, &args.seeds, args.alpha, &args.out, &mut bars)?;
+    let images = method_edit::sample_session(
+        &sd,
+        &files,
+        &args.session,
+        &args.seeds,
+        method_edit::Resample { alpha: args.alpha, guidance_period: args.guidance_period },
+        &args.out,
+        &mut bars,
+    )?;
     for (seed, _) in &images {
         println!("{}", args.out.join(format!("edit-{seed}.png")).display());
     }

@@ -7,7 +7,7 @@ use tiny::{bytes, demo_request, load, Recorder};
 use candle_core::{DType, Tensor};
 use layerdiff::baselines::{imagic, imagic_settings, imagic_train, sdedit, BaselineSession, IMAGIC_ETA, SDEDIT_STRENGTH};
 use layerdiff::image_io::{self, image_to_tensor, load_rgb, resize_center_crop, tensor_to_images};
-use layerdiff::method::edit::{sample_session, EditRequest};
+use layerdiff::method::edit::{sample_session, EditRequest, Resample};
 use layerdiff::method::optimize::{noisy_step, object_term};
 use layerdiff::method::session::{self, SessionInfo};
 use layerdiff::method::{EditSettings, LayeredLatents};
@@ -187,7 +187,7 @@ fn imagic_writes_its_folder_reproducibly_and_sample_redraws_it() {
     }
     // `layerdiff sample` redraws an Imagic session bit for bit.
     let again = a.path().join("again");
-    let redrawn = sample_session(&sd, &files, a.path(), &[2], None, &again, &mut Recorder::default()).unwrap();
+    let redrawn = sample_session(&sd, &files, a.path(), &[2], Resample::default(), &again, &mut Recorder::default()).unwrap();
     assert!(redrawn[0].1 == images[1].1, "sample differs from imagic's own image");
 }
 

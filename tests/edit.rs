@@ -4,7 +4,7 @@
 #[path = "common/tiny.rs"]
 mod tiny;
 use tiny::{bytes, load_toy as load, root, toy_request, Recorder};
-use layerdiff::method::edit::{edit, sample_session, BackgroundSource, EditRequest};
+use layerdiff::method::edit::{edit, sample_session, BackgroundSource, EditRequest, Resample};
 use layerdiff::method::session::{self, SessionInfo};
 use layerdiff::method::EditSettings;
 
@@ -45,12 +45,15 @@ fn edit_writes_a_complete_session_and_sample_reproduces_it() {
 
     // `sample` with the same seed and settings gives the same image, bit for bit.
     let again = dir.path().join("again");
-    let images = sample_session(&sd, &files, out, &[2], None, &again, &mut Recorder::new(None)).unwrap();
+    let images = sample_session(&sd, &files, out, &[2], Resample::default(), &again, &mut Recorder::new(None)).unwrap();
     assert_eq!(images[0].1, result.images[1].1);
     assert_eq!(bytes(&again.join("edit-2.png")), bytes(&out.join("edit-2.png")));
     // Another alpha moves e_bar, and so the image.
-    let other = sample_session(&sd, &files, out, &[2], Some(0.2), &again, &mut Recorder::new(None)).unwrap();
+    let other = sample_session(&sd, &files, out, &[2], Resample { alpha: Some(0.2), ..Default::default() }, &again, &mut Recorder::new(None)).unwrap();
     assert_ne!(other[0].1, result.images[1].1);
+    let bad = Resample { alpha: Some(1.5), ..Default::default() };
+    let err = sample_session(&sd, &files, out, &[2], bad, &again, &mut Recorder::new(None)).err().expect("refused").to_string();
+    assert!(err.contains("--alpha") && !err.contains('\n'), "{err}");
 }
 
 #[test]

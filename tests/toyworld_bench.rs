@@ -5,7 +5,9 @@
 
 #[path = "common/tiny.rs"]
 mod tiny;
-use tiny::{load_toy as load, Recorder};
+use tiny::{bytes, load_toy as load, toy_request, Recorder};
+use layerdiff::method::edit::edit;
+use layerdiff::method::EditSettings;
 use layerdiff::image_io::tensor_to_images;
 use layerdiff::pipeline::{generate, GenerateOptions};
 use layerdiff::toyworld::bench::{make_tasks, rates, run_bench, toy_edit_settings, variants, BenchRequest};
@@ -67,4 +69,43 @@ fn a_small_benchmark_keeps_its_scores() {
     eprintln!("layerdiffusion: {ld:?}; sdedit: {:?}", rates(&results, "sdedit").unwrap());
     assert!(ld[2] >= FLOOR_EDIT_COLOUR_KEPT, "layerdiffusion kept the colour in {:.0} %", ld[2]);
     assert!(ld[0] >= FLOOR_EDIT_BACKGROUND, "layerdiffusion reached the background in {:.0} %", ld[0]);
+}
+
+#[test]
+fn every_variant_runs_stage_3_ablations_redraw_the_base_session_and_a_rerun_resumes() {
+    let (files, sd) = load();
+    let dir = tempfile::tempdir().unwrap();
+    let base = EditSettings { embedding_steps: 3, finetune_steps: 2, steps: 3, ..toy_edit_settings() };
+    let methods = ["layerdiffusion".to_string(), "imagic".into(), "sdedit".into()];
+    let request = BenchRequest {
+        tasks: make_tasks(held_out_seed(0), 1),
+        variants: variants(&methods, true, &base).unwrap(),
+        seeds: vec![1],
+        size: 32,
+        strength: layerdiff::baselines::SDEDIT_STRENGTH,
+        out: dir.path().to_path_buf(),
+    };
+    let mut ran = Vec::new();
+    let results = run_bench(&sd, &files, &request, &mut Recorder::default(), &mut |line| ran.push(line)).unwrap();
+    assert_eq!((results.len(), ran.len()), (10, 10));
+    let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 11, "{csv}");
+
+    // "no-guidance" is stage 3 of the LayerDiffusion session with guidance off: the same image as
+    // a whole edit with --guidance-period 0.
+    let task = dir.path().join("task-000");
+    let mut whole = toy_request(EditSettings { guidance_period: 0, ..base.clone() });
+    let target = &request.tasks[0].target;
+    (whole.image, whole.mask) = (task.join("input.png"), task.join("mask.png"));
+    (whole.object, whole.background, whole.seeds) = (target.object_text(), target.background_text(), vec![1]);
+    let out = dir.path().join("whole");
+    edit(&sd, &files, &whole, &out, false, &mut Recorder::default()).unwrap();
+    assert_eq!(bytes(&out.join("edit-1.png")), bytes(&task.join("no-guidance/edit-1.png")));
+    assert_ne!(bytes(&task.join("layerdiffusion/edit-1.png")), bytes(&task.join("alpha-1/edit-1.png")));
+
+    // Run again: every output is on disk, nothing is edited anew.
+    ran.clear();
+    let again = run_bench(&sd, &files, &request, &mut Recorder::default(), &mut |line| ran.push(line)).unwrap();
+    assert!(ran.is_empty(), "{ran:?}");
+    assert_eq!(again.len(), 10);
 }

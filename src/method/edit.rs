@@ -434,17 +434,29 @@ fn remove_checkpoint(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Stage-3 settings that `sample_session` may change: they need no new stages 1 and 2.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Resample {
+    /// Eq. 3's alpha, in place of the session's.
+    pub alpha: Option<f64>,
+    /// Eq. 7's period (0: no iterative guidance), in place of the session's.
+    pub guidance_period: Option<usize>,
+}
+
 /// Draws new images from a finished edit session without repeating stages 1 and 2: the same
-/// seed and settings give the same image as `edit` did. `alpha` overrides the session's.
+/// seed and settings give the same image as `edit` did; `resample` changes stage 3's settings.
 pub fn sample_session(
     sd: &StableDiffusion,
     files: &ModelFiles,
     session_dir: &Path,
     seeds: &[u64],
-    alpha: Option<f64>,
+    resample: Resample,
     out: &Path,
     progress: &mut dyn Progress,
 ) -> Result<Vec<(u64, RgbImage)>> {
+    if let Some(alpha) = resample.alpha.filter(|a| !(0.0..=1.0).contains(a)) {
+        return Err(bad_input("--alpha", format!("{alpha} is outside [0, 1]"), "use a value in [0, 1]"));
+    }
     let json = session_dir.join(session::SESSION_JSON);
     if !json.is_file() {
         return Err(bad_input(session_dir.display(), "holds no session.json", "give the --out folder of a finished `layerdiff edit`"));
@@ -454,7 +466,8 @@ pub fn sample_session(
         return Err(bad_input(session_dir.display(), format!("the edit stopped in {}", info.progress), format!("finish it with `layerdiff edit --resume {}`", session_dir.display())));
     }
     let mut settings = info.request.settings.clone();
-    settings.alpha = alpha.unwrap_or(settings.alpha);
+    settings.alpha = resample.alpha.unwrap_or(settings.alpha);
+    settings.guidance_period = resample.guidance_period.unwrap_or(settings.guidance_period);
     let tensors_path = session_dir.join(session::SESSION_TENSORS);
     let tensors = session::read_tensors(&tensors_path, &sd.device)?;
     let trained = session::strip_prefix(&tensors, names::UNET_PREFIX);

@@ -17,7 +17,8 @@ use super::world::{Background, Position, Scene, Size};
 use crate::baselines::{imagic, sdedit};
 use crate::error::{bad_input, io_err, Result};
 use crate::image_io::{contact_sheet, save_png_atomic, write_atomic};
-use crate::method::edit::{edit, BackgroundSource, EditRequest, Progress};
+use crate::method::edit::{edit, sample_session, BackgroundSource, EditRequest, Progress, Resample};
+use crate::method::session::{self, SessionInfo};
 use crate::method::EditSettings;
 use crate::pipeline::StableDiffusion;
 use crate::sources::ModelFiles;
@@ -110,7 +111,14 @@ pub struct Variant {
     pub name: String,
     pub method: Method,
     pub settings: EditSettings,
+    /// For an ablation of stage 3 only: stage 3 of the task's LayerDiffusion session (in its
+    /// [`BASE_SESSION`] folder), redrawn with these settings. The images equal a whole edit's
+    /// with them, bit for bit, at a third of the cost.
+    pub resample: Option<Resample>,
 }
+
+/// The folder, in each task's, of the LayerDiffusion edit that stage-3 ablations redraw.
+pub const BASE_SESSION: &str = "layerdiffusion";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -143,19 +151,25 @@ pub fn variants(methods: &[String], ablations: bool, base: &EditSettings) -> Res
             "sdedit" => (Method::Sdedit, base.clone()),
             other => return Err(bad_input(format!("--methods {other}"), "unknown method", "use layerdiffusion, imagic, sdedit")),
         };
-        out.push(Variant { name: m.clone(), method, settings });
+        out.push(Variant { name: m.clone(), method, settings, resample: None });
     }
     if ablations {
         let ablation = |name: &str, f: &dyn Fn(&mut EditSettings)| {
             let mut settings = base.clone();
             f(&mut settings);
-            Variant { name: name.to_string(), method: Method::Layerdiffusion, settings }
+            Variant { name: name.to_string(), method: Method::Layerdiffusion, settings, resample: None }
+        };
+        let stage3_ablation = |name: &str, resample: Resample| Variant {
+            name: name.to_string(),
+            method: Method::Layerdiffusion,
+            settings: base.clone(),
+            resample: Some(resample),
         };
         out.push(ablation("no-stage-1", &|s| s.embedding_steps = 0));
         out.push(ablation("no-finetune", &|s| s.finetune_steps = 0));
-        out.push(ablation("no-guidance", &|s| s.guidance_period = 0));
-        out.push(ablation("alpha-0", &|s| s.alpha = 0.0));
-        out.push(ablation("alpha-1", &|s| s.alpha = 1.0));
+        out.push(stage3_ablation("no-guidance", Resample { guidance_period: Some(0), ..Default::default() }));
+        out.push(stage3_ablation("alpha-0", Resample { alpha: Some(0.0), ..Default::default() }));
+        out.push(stage3_ablation("alpha-1", Resample { alpha: Some(1.0), ..Default::default() }));
         out.push(ablation("lambda_o-1", &|s| s.lambda_object = Some(1.0)));
         out.push(ablation("lambda_o-3", &|s| s.lambda_object = Some(3.0)));
     }
@@ -296,10 +310,18 @@ fn run_variant(
         settings: variant.settings.clone(),
         checkpoint_every: 1000,
     };
-    match variant.method {
-        Method::Layerdiffusion => edit(sd, files, &request, dir, false, progress).map(|_| ()),
-        Method::Imagic => imagic(sd, files, &request, dir, progress).map(|_| ()),
-        Method::Sdedit => sdedit(sd, files, &request, req.strength, dir, progress).map(|_| ()),
+    match (variant.method, variant.resample) {
+        (Method::Layerdiffusion, Some(resample)) => {
+            let base = dir.parent().unwrap_or(dir).join(BASE_SESSION);
+            let finished = session::read_json::<SessionInfo>(&base.join(session::SESSION_JSON)).is_ok_and(|info| info.progress == "done");
+            if !finished {
+                edit(sd, files, &request, &base, false, progress)?;
+            }
+            sample_session(sd, files, &base, &req.seeds, resample, dir, progress).map(|_| ())
+        }
+        (Method::Layerdiffusion, None) => edit(sd, files, &request, dir, false, progress).map(|_| ()),
+        (Method::Imagic, _) => imagic(sd, files, &request, dir, progress).map(|_| ()),
+        (Method::Sdedit, _) => sdedit(sd, files, &request, req.strength, dir, progress).map(|_| ()),
     }
 }
 
@@ -390,7 +412,9 @@ mod tests {
         let names: Vec<&str> = v.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(names, ["layerdiffusion", "sdedit", "no-stage-1", "no-finetune", "no-guidance", "alpha-0", "alpha-1", "lambda_o-1", "lambda_o-3"]);
         assert_eq!(v[2].settings.embedding_steps, 0);
-        assert_eq!(v[4].settings.guidance_period, 0);
+        assert_eq!(v[4].resample.and_then(|r| r.guidance_period), Some(0));
+        assert_eq!(v[6].resample.and_then(|r| r.alpha), Some(1.0));
+        assert!(v[..4].iter().chain(&v[7..]).all(|v| v.resample.is_none()));
         assert!(variants(&["dalle".into()], false, &EditSettings::default()).is_err());
         Ok(())
     }
