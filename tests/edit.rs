@@ -52,7 +52,7 @@ fn edit_writes_a_complete_session_and_sample_reproduces_it() {
     let other = sample_session(&sd, &files, out, &[2], Resample { alpha: Some(0.2), ..Default::default() }, &again, &mut Recorder::new(None)).unwrap();
     assert_ne!(other[0].1, result.images[1].1);
     let bad = Resample { alpha: Some(1.5), ..Default::default() };
-    let err = sample_session(&sd, &files, out, &[2], bad, &again, &mut Recorder::new(None)).err().expect("refused").to_string();
+    let err = sample_session(&sd, &files, out, &[2], bad, &again, &mut Recorder::new(None)).expect_err("refused").to_string();
     assert!(err.contains("--alpha") && !err.contains('\n'), "{err}");
 }
 
