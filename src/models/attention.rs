@@ -9,7 +9,7 @@
 //!   with a `group_norm` and a residual connection).
 
 use crate::models::nn::{
-    attention_probs, conv2d, group_norm, layer_norm, linear, linear_b, Conv2d, Conv2dConfig, LayerNorm, Linear,
+    attention, conv2d, group_norm, layer_norm, linear, linear_b, Conv2d, Conv2dConfig, LayerNorm, Linear,
 };
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{GroupNorm, VarBuilder};
@@ -22,34 +22,13 @@ fn attention_dtype(dtype: DType) -> DType {
     }
 }
 
-/// `softmax(q k^T * scale) v` on `(batch * heads, seq, head_dim)` tensors, optionally in slices of
-/// `slice_size` along the first dimension to bound the memory of the attention scores.
-fn scaled_dot_product_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    slice_size: Option<usize>,
-) -> Result<Tensor> {
+/// `softmax(q k^T * scale) v` on `(batch * heads, seq, head_dim)` tensors, computed in at least
+/// f32, optionally `slice_size` (batch x head) pairs at a time to bound the scores' memory.
+fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice_size: Option<usize>) -> Result<Tensor> {
     let in_dtype = q.dtype();
     let dtype = attention_dtype(in_dtype);
     let (q, k, v) = (q.to_dtype(dtype)?, k.to_dtype(dtype)?, v.to_dtype(dtype)?);
-    let attend = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
-        attention_probs(q, k, scale)?.matmul(v)
-    };
-    let n = q.dim(0)?;
-    let xs = match slice_size {
-        Some(size) if size > 0 && size < n => {
-            let mut slices = Vec::with_capacity(n.div_ceil(size));
-            for start in (0..n).step_by(size) {
-                let len = size.min(n - start);
-                slices.push(attend(&q.narrow(0, start, len)?, &k.narrow(0, start, len)?, &v.narrow(0, start, len)?)?);
-            }
-            Tensor::cat(&slices, 0)?
-        }
-        _ => attend(&q, &k, &v)?,
-    };
-    xs.to_dtype(in_dtype)
+    attention(&q, &k, &v, scale, slice_size)?.to_dtype(in_dtype)
 }
 
 /// Multi-head attention of the UNet, as diffusers' `Attention` with `AttnProcessor2_0`:

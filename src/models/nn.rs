@@ -99,6 +99,28 @@ impl<F: Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads2> + Send + Sync> 
     }
 }
 
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+impl<F: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync> candle_core::CustomOp3
+    for WithBackward<F>
+{
+    fn name(&self) -> &'static str {
+        "with-backward3"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_value()
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.cuda_value()
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, c: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Grads3> {
+        (self.backward)(a, b, c, res, grad_res)
+    }
+}
+
 /// Puts `value` (a function of `arg` computed off the graph) back on the graph as a child of `arg`,
 /// with `backward(arg, value, grad_value) -> grad_arg`. Costs one copy of `value`.
 pub fn attach_backward(
@@ -126,6 +148,20 @@ pub fn attach_backward2(
     a.apply_op2(b, WithBackward::new(value, backward)?)
 }
 
+/// [`attach_backward`] for a function of three tensors.
+fn attach_backward3(
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    value: Tensor,
+    backward: impl Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !(a.track_op() || b.track_op() || c.track_op()) {
+        return Ok(value);
+    }
+    a.apply_op3(b, c, WithBackward::new(value, backward)?)
+}
+
 /// True when the backward pass must compute this weight's gradient.
 fn trainable(w: &Tensor) -> bool {
     w.track_op()
@@ -140,18 +176,43 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Attention probabilities `P = softmax(scale q k^T)` for `(batch, seq, head_dim)` queries and keys.
-/// One fused op on the graph: its backward keeps only `q`, `k` and `P`, where composing matmul,
-/// scale and softmax would keep three `seq x seq` matrices per attention layer.
-pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
-    let scores = (q.detach() * scale)?.matmul(&k.detach().t()?)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    attach_backward2(q, k, probs, move |q, k, probs, grad| {
-        // dS = P (dP - sum(dP P)) scaled; dq = dS k, dk = dS^T q.
-        let dot = (grad * probs)?.sum_keepdim(D::Minus1)?;
-        let d_scores = ((probs * grad.broadcast_sub(&dot)?)? * scale)?;
-        Ok((Some(d_scores.matmul(k)?), Some(d_scores.t()?.matmul(q)?)))
+/// At most this many attention scores exist at once (256 MiB in f32): the `(batch x head)` pairs
+/// are taken in slices that fit.
+const ATTENTION_SCORES_PER_SLICE: usize = 1 << 26;
+
+/// `softmax(scale q k^T) v` for `(batch x heads, seq, head_dim)` tensors, one op on the graph that
+/// keeps no `seq x seq` matrix for its backward: that recomputes the probabilities a slice at a
+/// time (as memory-efficient attention does), where the composed ops would keep one per layer,
+/// 512 MiB per self-attention layer of SD at 512 px. `slice`: at most this many `(batch x head)`
+/// pairs at a time (the attention slicing of diffusers), else as many as
+/// [`ATTENTION_SCORES_PER_SLICE`] allows.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<usize>) -> Result<Tensor> {
+    let (n, seq_q, _) = q.dims3()?;
+    let fits = (ATTENTION_SCORES_PER_SLICE / (seq_q * k.dim(1)?).max(1)).max(1);
+    let size = fits.min(slice.filter(|&s| s > 0).unwrap_or(n));
+    let probs = move |q: &Tensor, k: &Tensor| candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?);
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let out = over_slices(n, size, |s, l| probs(&qd.narrow(0, s, l)?, &kd.narrow(0, s, l)?)?.matmul(&vd.narrow(0, s, l)?))?;
+    attach_backward3(q, k, v, Tensor::cat(&out, 0)?, move |q, k, v, _, grad| {
+        // Per slice: P again, dV = P^T dO, dP = dO V^T, dS = P (dP - sum(dP P)) scale,
+        // dq = dS k, dk = dS^T q.
+        let parts = over_slices(n, size, |s, l| {
+            let (q, k, v, g) = (q.narrow(0, s, l)?, k.narrow(0, s, l)?, v.narrow(0, s, l)?, grad.narrow(0, s, l)?);
+            let p = probs(&q, &k)?;
+            let d_v = p.t()?.matmul(&g)?;
+            let d_p = g.matmul(&v.t()?)?;
+            let dot = (&d_p * &p)?.sum_keepdim(D::Minus1)?;
+            let d_s = ((p * d_p.broadcast_sub(&dot)?)? * scale)?;
+            Ok([d_s.matmul(&k)?, d_s.t()?.matmul(&q)?, d_v])
+        })?;
+        let cat = |i: usize| Tensor::cat(&parts.iter().map(|p| &p[i]).collect::<Vec<_>>(), 0).map(Some);
+        Ok((cat(0)?, cat(1)?, cat(2)?))
     })
+}
+
+/// `f(start, len)` for the slices of `0..n`, `size` long (the last one shorter).
+fn over_slices<T>(n: usize, size: usize, f: impl Fn(usize, usize) -> Result<T>) -> Result<Vec<T>> {
+    (0..n).step_by(size).map(|start| f(start, size.min(n - start))).collect()
 }
 
 /// A low-rank adapter of a linear layer (LoRA, as PEFT's `lora.Linear`): adds
@@ -626,19 +687,25 @@ mod tests {
     }
 
     #[test]
-    fn attention_probs_gradient_matches_finite_differences() -> Result<()> {
-        let k = randn(&[2, 4, 3])?;
-        check_grad(&randn(&[2, 5, 3])?, &|q| attention_probs(q, &k, 0.7))?;
-        let q = randn(&[2, 5, 3])?;
-        check_grad(&k, &|k| attention_probs(&q, k, 0.7))
+    fn attention_gradients_match_finite_differences_whole_and_in_slices() -> Result<()> {
+        // 3 (batch x head) pairs: in one go, and in slices of 2 (the last one shorter).
+        let (q, k, v) = (randn(&[3, 5, 2])?, randn(&[3, 4, 2])?, randn(&[3, 4, 2])?);
+        for slice in [None, Some(2)] {
+            check_grad(&q, &|q| attention(q, &k, &v, 0.7, slice))?;
+            check_grad(&k, &|k| attention(&q, k, &v, 0.7, slice))?;
+            check_grad(&v, &|v| attention(&q, &k, v, 0.7, slice))?;
+        }
+        Ok(())
     }
 
     #[test]
-    fn attention_probs_equal_the_composed_softmax() -> Result<()> {
-        let (q, k) = (randn(&[2, 5, 3])?, randn(&[2, 4, 3])?);
-        let composed = softmax_last_dim(&(q.matmul(&k.t()?)? * 0.7)?)?;
-        let diff = (attention_probs(&q, &k, 0.7)? - composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert!(diff < 1e-12, "fused and composed attention differ by {diff}");
+    fn attention_equals_the_composed_ops() -> Result<()> {
+        let (q, k, v) = (randn(&[3, 5, 2])?, randn(&[3, 4, 2])?, randn(&[3, 4, 2])?);
+        let composed = softmax_last_dim(&(q.matmul(&k.t()?)? * 0.7)?)?.matmul(&v)?;
+        for slice in [None, Some(1), Some(2)] {
+            let diff = (attention(&q, &k, &v, 0.7, slice)? - &composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "fused and composed attention differ by {diff} (slice {slice:?})");
+        }
         Ok(())
     }
 
