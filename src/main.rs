@@ -793,8 +793,10 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// faults it in and zeroes it afresh on the next step: 480 000 page faults in six toy training
 /// steps, a fifth of their CPU time. Freed memory is kept instead; the peak is what a step needs.
 fn keep_freed_memory() {
-    // SAFETY: sets one integer option of the allocator; valid at any time.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one integer option of the allocator; valid at any time.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
+    }
 }
 
 fn main() {
