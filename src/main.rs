@@ -262,7 +262,7 @@ struct BenchArgs {
     #[arg(long)]
     stages: bool,
     /// With --stages: which stage 2 to time, every weight (full: about 23 GB at --size 256 on
-    /// the CPU, with MIMALLOC_PURGE_DELAY=0) or rank-4 LoRA adapters (lora: about 6.5 GB).
+    /// the CPU) or rank-4 LoRA adapters (lora: about 6.5 GB).
     #[arg(long, value_enum, default_value_t = EditSettings::default().finetune, requires = "stages")]
     finetune: FinetuneMode,
     /// With --stages: timed steps per stage, after one warm-up step; the median is reported.
@@ -791,11 +791,25 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// By default mimalloc returns memory that stayed free for a second to the kernel, which then
 /// faults it in and zeroes it afresh on the next step: 480 000 page faults in six toy training
-/// steps, a fifth of their CPU time. Freed memory is kept instead; the peak is what a step needs.
+/// steps, a fifth of their CPU time. Memory free for less than 10 s is kept instead.
+/// `MIMALLOC_PURGE_DELAY` (milliseconds) overrides this.
 fn keep_freed_memory() {
+    set_purge_delay(10_000);
+}
+
+/// Full fine-tuning holds the UNet four times over (weights, gradients, Adam's two moments), and
+/// memory kept for reuse can tip it over: at 256 px on the CPU it peaked at 22.5 GiB with memory
+/// given back at once and was killed on a 24 GiB machine with the 10 s delay. Memory over speed.
+fn give_back_freed_memory_for(finetune: FinetuneMode) {
+    if finetune == FinetuneMode::Full {
+        set_purge_delay(0);
+    }
+}
+
+fn set_purge_delay(milliseconds: std::ffi::c_long) {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets one integer option of the allocator; valid at any time.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, milliseconds) };
     }
 }
 
@@ -976,6 +990,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         };
         serde_json::to_string_pretty(&layerdiff::bench::bench_sam(name, &cfg, &device, args.runs)?)?
     } else if args.stages {
+        give_back_freed_memory_for(args.finetune);
         let opts = layerdiff::bench::StageBenchOptions {
             size: args.size,
             dtype: args.dtype.into(),
@@ -1074,6 +1089,7 @@ fn edit(args: EditArgs) -> Result<()> {
             (model, edit_request(&args)?, out, false)
         }
     };
+    give_back_freed_memory_for(request.settings.finetune);
     std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("--out {}: {e}", out.display()))?;
     let mut bars = Bars::new();
     let mut request = request;
@@ -1209,6 +1225,7 @@ fn batch(args: BatchArgs) -> Result<()> {
         println!("{}", path.display());
         return Ok(());
     }
+    give_back_freed_memory_for(args.finetune);
     let settings = |method: Method| {
         let base = match method {
             Method::Imagic => layerdiff::baselines::imagic_settings(),

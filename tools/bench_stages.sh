@@ -8,9 +8,8 @@
 #   sides (defaults: --size 256 --device cpu --dtype f32 --finetune full --steps 3).
 #   OUT=DIR keeps the JSON there (default target/bench); BIN=PATH uses that layerdiff binary
 #   instead of building one (a `cuda` build, say).
-# Full fine-tuning at --size 256 on the CPU peaks at about 23 GB (ours, with the allocator giving
-# freed memory back at once: MIMALLOC_PURGE_DELAY=0, set below) and 15 GB (PyTorch's); the two
-# never run together. LoRA: about 6.5 and 5.5 GB.
+# Full fine-tuning at --size 256 on the CPU peaks at about 23 GB (ours: layerdiff then gives freed
+# memory back at once) and 15 GB (PyTorch's); the two never run together. LoRA: about 6.5 and 5.5 GB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$HOME/venv-ref/bin/python
@@ -37,9 +36,6 @@ mkdir -p "$OUT"
 if [ -z "${BIN:-}" ]; then
   cargo build --release -q
   BIN=target/release/layerdiff
-fi
-if [ "$FINETUNE" = full ] && [ "$DEVICE" = cpu ]; then
-  export MIMALLOC_PURGE_DELAY=${MIMALLOC_PURGE_DELAY:-0}  # fit in 24 GB (README, Performance)
 fi
 NAME=stages-$DEVICE-$DTYPE-$SIZE-$FINETUNE${TINY:+-tiny}
 FLAGS=(--size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --finetune "$FINETUNE" --steps "$STEPS" "${TINY[@]}")

@@ -383,7 +383,9 @@ pub(crate) fn check_memory_for_full_finetune(params: usize, device: &candle_core
     if !device.is_cpu() {
         return Ok(());
     }
-    let needed = params as f64 * 4.0 * 5.0;
+    // f32 weights, gradients and Adam's two moments, plus the frozen copy and activations: 6.5x
+    // the weights' bytes is what the full-size UNet peaked at (256 px, README's Performance).
+    let needed = params as f64 * 4.0 * 6.5;
     let Some(available) = available_memory_bytes() else { return Ok(()) };
     if needed > available {
         let gib = |b: f64| b / (1u64 << 30) as f64;
