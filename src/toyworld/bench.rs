@@ -113,7 +113,7 @@ pub struct Variant {
     pub settings: EditSettings,
     /// For an ablation of stage 3 only: stage 3 of the task's LayerDiffusion session (in its
     /// [`BASE_SESSION`] folder), redrawn with these settings. The images equal a whole edit's
-    /// with them, bit for bit, at a third of the cost.
+    /// with them, bit for bit, without repeating stages 1 and 2.
     pub resample: Option<Resample>,
 }
 
