@@ -244,6 +244,9 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
     let cfg = UNet2DConditionModelConfig::from_json(unet_config.as_ref().unwrap_or(&sd_v14_unet_config()))?;
     let (unet, weights) = crate::tiny::seeded_model(0, dtype, device, |vb| Ok(UNet2DConditionModel::new(vb, cfg.clone())?))?;
     let parameters = weights.values().map(|t| t.elem_count()).sum();
+    if finetune == FinetuneMode::Full {
+        crate::method::edit::check_memory_for_full_finetune(parameters, device)?;
+    }
     let meter = PeakMeter::new(device);
 
     // The data of an edit: two layers of latents, half-covering masks, one text embedding.

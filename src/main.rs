@@ -797,13 +797,11 @@ fn keep_freed_memory() {
     set_purge_delay(10_000);
 }
 
-/// Full fine-tuning holds the UNet four times over (weights, gradients, Adam's two moments), and
-/// memory kept for reuse can tip it over: at 256 px on the CPU it peaked at 22.5 GiB with memory
-/// given back at once and was killed on a 24 GiB machine with the 10 s delay. Memory over speed.
-fn give_back_freed_memory_for(finetune: FinetuneMode) {
-    if finetune == FinetuneMode::Full {
-        set_purge_delay(0);
-    }
+/// Where full fine-tuning needs most of the free memory, memory kept for reuse can tip it over:
+/// at 256 px on the CPU it peaked at 22.5 GiB with memory given back at once, and was killed on a
+/// 24 GiB machine with the 10 s delay. Memory over speed there (`method::edit::ON_TIGHT_MEMORY`).
+fn give_back_freed_memory() {
+    set_purge_delay(0);
 }
 
 fn set_purge_delay(milliseconds: std::ffi::c_long) {
@@ -815,6 +813,7 @@ fn set_purge_delay(milliseconds: std::ffi::c_long) {
 
 fn main() {
     keep_freed_memory();
+    method_edit::ON_TIGHT_MEMORY.get_or_init(|| give_back_freed_memory);
     pin_thread_count();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
@@ -990,7 +989,6 @@ fn bench(args: BenchArgs) -> Result<()> {
         };
         serde_json::to_string_pretty(&layerdiff::bench::bench_sam(name, &cfg, &device, args.runs)?)?
     } else if args.stages {
-        give_back_freed_memory_for(args.finetune);
         let opts = layerdiff::bench::StageBenchOptions {
             size: args.size,
             dtype: args.dtype.into(),
@@ -1089,7 +1087,6 @@ fn edit(args: EditArgs) -> Result<()> {
             (model, edit_request(&args)?, out, false)
         }
     };
-    give_back_freed_memory_for(request.settings.finetune);
     std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("--out {}: {e}", out.display()))?;
     let mut bars = Bars::new();
     let mut request = request;
@@ -1225,7 +1222,6 @@ fn batch(args: BatchArgs) -> Result<()> {
         println!("{}", path.display());
         return Ok(());
     }
-    give_back_freed_memory_for(args.finetune);
     let settings = |method: Method| {
         let base = match method {
             Method::Imagic => layerdiff::baselines::imagic_settings(),

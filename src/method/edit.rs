@@ -376,17 +376,25 @@ fn write_checkpoint(out: &Path, stage: &str, step: usize, losses: Losses, tensor
     session::write_json(&out.join(session::CHECKPOINT_JSON), &CheckpointInfo { stage: stage.into(), step, losses })
 }
 
-/// Full fine-tuning holds the weights about five times over (f32 masters, gradients, two Adam
+/// Called, once set, when a full fine-tuning on the CPU will need more than half the free memory:
+/// the binary then has its allocator give freed memory back at once instead of keeping it for
+/// reuse (kept memory tipped a full-size run at 256 px over 24 GiB).
+pub static ON_TIGHT_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Full fine-tuning holds the weights several times over (f32 masters, gradients, two Adam
 /// moments, the sampling copy): refuse at once on a CPU without that much free memory, rather
-/// than be killed hours later.
-pub(crate) fn check_memory_for_full_finetune(params: usize, device: &candle_core::Device) -> Result<()> {
+/// than be killed hours later; near that, call [`ON_TIGHT_MEMORY`].
+pub fn check_memory_for_full_finetune(params: usize, device: &candle_core::Device) -> Result<()> {
     if !device.is_cpu() {
         return Ok(());
     }
-    // f32 weights, gradients and Adam's two moments, plus the frozen copy and activations: 6.5x
-    // the weights' bytes is what the full-size UNet peaked at (256 px, README's Performance).
-    let needed = params as f64 * 4.0 * 6.5;
+    let needed = params as f64 * 4.0 * 5.0;
     let Some(available) = available_memory_bytes() else { return Ok(()) };
+    if needed > available / 2.0 {
+        if let Some(on_tight_memory) = ON_TIGHT_MEMORY.get() {
+            on_tight_memory();
+        }
+    }
     if needed > available {
         let gib = |b: f64| b / (1u64 << 30) as f64;
         return Err(bad_input(
@@ -503,5 +511,19 @@ mod tests {
         let msg = check_memory_for_full_finetune(1 << 50, &candle_core::Device::Cpu).unwrap_err().to_string();
         assert!(msg.contains("--finetune lora") && msg.contains("GiB"), "{msg}");
         check_memory_for_full_finetune(1000, &candle_core::Device::Cpu).unwrap();
+    }
+
+    #[test]
+    fn a_full_finetuning_near_the_free_memory_calls_the_tight_memory_hook() {
+        // Per thread: the other memory test may run the hook at the same time.
+        thread_local!(static CALLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+        ON_TIGHT_MEMORY.get_or_init(|| || CALLED.set(true));
+        let Some(available) = available_memory_bytes() else { return };
+        check_memory_for_full_finetune(1000, &candle_core::Device::Cpu).unwrap();
+        assert!(!CALLED.get(), "a small model is not tight");
+        // Needs three quarters of the free memory: it fits, and it is tight.
+        let params = (0.75 * available / (4.0 * 5.0)) as usize;
+        check_memory_for_full_finetune(params, &candle_core::Device::Cpu).unwrap();
+        assert!(CALLED.get());
     }
 }
