@@ -25,17 +25,27 @@ WORK=${WORK:-/tmp/gpu-check-work}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-512}
 STEPS=${STEPS:-3}
+PY=${PY:-python3}   # a Python with PyTorch and diffusers
 
 prepare() {
   set -e
-  # `cargo build --release --features cuda --bin layerdiff --test models_parity`, with nvcc and link stubs.
-  CARGO_TARGET_DIR=target/cuda tools/build-cuda.sh --features cuda --bin layerdiff --test models_parity
-  rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/wheels"
-  # xz: the binaries carry candle's PTX kernels (120 MB together, 15 MB packed; a carry holds 64 MiB).
-  local parity
-  parity=$(ls -t target/cuda/release/deps/models_parity-* | grep -v '\.d$' | head -1)
-  xz -T2 -6 -c target/cuda/release/layerdiff >"$BUNDLE/layerdiff.xz"
-  xz -T2 -6 -c "$parity" >"$BUNDLE/models_parity.xz"
+  # `cargo build --release --features cuda|cudnn --bin layerdiff --test models_parity`, with nvcc
+  # and link stubs; one target folder, so the cudnn build reuses the kernels of the first.
+  rm -rf "$BUNDLE" /tmp/gpu-check-bins && mkdir -p "$BUNDLE/wheels" /tmp/gpu-check-bins
+  local feature
+  for feature in cuda cudnn; do
+    # cargo's JSON names each executable it built (the test binary's file name has a hash).
+    CARGO_TARGET_DIR=target/cuda tools/build-cuda.sh --features "$feature" --bin layerdiff --test models_parity \
+      --message-format=json-render-diagnostics >/tmp/gpu-check-bins/build.json
+    python3 -c 'import json, shutil, sys
+for m in map(json.loads, open("/tmp/gpu-check-bins/build.json")):
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        shutil.copy(m["executable"], "/tmp/gpu-check-bins/%s-%s" % (m["target"]["name"], sys.argv[1]))' "$feature"
+  done
+  # The four binaries carry the same PTX kernels (70 MB each): one xz stream with a dictionary
+  # that spans them packs them into about what one takes alone (a carry holds 64 MiB).
+  rm /tmp/gpu-check-bins/build.json
+  tar cf - -C /tmp/gpu-check-bins . | xz -T1 --lzma2=preset=6,dict=320MiB >"$BUNDLE/bins.tar.xz"
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$BUNDLE/wheels" \
     diffusers==0.42.1 importlib_metadata
@@ -56,39 +66,76 @@ step() {
   tar czf "$OUT/gpu-check.tgz" -C "$WORK" . && cp "$WORK/summary.txt" "$OUT/summary.txt"
 }
 
+# Our bench: `ours NAME BUILD [VAR=VALUE...] -- FLAGS`, the JSON into $WORK/NAME.json.
+ours() {
+  local name=$1 build=$2
+  shift 2
+  local env=()
+  while [ "$1" != -- ]; do env+=("$1"); shift; done
+  shift
+  step "$name" 120 env "${env[@]}" "$(bin "$build")" bench --stages --device "$DEVICE" "$@" "${tiny[@]}" --json "$WORK/$name.json"
+}
+
+# PyTorch's: `ref NAME FLAGS`.
+ref() {
+  local name=$1
+  shift
+  step "$name" 120 "$PY" tools/bench_stages_ref.py --device "$DEVICE" "$@" "${tiny[@]}" --json "$WORK/$name.json"
+}
+
+# The layerdiff binary of a build: cuda (candle's im2col convolutions) or cudnn.
+bin() {
+  if [ "$DEVICE" = cuda ]; then echo "/tmp/gpu-check/layerdiff-$1"; else echo target/release/layerdiff; fi
+}
+
 run() {
   mkdir -p "$OUT" "$WORK"
   : >"$WORK/summary.txt"
-  local bin=/tmp/gpu-check/layerdiff
+  tiny=()
+  [ -n "${TINY:-}" ] && tiny=(--tiny)
   if [ "$DEVICE" = cuda ]; then
     mkdir -p /tmp/gpu-check
-    xz -dc "$BUNDLE/layerdiff.xz" >"$bin" && xz -dc "$BUNDLE/models_parity.xz" >/tmp/gpu-check/models_parity
-    chmod +x "$bin" /tmp/gpu-check/models_parity
+    xz -dc "$BUNDLE/bins.tar.xz" | tar xf - -C /tmp/gpu-check
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$WORK/gpu.txt" 2>&1
     python3 -m pip install -q --no-index --no-deps --target /tmp/site "$BUNDLE"/wheels/*.whl \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    # cuBLAS, cuRAND and NVRTC of CUDA 13 come from PyTorch's wheels there (as ../shared/tools/cuda/run-on-gpu.sh).
-    export LD_LIBRARY_PATH=$(python3 -c 'import os, nvidia; print(":".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  else
-    bin=target/release/layerdiff
+    # cuBLAS, cuRAND, NVRTC and cuDNN of CUDA 13 come from PyTorch's wheels there (as
+    # ../shared/tools/cuda/run-on-gpu.sh does for the first three).
+    local libs
+    libs=$(python3 -c 'import os, nvidia; print(":".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in ("cu13", "cudnn") if os.path.isdir(os.path.join(p, d, "lib"))))')
+    export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >>"$WORK/gpu.txt"
+    # 1. correctness on the device, both builds
+    local build
+    for build in cuda cudnn; do
+      step "parity-$build" 90 env LAYERDIFF_TEST_DEVICE=cuda "/tmp/gpu-check/models_parity-$build" --test-threads 1
+    done
   fi
-  local tiny=()
-  [ -n "${TINY:-}" ] && tiny=(--tiny)
-  # 1. correctness on the device
-  if [ "$DEVICE" = cuda ]; then
-    step parity 60 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity --test-threads 1 --nocapture
-  fi
-  step demo-edit 60 "$bin" edit --device "$DEVICE" --model assets/tiny-sd --image assets/demo/dog.png \
+  step demo-edit 60 "$(bin cudnn)" edit --device "$DEVICE" --model assets/tiny-sd --image assets/demo/dog.png \
     --mask assets/demo/dog-mask.png --object "a jumping dog" --background "a dense forest" --size 64 \
     --embedding-steps 20 --finetune-steps 10 --steps 10 --seeds 1,2 --force --out "$WORK/demo-edit"
-  # 2. speed: ours, then PyTorch's (tools/bench_stages.sh prints both and the ratios), per
-  #    fine-tuning mode and precision, the most wanted first
-  for mode in lora full; do
-    for dtype in f32 bf16; do
-      step "stages-$dtype-$mode" 100 env BIN="$bin" OUT="$WORK" tools/bench_stages.sh python3 --device "$DEVICE" \
-        --size "$SIZE" --dtype "$dtype" --finetune "$mode" --steps "$STEPS" "${tiny[@]}"
-    done
+  # 2. speed, each stage's step: ours per build, then PyTorch's, per precision (LoRA), the most
+  #    wanted first; the small size shows what each step costs besides its arithmetic.
+  local common=(--size "$SIZE" --finetune lora --steps "$STEPS")
+  for dtype in bf16 f32; do
+    ours "ours-cuda-$dtype-lora" cuda -- "${common[@]}" --dtype "$dtype"
+    ours "ours-cudnn-$dtype-lora" cudnn -- "${common[@]}" --dtype "$dtype"
+    ref "torch-$dtype-lora" "${common[@]}" --dtype "$dtype"
   done
+  [ -n "${TF32:-}" ] && ours ours-cudnn-f32-tf32-lora cudnn LAYERDIFF_TF32=1 -- "${common[@]}" --dtype f32
+  ours ours-cudnn-bf16-lora-small cudnn -- --size 128 --finetune lora --steps "$STEPS" --dtype bf16
+  ref torch-bf16-lora-small --size 128 --finetune lora --steps "$STEPS" --dtype bf16
+  "$PY" tools/bench_table.py "$WORK"/*.json | tee "$WORK/table.txt"
+  cp "$WORK/table.txt" "$OUT/"
+  # 3. where our GPU time goes: every kernel's time, summed by kernel (Nsight Compute), over a
+  #    forward and a forward + backward of the plain bench; last, as it may run out of time.
+  if [ "$DEVICE" = cuda ] && [ -n "${PROFILE:-1}" ]; then
+    local ncu
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    step plain-bf16 60 "$(bin cudnn)" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
+    step ncu-bf16 "${NCU_LIMIT:-100}" "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+      -c "${NCU_KERNELS:-4000}" --print-summary per-kernel --csv "$(bin cudnn)" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
+  fi
   cat "$WORK/summary.txt"
 }
 
