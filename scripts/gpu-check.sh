@@ -29,23 +29,19 @@ PY=${PY:-python3}   # a Python with PyTorch and diffusers
 
 prepare() {
   set -e
-  # `cargo build --release --features cuda|cudnn --bin layerdiff --test models_parity`, with nvcc
-  # and link stubs; one target folder, so the cudnn build reuses the kernels of the first.
+  # `cargo build --release --features cuda --bin layerdiff --test models_parity`, with nvcc and
+  # link stubs; cargo's JSON names the executables (the test binary's file name has a hash).
   rm -rf "$BUNDLE" /tmp/gpu-check-bins && mkdir -p "$BUNDLE/wheels" /tmp/gpu-check-bins
-  local feature
-  for feature in cuda cudnn; do
-    # cargo's JSON names each executable it built (the test binary's file name has a hash).
-    CARGO_TARGET_DIR=target/cuda tools/build-cuda.sh --features "$feature" --bin layerdiff --test models_parity \
-      --message-format=json-render-diagnostics >/tmp/gpu-check-bins/build.json
-    python3 -c 'import json, shutil, sys
+  CARGO_TARGET_DIR=target/cuda tools/build-cuda.sh --features cuda --bin layerdiff --test models_parity \
+    --message-format=json-render-diagnostics >/tmp/gpu-check-bins/build.json
+  python3 -c 'import json, shutil
 for m in map(json.loads, open("/tmp/gpu-check-bins/build.json")):
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
-        shutil.copy(m["executable"], "/tmp/gpu-check-bins/%s-%s" % (m["target"]["name"], sys.argv[1]))' "$feature"
-  done
-  # The four binaries carry the same PTX kernels (70 MB each): one xz stream with a dictionary
-  # that spans them packs them into about what one takes alone (a carry holds 64 MiB).
+        shutil.copy(m["executable"], "/tmp/gpu-check-bins/" + m["target"]["name"])'
   rm /tmp/gpu-check-bins/build.json
-  tar cf - -C /tmp/gpu-check-bins . | xz -T1 --lzma2=preset=6,dict=320MiB >"$BUNDLE/bins.tar.xz"
+  # The two binaries carry the same PTX kernels (about 50 MB): one xz stream with a dictionary
+  # that spans both packs them into about what one takes alone (a carry holds 64 MiB).
+  tar cf - -C /tmp/gpu-check-bins . | xz -T1 --lzma2=preset=6,dict=192MiB >"$BUNDLE/bins.tar.xz"
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$BUNDLE/wheels" \
     diffusers==0.42.1 importlib_metadata
@@ -66,26 +62,21 @@ step() {
   tar czf "$OUT/gpu-check.tgz" -C "$WORK" . && cp "$WORK/summary.txt" "$OUT/summary.txt"
 }
 
-# Our bench: `ours NAME BUILD [VAR=VALUE...] -- FLAGS`, the JSON into $WORK/NAME.json.
+# Our bench: `ours NAME [VAR=VALUE...] -- FLAGS`, the JSON into $WORK/NAME.json.
 ours() {
-  local name=$1 build=$2
-  shift 2
+  local name=$1
+  shift
   local env=()
   while [ "$1" != -- ]; do env+=("$1"); shift; done
   shift
-  step "$name" 120 env "${env[@]}" "$(bin "$build")" bench --stages --device "$DEVICE" "$@" "${tiny[@]}" --json "$WORK/$name.json"
+  step "$name" 90 env "${env[@]}" "$BIN" bench --stages --device "$DEVICE" "$@" "${tiny[@]}" --json "$WORK/$name.json"
 }
 
 # PyTorch's: `ref NAME FLAGS`.
 ref() {
   local name=$1
   shift
-  step "$name" 120 "$PY" tools/bench_stages_ref.py --device "$DEVICE" "$@" "${tiny[@]}" --json "$WORK/$name.json"
-}
-
-# The layerdiff binary of a build: cuda (candle's im2col convolutions) or cudnn.
-bin() {
-  if [ "$DEVICE" = cuda ]; then echo "/tmp/gpu-check/layerdiff-$1"; else echo target/release/layerdiff; fi
+  step "$name" 90 "$PY" tools/bench_stages_ref.py --device "$DEVICE" "$@" "${tiny[@]}" --json "$WORK/$name.json"
 }
 
 run() {
@@ -93,48 +84,46 @@ run() {
   : >"$WORK/summary.txt"
   tiny=()
   [ -n "${TINY:-}" ] && tiny=(--tiny)
+  BIN=target/release/layerdiff
   if [ "$DEVICE" = cuda ]; then
+    BIN=/tmp/gpu-check/layerdiff
     mkdir -p /tmp/gpu-check
     xz -dc "$BUNDLE/bins.tar.xz" | tar xf - -C /tmp/gpu-check
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$WORK/gpu.txt" 2>&1
     python3 -m pip install -q --no-index --no-deps --target /tmp/site "$BUNDLE"/wheels/*.whl \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    # cuBLAS, cuRAND, NVRTC and cuDNN of CUDA 13 come from PyTorch's wheels there (as
-    # ../shared/tools/cuda/run-on-gpu.sh does for the first three).
-    local libs
-    libs=$(python3 -c 'import os, nvidia; print(":".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in ("cu13", "cudnn") if os.path.isdir(os.path.join(p, d, "lib"))))')
-    export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >>"$WORK/gpu.txt"
-    # 1. correctness on the device, both builds
-    local build
-    for build in cuda cudnn; do
-      step "parity-$build" 90 env LAYERDIFF_TEST_DEVICE=cuda "/tmp/gpu-check/models_parity-$build" --test-threads 1
-    done
+    # cuBLAS, cuRAND and NVRTC of CUDA 13 come from PyTorch's wheels there (as
+    # ../shared/tools/cuda/run-on-gpu.sh does).
+    export LD_LIBRARY_PATH=$(python3 -c 'import os, nvidia; print(":".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    # 1. correctness on the device
+    step parity 90 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity --test-threads 1
   fi
-  step demo-edit 60 "$(bin cudnn)" edit --device "$DEVICE" --model assets/tiny-sd --image assets/demo/dog.png \
+  step demo-edit 60 "$BIN" edit --device "$DEVICE" --model assets/tiny-sd --image assets/demo/dog.png \
     --mask assets/demo/dog-mask.png --object "a jumping dog" --background "a dense forest" --size 64 \
     --embedding-steps 20 --finetune-steps 10 --steps 10 --seeds 1,2 --force --out "$WORK/demo-edit"
-  # 2. speed, each stage's step: ours per build, then PyTorch's, per precision (LoRA), the most
-  #    wanted first; the small size shows what each step costs besides its arithmetic.
-  local common=(--size "$SIZE" --finetune lora --steps "$STEPS")
+  # 2. speed, each stage's step, ours then PyTorch's, the most wanted first; the small size shows
+  #    what a step costs besides its arithmetic.
+  local dtype mode
   for dtype in bf16 f32; do
-    ours "ours-cuda-$dtype-lora" cuda -- "${common[@]}" --dtype "$dtype"
-    ours "ours-cudnn-$dtype-lora" cudnn -- "${common[@]}" --dtype "$dtype"
-    ref "torch-$dtype-lora" "${common[@]}" --dtype "$dtype"
+    for mode in lora full; do
+      ours "ours-$dtype-$mode" -- --size "$SIZE" --dtype "$dtype" --finetune "$mode" --steps "$STEPS"
+      ref "torch-$dtype-$mode" --size "$SIZE" --dtype "$dtype" --finetune "$mode" --steps "$STEPS"
+    done
   done
-  [ -n "${TF32:-}" ] && ours ours-cudnn-f32-tf32-lora cudnn LAYERDIFF_TF32=1 -- "${common[@]}" --dtype f32
-  ours ours-cudnn-bf16-lora-small cudnn -- --size 128 --finetune lora --steps "$STEPS" --dtype bf16
-  ref torch-bf16-lora-small --size 128 --finetune lora --steps "$STEPS" --dtype bf16
+  ours ours-f32-tf32-lora LAYERDIFF_TF32=1 -- --size "$SIZE" --dtype f32 --finetune lora --steps "$STEPS"
+  ours ours-bf16-lora-small -- --size $((SIZE / 4)) --dtype bf16 --finetune lora --steps "$STEPS"
+  ref torch-bf16-lora-small --size $((SIZE / 4)) --dtype bf16 --finetune lora --steps "$STEPS"
   "$PY" tools/bench_table.py "$WORK"/*.json | tee "$WORK/table.txt"
   cp "$WORK/table.txt" "$OUT/"
-  # 3. where our GPU time goes: every kernel's time, summed by kernel (Nsight Compute), over a
-  #    forward and a forward + backward of the plain bench; last, as it may run out of time.
+  # 3. where our GPU time goes: each kernel's time, summed by kernel (Nsight Compute), over the
+  #    plain bench's forward + backward (after its forwards); last, as it may run out of time.
   if [ "$DEVICE" = cuda ] && [ -n "${PROFILE:-1}" ]; then
     local ncu
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-    step plain-bf16 60 "$(bin cudnn)" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
-    step ncu-bf16 "${NCU_LIMIT:-100}" "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
-      -c "${NCU_KERNELS:-4000}" --print-summary per-kernel --csv "$(bin cudnn)" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
+    step plain-bf16 60 "$BIN" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
+    step ncu-bf16 "${NCU_LIMIT:-120}" "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+      -s "${NCU_SKIP:-3000}" -c "${NCU_KERNELS:-6000}" --print-summary per-kernel --csv \
+      "$BIN" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
   fi
   cat "$WORK/summary.txt"
 }

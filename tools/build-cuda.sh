@@ -49,7 +49,6 @@ mkstub nvrtc    libnvrtc.so.13    libnvrtc.so.13
 mkstub curand   libcurand.so.10   libcurand.so.10
 mkstub cublas   libcublas.so.13   libcublas.so.13
 mkstub cublaslt libcublasLt.so.13 libcublasLt.so.13
-mkstub cudnn    libcudnn.so.9     ""      # the `cudnn` feature; cuDNN 9 exports unversioned symbols
 
 # 3. Build (release profile should have strip = true).
 cd "$PROJECT"

@@ -9,24 +9,31 @@
 //!   with a `group_norm` and a residual connection).
 
 use crate::models::nn::{
-    attention, conv2d, group_norm, layer_norm, linear, linear_b, Conv2d, Conv2dConfig, LayerNorm, Linear,
+    attention, conv2d, group_norm, layer_norm, linear, linear_b, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear,
 };
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
-/// Attention in at least f32: half-precision scores and softmax lose too much.
-fn attention_dtype(dtype: DType) -> DType {
+/// The dtype attention runs in: at least f32, except bf16 on a GPU. There cuBLAS sums the
+/// products and candle's softmax and sum kernels their terms in f32 either way, and half-precision
+/// scores are what diffusers' classic attention processor keeps too; in f32 the `seq x seq`
+/// scores, the costliest tensors of a step, took twice the bytes (README, performance). f16 keeps
+/// f32: candle sums f16 in f16 (the backward's row sums over 4096 scores). On the CPU candle's
+/// half-precision matmuls are slower than f32 ones.
+fn attention_dtype(dtype: DType, device: &candle_core::Device) -> DType {
     match dtype {
+        DType::BF16 if device.is_cuda() => DType::BF16,
         DType::F16 | DType::BF16 => DType::F32,
         d => d,
     }
 }
 
-/// `softmax(q k^T * scale) v` on `(batch * heads, seq, head_dim)` tensors, computed in at least
-/// f32, optionally `slice_size` (batch x head) pairs at a time to bound the scores' memory.
+/// `softmax(q k^T * scale) v` on `(batch * heads, seq, head_dim)` tensors, in
+/// [`attention_dtype`], optionally `slice_size` (batch x head) pairs at a time to bound the
+/// scores' memory.
 fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice_size: Option<usize>) -> Result<Tensor> {
     let in_dtype = q.dtype();
-    let dtype = attention_dtype(in_dtype);
+    let dtype = attention_dtype(in_dtype, q.device());
     let (q, k, v) = (q.to_dtype(dtype)?, k.to_dtype(dtype)?, v.to_dtype(dtype)?);
     attention(&q, &k, &v, scale, slice_size)?.to_dtype(in_dtype)
 }

@@ -627,9 +627,99 @@ pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     Ok(LayerNorm::new(vb.get(dim, "weight")?, vb.get(dim, "bias")?, eps))
 }
 
-/// Group norm, as `torch.nn.GroupNorm` (candle's is already made of differentiable ops).
-pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<candle_nn::GroupNorm> {
-    candle_nn::GroupNorm::new(vb.get(channels, "weight")?, vb.get(channels, "bias")?, channels, groups, eps)
+/// Group norm over `[b, c, ...]`, as `torch.nn.GroupNorm`: one op on the graph with its own
+/// backward. candle_nn's is a dozen differentiable ops, and candle's backward pass computes a
+/// full-size gradient for the frozen weight and bias of each (kept to the end of the pass) and a
+/// zero-filled buffer per operand; here the backward keeps only the input and, on a GPU, the
+/// forward is candle's fused layer-norm kernel over each group's elements.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let channels = weight.dims1()?;
+        if groups == 0 || channels % groups != 0 {
+            candle_core::bail!("group norm: {channels} channels do not split into {groups} groups");
+        }
+        Ok(Self { weight, bias, groups, eps })
+    }
+
+    /// `x` as `[b, groups, elements per group]` and `[b, c, elements per channel]`.
+    fn grouped(&self, x: &Tensor) -> Result<(Tensor, (usize, usize, usize))> {
+        let (b, c) = (x.dim(0)?, x.dim(1)?);
+        let per_channel = x.elem_count() / (b * c).max(1);
+        Ok((x.reshape((b, self.groups, c / self.groups * per_channel))?, (b, c, per_channel)))
+    }
+
+    /// `(x - mean) / sqrt(var + eps)` per group, shape `[b, groups, n]`, in `dtype`.
+    fn normalized(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, _) = self.grouped(x)?;
+        if x.device().is_cuda() {
+            // candle's layer norm kernel (float sums) over each group; unit scale, no shift.
+            let n = rows.dim(2)?;
+            let (one, zero) = (Tensor::ones(n, x.dtype(), x.device())?, Tensor::zeros(n, x.dtype(), x.device())?);
+            return candle_nn::ops::layer_norm(&rows.contiguous()?, &one, &zero, self.eps as f32);
+        }
+        let (x_hat, _) = self.normalized_internal(&rows)?;
+        x_hat.to_dtype(x.dtype())
+    }
+
+    /// For grouped rows: the normalized rows and the standard deviations, in f32 at least, two-pass.
+    fn normalized_internal(&self, rows: &Tensor) -> Result<(Tensor, Tensor)> {
+        let rows = rows.to_dtype(internal_dtype(rows.dtype()))?;
+        let centered = rows.broadcast_sub(&rows.mean_keepdim(D::Minus1)?)?;
+        let std = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
+        Ok((centered.broadcast_div(&std)?, std))
+    }
+
+    /// `x_hat w + b` per channel, for `x_hat` shaped as `x`.
+    fn scaled(&self, x_hat: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let mut dims = vec![1; x_hat.rank()];
+        dims[1] = w.dim(0)?;
+        x_hat.broadcast_mul(&w.reshape(dims.as_slice())?)?.broadcast_add(&b.reshape(dims.as_slice())?)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = self.scaled(&self.normalized(&xs.detach())?.reshape(xs.shape())?, &self.weight.detach(), &self.bias.detach())?;
+        let (w_trained, b_trained) = (trainable(&self.weight), trainable(&self.bias));
+        let this = self.clone();
+        attach_backward3(xs, &self.weight, &self.bias, ys, move |x, w, _, _, grad| {
+            // x_hat = (x - mean) / std per group; dw = sum g x_hat, db = sum g over all but the
+            // channel; dx = (g' - mean(g') - x_hat mean(g' x_hat)) / std with g' = g w.
+            let dtype = x.dtype();
+            let (rows, (b, c, per_channel)) = this.grouped(x)?;
+            let (x_hat, std) = this.normalized_internal(&rows)?;
+            let g = grad.to_dtype(x_hat.dtype())?;
+            let per_channel_sum = |t: &Tensor| t.reshape((b, c, per_channel))?.sum(2)?.sum(0);
+            let d_w = if w_trained { Some(per_channel_sum(&(&g * x_hat.reshape(g.shape())?)?)?.to_dtype(w.dtype())?) } else { None };
+            let d_b = if b_trained { Some(per_channel_sum(&g)?.to_dtype(w.dtype())?) } else { None };
+            let d_x = if x.track_op() {
+                let mut dims = vec![1; g.rank()];
+                dims[1] = c;
+                let g = this.grouped(&g.broadcast_mul(&w.to_dtype(g.dtype())?.reshape(dims.as_slice())?)?)?.0;
+                let d = g
+                    .broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
+                    .sub(&x_hat.broadcast_mul(&(&g * &x_hat)?.mean_keepdim(D::Minus1)?)?)?
+                    .broadcast_div(&std)?;
+                Some(d.reshape(x.shape())?.to_dtype(dtype)?)
+            } else {
+                None
+            };
+            Ok((d_x, d_w, d_b))
+        })
+    }
+}
+
+/// `nn.GroupNorm` from `vb`: `weight` and `bias`.
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    GroupNorm::new(vb.get(channels, "weight")?, vb.get(channels, "bias")?, groups, eps)
 }
 
 /// Reductions in half precision lose too much; do them in f32 (f64 stays f64).
@@ -740,6 +830,32 @@ mod tests {
     fn frozen_layer_norm_gradient_matches_finite_differences() -> Result<()> {
         let ln = LayerNorm::new(randn(&[5])?, randn(&[5])?, 1e-5);
         check_grad(&randn(&[2, 3, 5])?, &|x| ln.forward(x))
+    }
+
+    #[test]
+    fn group_norm_equals_candle_nns() -> Result<()> {
+        let (w, b, x) = (randn(&[6])?, randn(&[6])?, randn(&[2, 6, 3, 4])?.affine(3.0, 1.5)?);
+        let ours = GroupNorm::new(w.clone(), b.clone(), 3, 1e-5)?.forward(&x)?;
+        let candle = candle_nn::GroupNorm::new(w, b, 6, 3, 1e-5)?.forward(&x)?;
+        let diff = (ours - candle)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "max difference {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn group_norm_gradients_match_finite_differences() -> Result<()> {
+        let (w, b, x) = (randn(&[6])?, randn(&[6])?, randn(&[2, 6, 3, 2])?);
+        let norm = |w: &Tensor, b: &Tensor| GroupNorm::new(w.clone(), b.clone(), 2, 1e-5);
+        // frozen weights (stage 1), then trained ones (full fine-tuning), 3-D input too
+        check_grad(&x, &|x| norm(&w, &b)?.forward(x))?;
+        check_grad(&x.reshape((2, 6, 6))?, &|x| norm(&w, &b)?.forward(x))?;
+        check_grad(&w, &|w| norm(w, &b)?.forward(&x))?;
+        check_grad(&b, &|b| norm(&w, b)?.forward(&x))?;
+        // all three at once: each gets its gradient
+        let (xv, wv, bv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?, Var::from_tensor(&b)?);
+        let grads = norm(wv.as_tensor(), bv.as_tensor())?.forward(xv.as_tensor())?.sqr()?.sum_all()?.backward()?;
+        assert!([xv.as_tensor(), wv.as_tensor(), bv.as_tensor()].iter().all(|t| grads.get(t).is_some()));
+        Ok(())
     }
 
     #[test]

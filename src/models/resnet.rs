@@ -3,9 +3,9 @@
 //! The residual block of the UNet and the VAE, as diffusers' `ResnetBlock2D`
 //! (`models/resnet.py`, `resnet_time_scale_shift = "default"`, `non_linearity = "silu"`).
 
-use crate::models::nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, Linear};
+use crate::models::nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear};
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// Configuration for a ResNet block.
 #[derive(Debug, Clone, Copy)]

@@ -7,9 +7,9 @@
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::unet_2d_blocks::*;
 use super::{parse_config, unsupported};
-use crate::models::nn::{conv2d, group_norm, Conv2d, Conv2dConfig};
+use crate::models::nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 use serde_json::Value;
 
