@@ -97,6 +97,7 @@ run() {
     export LD_LIBRARY_PATH=$(python3 -c 'import os, nvidia; print(":".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     # 1. correctness on the device
     step parity 90 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity --test-threads 1
+    step parity-htod-cache 90 env LAYERDIFF_TEST_DEVICE=cuda LAYERDIFF_HTOD_CACHE=1 /tmp/gpu-check/models_parity --test-threads 1
   fi
   step demo-edit 60 "$BIN" edit --device "$DEVICE" --model assets/tiny-sd --image assets/demo/dog.png \
     --mask assets/demo/dog-mask.png --object "a jumping dog" --background "a dense forest" --size 64 \
@@ -110,7 +111,12 @@ run() {
       ref "torch-$dtype-$mode" --size "$SIZE" --dtype "$dtype" --finetune "$mode" --steps "$STEPS"
     done
   done
+  # candle's upload cache (src/pipeline.rs, configure_cuda), TF32
+  for mode in lora full; do
+    ours "ours-bf16-$mode-htod-cache" LAYERDIFF_HTOD_CACHE=1 -- --size "$SIZE" --dtype bf16 --finetune "$mode" --steps "$STEPS"
+  done
   ours ours-f32-tf32-lora LAYERDIFF_TF32=1 -- --size "$SIZE" --dtype f32 --finetune lora --steps "$STEPS"
+  ours ours-bf16-lora-small-htod-cache LAYERDIFF_HTOD_CACHE=1 -- --size $((SIZE / 4)) --dtype bf16 --finetune lora --steps "$STEPS"
   ours ours-bf16-lora-small -- --size $((SIZE / 4)) --dtype bf16 --finetune lora --steps "$STEPS"
   ref torch-bf16-lora-small --size $((SIZE / 4)) --dtype bf16 --finetune lora --steps "$STEPS"
   "$PY" tools/bench_table.py "$WORK"/*.json | tee "$WORK/table.txt"
@@ -124,6 +130,8 @@ run() {
     step ncu-bf16 "${NCU_LIMIT:-120}" "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
       -s "${NCU_SKIP:-3000}" -c "${NCU_KERNELS:-6000}" --print-summary per-kernel --csv \
       "$BIN" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
+    "$PY" tools/ncu_summary.py "$WORK/ncu-bf16.log" 30 | tee "$WORK/ncu-kernels.txt"
+    cp "$WORK/ncu-kernels.txt" "$OUT/"
   fi
   cat "$WORK/summary.txt"
 }

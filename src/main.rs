@@ -848,13 +848,6 @@ fn pin_thread_count() {
     }
 }
 
-/// `LAYERDIFF_TF32=1`: float32 matrix products on a GPU through the tensor cores in TF32 (10-bit
-/// mantissa inputs, float32 sums), as PyTorch's `torch.backends.cuda.matmul.allow_tf32`; off by
-/// default, as there. cuDNN's convolutions (the `cudnn` build) use TF32 either way, as PyTorch's do.
-fn tf32_wanted() -> bool {
-    std::env::var("LAYERDIFF_TF32").is_ok_and(|v| v == "1")
-}
-
 fn device(cpu: bool, device: Option<&str>) -> Result<Device> {
     let default = if candle_core::utils::cuda_is_available() { "cuda" } else { "cpu" };
     let spec = if cpu { "cpu" } else { device.unwrap_or(default) };
@@ -866,9 +859,7 @@ fn device(cpu: bool, device: Option<&str>) -> Result<Device> {
             None => anyhow::bail!("--device: `{s}` is not a device; use cpu, cuda or cuda:N"),
         },
     };
-    if device.is_cuda() {
-        candle_core::cuda::set_gemm_reduced_precision_f32(tf32_wanted());
-    }
+    layerdiff::pipeline::configure_cuda(&device);
     Ok(device)
 }
 

@@ -129,6 +129,25 @@ pub struct Guidance<'a> {
     pub scale: f64,
 }
 
+/// Settings of a CUDA device, from the environment (both off by default; no effect elsewhere):
+/// - `LAYERDIFF_TF32=1`: float32 matrix products through the tensor cores in TF32 (10-bit
+///   mantissa inputs, float32 sums), as PyTorch's `torch.backends.cuda.matmul.allow_tf32`.
+/// - `LAYERDIFF_HTOD_CACHE=1`: candle uploads the shape and strides of each strided kernel
+///   launch (and small host tensors) from pageable memory, and such an upload waits for the
+///   stream to drain: one GPU round trip per op. With this, candle's CUDA-graph upload cache
+///   keeps each distinct upload on the device and reuses it. Not yet measured on a GPU (README).
+pub fn configure_cuda(device: &Device) {
+    let on = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
+    if device.is_cuda() {
+        candle_core::cuda::set_gemm_reduced_precision_f32(on("LAYERDIFF_TF32"));
+    }
+    #[cfg(feature = "cuda")]
+    if let (Ok(cuda), true) = (device.as_cuda_device(), on("LAYERDIFF_HTOD_CACHE")) {
+        // The cache is on while the guard lives, on this thread (the one that runs the model).
+        std::mem::forget(cuda.enable_cuda_graph_htod_cache());
+    }
+}
+
 /// candle 0.11.1 has no bf16 matrix multiply on the CPU: say so before loading anything.
 pub fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
     if device.is_cpu() && dtype == DType::BF16 {

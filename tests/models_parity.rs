@@ -23,12 +23,15 @@ fn read_json(rel: &str) -> Result<serde_json::Value> {
 }
 
 /// The CPU, or the GPU with `LAYERDIFF_TEST_DEVICE=cuda` (a `cuda` build: scripts/gpu-check.sh).
+/// The device's settings come from the environment as the binary's do (`configure_cuda`).
 fn device() -> Result<Device> {
-    Ok(match std::env::var("LAYERDIFF_TEST_DEVICE").as_deref() {
+    let device = match std::env::var("LAYERDIFF_TEST_DEVICE").as_deref() {
         Ok("cuda") => Device::new_cuda(0)?,
         Ok("cpu") | Err(_) => Device::Cpu,
         Ok(other) => return Err(format!("LAYERDIFF_TEST_DEVICE={other}: use cpu or cuda").into()),
-    })
+    };
+    layerdiff::pipeline::configure_cuda(&device);
+    Ok(device)
 }
 
 fn tensors(rel: &str) -> Result<HashMap<String, Tensor>> {

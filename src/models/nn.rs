@@ -482,9 +482,15 @@ impl Module for Conv2d {
 
 /// A convolution, on the CPU for kernels over 1x1 as im2col by strided views and one matrix
 /// product: candle's CPU im2col writes its column tiles one element at a time across rows (over a
-/// third of a toy-model training step); elsewhere candle's own.
+/// third of a toy-model training step); on a GPU a plain 1x1 convolution as one matrix product
+/// (candle's copies the input into columns and the output back into channels-first order);
+/// elsewhere candle's own.
 fn conv2d_forward(xs: &Tensor, weight: &Tensor, c: Conv2dConfig) -> Result<Tensor> {
     let (c_out, c_in, k_h, k_w) = weight.dims4()?;
+    let plain_1x1 = k_h * k_w == 1 && c.padding == 0 && c.stride == 1;
+    if xs.device().is_cuda() && plain_1x1 {
+        return conv1x1_as_matmul(xs, weight);
+    }
     if !xs.device().is_cpu() || k_h * k_w == 1 {
         return xs.conv2d(weight, c.padding, c.stride, c.dilation, 1);
     }
@@ -496,6 +502,15 @@ fn conv2d_forward(xs: &Tensor, weight: &Tensor, c: Conv2dConfig) -> Result<Tenso
     let cols = im2col(xs, k_h, k_w, out_h, out_w, c)?.reshape((b, c_in * k_h * k_w, out_h * out_w))?;
     let w = weight.reshape((1, c_out, c_in * k_h * k_w))?.broadcast_as((b, c_out, c_in * k_h * k_w))?;
     w.matmul(&cols)?.reshape((b, c_out, out_h, out_w))
+}
+
+/// A 1x1 convolution with no padding and stride 1: `W [c_out, c_in]` times each image's
+/// `[c_in, h w]` pixels, the weight broadcast over the batch (a zero batch stride for cuBLAS).
+fn conv1x1_as_matmul(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (b, c_in, height, width) = xs.dims4()?;
+    let c_out = weight.dim(0)?;
+    let w = weight.reshape((1, c_out, c_in))?.broadcast_as((b, c_out, c_in))?;
+    w.matmul(&xs.reshape((b, c_in, height * width))?)?.reshape((b, c_out, height, width))
 }
 
 /// `[b, c, k_h k_w, out_h, out_w]`: for each kernel position, the input samples it multiplies.
@@ -535,8 +550,18 @@ fn conv2d_input_grad(grad: &Tensor, weight: &Tensor, c: Conv2dConfig, input_h: u
 /// padding `dilation (k - 1) - padding` on each side.
 fn conv2d_input_grad_flipped(grad: &Tensor, weight: &Tensor, c: Conv2dConfig) -> Result<Tensor> {
     let k_h = weight.dim(2)?;
-    let flipped = weight.transpose(0, 1)?.contiguous()?.flip(&[2, 3])?.contiguous()?;
-    grad.conv2d(&flipped, c.dilation * (k_h - 1) - c.padding, 1, c.dilation, 1)
+    let flipped = flip(&flip(&weight.transpose(0, 1)?, 2)?, 3)?;
+    conv2d_forward(grad, &flipped, Conv2dConfig { padding: c.dilation * (k_h - 1) - c.padding, stride: 1, dilation: c.dilation })
+}
+
+/// `t` reversed along `dim`, from narrow views: candle's `flip` uploads an index tensor per
+/// dimension, and on a GPU an upload from the host waits for the stream to drain.
+fn flip(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let n = t.dim(dim)?;
+    if n == 1 {
+        return Ok(t.clone());
+    }
+    Tensor::cat(&(0..n).rev().map(|i| t.narrow(dim, i, 1)).collect::<Result<Vec<_>>>()?, dim)
 }
 
 /// A convolution's kernel gradient as one matrix product: `dW[o, (i, kh, kw)] = sum over (b, y, x)
@@ -942,6 +967,14 @@ mod tests {
                 assert!(diff < 1e-10, "k {k} padding {padding} dilation {dilation} stride {stride}: {diff}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn conv1x1_as_matmul_matches_candles() -> Result<()> {
+        let (x, w) = (randn(&[2, 3, 4, 5])?, randn(&[6, 3, 1, 1])?);
+        let diff = (conv1x1_as_matmul(&x, &w)? - x.conv2d(&w, 0, 1, 1, 1)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "{diff}");
         Ok(())
     }
 
