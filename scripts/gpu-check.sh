@@ -4,19 +4,23 @@
 #   scripts/gpu-check.sh prepare      here, on the CPU machine (no GPU needed): builds the `cuda`
 #                                     binary and the parity test binary with tools/build-cuda.sh,
 #                                     and downloads the wheels the GPU machine lacks (diffusers),
-#                                     all into gpu-bundle/ (git-ignored; carry it).
+#                                     all into gpu-bundle/ (git-ignored; carry it; about 16 MB).
 #   scripts/gpu-check.sh run          there, from the repo root (no network): the tiny-model
-#                                     parity tests on CUDA, a demo edit, then `layerdiff bench
-#                                     --stages` and tools/bench_stages_ref.py at 512x512 in f32 and
-#                                     bf16; every log and JSON packed into $OUT/gpu-check.tgz
-#                                     (the device tool returns at most 8 files), plus summary.txt.
+#                                     parity tests on CUDA (also with LAYERDIFF_HTOD_CACHE=1), a
+#                                     demo edit, then `layerdiff bench --stages` and
+#                                     tools/bench_stages_ref.py at 512x512 in bf16 and f32, LoRA and
+#                                     full, the variants (upload cache, TF32, 128 px), a table of
+#                                     all (tools/bench_table.py), and Nsight Compute's kernel times
+#                                     (tools/ncu_summary.py); every log and JSON packed into
+#                                     $OUT/gpu-check.tgz, plus summary.txt and the two tables.
 #
-# With the device tool: run(command="scripts/gpu-check.sh run", carry=["gpu-bundle"], timeout_s=540).
-# The run half took 4.2 minutes on an H100 (2026-11-27; results in docs/bench/h100-2026-11-27).
-# The tree that travels must stay under 64 MiB with the bundle (21 MB): that run moved the fixtures
-# it does not read (tests/fixtures/{grads.safetensors,sam,eval,mobile-sam}, assets/clip-tokenizer)
-# out of the checkout for the call and back after.
-# DEVICE=cpu SIZE=64 TINY=1 scripts/gpu-check.sh run tests the same script here, on tiny models.
+# With the device tool: run(command="STEPS=3 scripts/gpu-check.sh run", carry=["gpu-bundle"],
+# timeout_s=480). The run half took 5.3 minutes on an H200 before the upload-cache variants were
+# added (about a minute more); results in docs/bench/h200-2026-11-27. The tree that travels must
+# stay under 64 MiB with the bundle: move the fixtures it does not read
+# (tests/fixtures/{grads.safetensors,sam,eval,mobile-sam,tiny-sd/tokenizer}, assets/clip-tokenizer,
+# assets/toy-sd) out of the checkout for the call and back after.
+# DEVICE=cpu SIZE=128 TINY=1 PY=~/venv-ref/bin/python scripts/gpu-check.sh run tests it here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=${BUNDLE:-gpu-bundle}

@@ -550,12 +550,13 @@ fn conv2d_input_grad(grad: &Tensor, weight: &Tensor, c: Conv2dConfig, input_h: u
 /// padding `dilation (k - 1) - padding` on each side.
 fn conv2d_input_grad_flipped(grad: &Tensor, weight: &Tensor, c: Conv2dConfig) -> Result<Tensor> {
     let k_h = weight.dim(2)?;
-    let flipped = flip(&flip(&weight.transpose(0, 1)?, 2)?, 3)?;
+    let flipped = flip(&flip(&weight.transpose(0, 1)?.contiguous()?, 2)?, 3)?;
     conv2d_forward(grad, &flipped, Conv2dConfig { padding: c.dilation * (k_h - 1) - c.padding, stride: 1, dilation: c.dilation })
 }
 
 /// `t` reversed along `dim`, from narrow views: candle's `flip` uploads an index tensor per
-/// dimension, and on a GPU an upload from the host waits for the stream to drain.
+/// dimension, and on a GPU an upload from the host waits for the stream to drain. For a
+/// contiguous `t`, `cat` joins the views with 2-D copies that need no upload.
 fn flip(t: &Tensor, dim: usize) -> Result<Tensor> {
     let n = t.dim(dim)?;
     if n == 1 {
