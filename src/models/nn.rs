@@ -193,17 +193,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<u
     let probs = move |q: &Tensor, k: &Tensor| candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?);
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let out = over_slices(n, size, |s, l| probs(&qd.narrow(0, s, l)?, &kd.narrow(0, s, l)?)?.matmul(&vd.narrow(0, s, l)?))?;
-    attach_backward3(q, k, v, Tensor::cat(&out, 0)?, move |q, k, v, _, grad| {
-        // Per slice: P again, dV = P^T dO, dP = dO V^T, dS = P (dP - sum(dP P)) scale,
-        // dq = dS k, dk = dS^T q.
+    attach_backward3(q, k, v, Tensor::cat(&out, 0)?, move |q, k, v, out, grad| {
+        // Per slice: P again, dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dP P)),
+        // dq = scale dS k, dk = scale dS^T q. rowsum(dP P) = rowsum(dO O) (as flash attention
+        // computes it) and the scale goes on dq and dk: two fewer passes over the seq x seq scores.
         let parts = over_slices(n, size, |s, l| {
-            let (q, k, v, g) = (q.narrow(0, s, l)?, k.narrow(0, s, l)?, v.narrow(0, s, l)?, grad.narrow(0, s, l)?);
+            let (q, k, v) = (q.narrow(0, s, l)?, k.narrow(0, s, l)?, v.narrow(0, s, l)?);
+            let (o, g) = (out.narrow(0, s, l)?, grad.narrow(0, s, l)?);
             let p = probs(&q, &k)?;
             let d_v = p.t()?.matmul(&g)?;
             let d_p = g.matmul(&v.t()?)?;
-            let dot = (&d_p * &p)?.sum_keepdim(D::Minus1)?;
-            let d_s = ((p * d_p.broadcast_sub(&dot)?)? * scale)?;
-            Ok([d_s.matmul(&k)?, d_s.t()?.matmul(&q)?, d_v])
+            let dot = (&g * &o)?.sum_keepdim(D::Minus1)?;
+            let d_s = (p * d_p.broadcast_sub(&dot)?)?;
+            Ok([(d_s.matmul(&k)? * scale)?, (d_s.t()?.matmul(&q)? * scale)?, d_v])
         })?;
         let cat = |i: usize| Tensor::cat(&parts.iter().map(|p| &p[i]).collect::<Vec<_>>(), 0).map(Some);
         Ok((cat(0)?, cat(1)?, cat(2)?))
