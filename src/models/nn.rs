@@ -418,7 +418,7 @@ impl Conv2d {
     fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
         let ys = conv2d_forward(xs, &self.weight, self.cfg)?;
         match &self.bias {
-            Some(b) => ys.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            Some(b) => per_channel(&ys, b, Tensor::broadcast_add),
             None => Ok(ys),
         }
     }
@@ -474,12 +474,21 @@ impl Module for Conv2d {
                 Ok((Some(conv2d_input_grad(grad, weight, c, arg.dim(2)?)?), Some(conv2d_kernel_grad(arg, weight, grad, c)?)))
             })?;
             return match &self.bias {
-                Some(b) => ys.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+                Some(b) => per_channel(&ys, b, Tensor::broadcast_add),
                 None => Ok(ys),
             };
         }
         self.forward_plain(xs)
     }
+}
+
+/// `op(xs, v)` for a per-channel vector `v` on `[b, c, ...]` (bias add, scale), over
+/// `[b, c, rest]`: candle's CUDA broadcast kernels divide each element's index by every
+/// dimension, so fewer dimensions cost less.
+fn per_channel(xs: &Tensor, v: &Tensor, op: fn(&Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let (b, c) = (xs.dim(0)?, xs.dim(1)?);
+    let rest = xs.elem_count() / (b * c).max(1);
+    op(&xs.reshape((b, c, rest))?, &v.reshape((1, c, 1))?)?.reshape(xs.shape())
 }
 
 /// A convolution, on the CPU for kernels over 1x1 as im2col by strided views and one matrix
@@ -677,7 +686,7 @@ impl GroupNorm {
         Ok(Self { weight, bias, groups, eps })
     }
 
-    /// `x` as `[b, groups, elements per group]` and `[b, c, elements per channel]`.
+    /// `x` as `[b, groups, elements per group]`, and `(b, c, elements per channel)`.
     fn grouped(&self, x: &Tensor) -> Result<(Tensor, (usize, usize, usize))> {
         let (b, c) = (x.dim(0)?, x.dim(1)?);
         let per_channel = x.elem_count() / (b * c).max(1);
@@ -707,9 +716,7 @@ impl GroupNorm {
 
     /// `x_hat w + b` per channel, for `x_hat` shaped as `x`.
     fn scaled(&self, x_hat: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let mut dims = vec![1; x_hat.rank()];
-        dims[1] = w.dim(0)?;
-        x_hat.broadcast_mul(&w.reshape(dims.as_slice())?)?.broadcast_add(&b.reshape(dims.as_slice())?)
+        per_channel(&per_channel(x_hat, w, Tensor::broadcast_mul)?, b, Tensor::broadcast_add)
     }
 }
 
@@ -722,16 +729,14 @@ impl Module for GroupNorm {
             // x_hat = (x - mean) / std per group; dw = sum g x_hat, db = sum g over all but the
             // channel; dx = (g' - mean(g') - x_hat mean(g' x_hat)) / std with g' = g w.
             let dtype = x.dtype();
-            let (rows, (b, c, per_channel)) = this.grouped(x)?;
+            let (rows, (b, c, rest)) = this.grouped(x)?;
             let (x_hat, std) = this.normalized_internal(&rows)?;
             let g = grad.to_dtype(x_hat.dtype())?;
-            let per_channel_sum = |t: &Tensor| t.reshape((b, c, per_channel))?.sum(2)?.sum(0);
+            let per_channel_sum = |t: &Tensor| t.reshape((b, c, rest))?.sum(2)?.sum(0);
             let d_w = if w_trained { Some(per_channel_sum(&(&g * x_hat.reshape(g.shape())?)?)?.to_dtype(w.dtype())?) } else { None };
             let d_b = if b_trained { Some(per_channel_sum(&g)?.to_dtype(w.dtype())?) } else { None };
             let d_x = if x.track_op() {
-                let mut dims = vec![1; g.rank()];
-                dims[1] = c;
-                let g = this.grouped(&g.broadcast_mul(&w.to_dtype(g.dtype())?.reshape(dims.as_slice())?)?)?.0;
+                let g = this.grouped(&per_channel(&g, &w.to_dtype(g.dtype())?, Tensor::broadcast_mul)?)?.0;
                 let d = g
                     .broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
                     .sub(&x_hat.broadcast_mul(&(&g * &x_hat)?.mean_keepdim(D::Minus1)?)?)?

@@ -79,8 +79,10 @@ impl ResnetBlock2D {
         // 2. add the projected time embedding, broadcast over the pixels
         let xs = match (temb, &self.time_emb_proj) {
             (Some(temb), Some(proj)) => {
-                let temb = proj.forward(&temb.silu()?)?.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?;
-                xs.broadcast_add(&temb)?
+                // over [b, c, h w]: candle's GPU broadcast kernels cost more per dimension
+                let (b, c, h, w) = xs.dims4()?;
+                let temb = proj.forward(&temb.silu()?)?.unsqueeze(D::Minus1)?;
+                xs.reshape((b, c, h * w))?.broadcast_add(&temb)?.reshape((b, c, h, w))?
             }
             _ => xs,
         };
