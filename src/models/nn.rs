@@ -6,9 +6,11 @@
 //!   context gradient);
 //! - a matmul or conv always computes the gradient of both operands, so in stage 1 (gradient with
 //!   respect to the text embeddings only) every frozen weight would still cost a full weight
-//!   gradient in time and memory.
+//!   gradient in time and memory; the same holds for every op its backward pass walks (a group
+//!   norm's frozen weight and bias, say), each operand's gradient also starting as a zero-filled
+//!   buffer.
 //!
-//! Both are fixed the same way: run the fast forward on a detached input, then re-attach it to the
+//! Both are worked around the same way: run the fast forward on a detached input, then re-attach it to the
 //! graph with [`attach_backward`], a custom op whose backward computes only the input gradient.
 //! When nothing tracks gradients (sampling), the plain fast path runs with no overhead.
 
@@ -693,7 +695,7 @@ impl GroupNorm {
         Ok((x.reshape((b, self.groups, c / self.groups * per_channel))?, (b, c, per_channel)))
     }
 
-    /// `(x - mean) / sqrt(var + eps)` per group, shape `[b, groups, n]`, in `dtype`.
+    /// `(x - mean) / sqrt(var + eps)` per group, shape `[b, groups, n]`, in `x`'s dtype.
     fn normalized(&self, x: &Tensor) -> Result<Tensor> {
         let (rows, _) = self.grouped(x)?;
         if x.device().is_cuda() {
