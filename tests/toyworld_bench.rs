@@ -15,19 +15,21 @@ use layerdiff::toyworld::{read_scene, scene_for, Accuracy};
 use layerdiff::train::held_out_seed;
 
 // Floors, from the committed model's measured scores (assets/toy-sd/README.md, README's toy-world
-// table) with margin for the small samples here. At step 2250 it drew 64 held-out captions with
-// background 100 %, colour 100 %, shape 73 % right, and these 16 with 100, 100 and 88 %. The
-// 20-task benchmark gave LayerDiffusion colour kept 100 %, background reached 75 %, dot kept 68 %;
-// the 5 tasks below 100, 60 and 60 % (one output is 20 points).
+// table) with margin for the small samples here. At step 6000 it drew 64 held-out captions with
+// background 100 %, colour 100 %, shape 94 %, position 100 % right, and these 16 with 100, 100,
+// 94 and 100 %. The 20-task benchmark gave LayerDiffusion colour kept 100 %, background reached
+// 98 %, dot kept 52 %; the 5 tasks below 100, 100 and 40 % (one output is 20 points; the dot
+// floor sits one output under).
 const TEXT_TO_IMAGE_SAMPLES: usize = 16;
 const FLOOR_BACKGROUND: f64 = 0.85;
 const FLOOR_COLOUR: f64 = 0.85;
-const FLOOR_SHAPE: f64 = 0.5;
+const FLOOR_SHAPE: f64 = 0.75;
+const FLOOR_POSITION: f64 = 0.75;
 /// One task of each kind of change.
 const BENCH_TASKS: usize = 5;
 const FLOOR_EDIT_COLOUR_KEPT: f64 = 80.0;
-const FLOOR_EDIT_BACKGROUND: f64 = 40.0;
-const FLOOR_EDIT_DOT_KEPT: f64 = 40.0;
+const FLOOR_EDIT_BACKGROUND: f64 = 60.0;
+const FLOOR_EDIT_DOT_KEPT: f64 = 20.0;
 
 #[test]
 fn the_toy_model_draws_held_out_captions() {
@@ -44,6 +46,7 @@ fn the_toy_model_draws_held_out_captions() {
         ("background", accuracy.background, FLOOR_BACKGROUND),
         ("colour", accuracy.colour, FLOOR_COLOUR),
         ("shape", accuracy.shape, FLOOR_SHAPE),
+        ("position", accuracy.position, FLOOR_POSITION),
     ] {
         let rate = accuracy.rate(count);
         assert!(rate >= floor, "{what}: {rate:.2} under the floor {floor}");
