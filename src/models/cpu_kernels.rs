@@ -1,54 +1,181 @@
 //! CPU kernels for the loops candle runs one element (or one scalar `expf`) at a time:
-//! - the attention op's two passes over its `seq x seq` scores, in place: candle's softmax calls
-//!   the scalar `expf` once per score (at 512 px, 670 million per UNet forward) and allocates its
-//!   output; these run 8 lanes at a time (`wide`, SSE2 or better) over the buffer the preceding
-//!   matrix product made, which nothing else holds;
+//! - attention and its backward a block of query rows at a time ([`Attention`],
+//!   [`attention_backward`]), as flash attention tiles it: each block's scores, softmax and
+//!   products stay in the core's cache, where the composed ops write every `seq x seq` matrix to
+//!   memory and read it back (at 512 px, 512 MiB per self-attention layer and pass);
+//!   Their softmax runs 16 lanes at a time where candle's calls the scalar `expf` once per score
+//!   (at 512 px, 670 million per UNet forward): plain loops over a polynomial `exp` that the
+//!   compiler vectorizes, built for AVX-512, AVX2 and the baseline, picked at run time
+//!   (`multiversion`);
 //! - a convolution kernel transposed and flipped for its input gradient, in one pass: candle's
 //!   `flip` or `index_select` copy it element by element.
 
-use candle_core::{bail, CpuStorage, CustomOp1, DType, InplaceOp1, InplaceOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use gemm::Parallelism;
+use multiversion::multiversion;
 use rayon::prelude::*;
-use wide::f32x8;
 
 /// True where the in-place kernels apply: contiguous f32 on the CPU.
 pub fn applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
 }
 
-/// Softmax over the last dimension, in place.
-pub struct Softmax;
+/// `softmax(scale q k^T) v` for contiguous f32 `q` `[n, seq_q, d]`, `k` `[n, seq_k, d]`, `v`
+/// `[n, seq_k, d_v]`: each task takes one of the `n` heads and a block of query rows.
+pub struct Attention {
+    pub scale: f32,
+}
 
-impl InplaceOp1 for Softmax {
+impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
-        "softmax-cpu"
+        "attention-cpu"
     }
 
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let (data, row) = rows_mut(self.name(), storage, layout)?;
-        data.par_chunks_mut(row).for_each(softmax_row);
-        Ok(())
+    fn cpu_fwd(&self, q: &CpuStorage, q_l: &Layout, k: &CpuStorage, k_l: &Layout, v: &CpuStorage, v_l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = AttentionDims::of(self.name(), q_l.shape(), k_l.shape(), v_l.shape())?;
+        let AttentionDims { n, seq_q, seq_k, d, d_v } = dims;
+        let q = contiguous_f32(self.name(), q, q_l, n * seq_q * d)?;
+        let k = contiguous_f32(self.name(), k, k_l, n * seq_k * d)?;
+        let v = contiguous_f32(self.name(), v, v_l, n * seq_k * d_v)?;
+        let rows = dims.block_rows();
+        let mut out = vec![0f32; n * seq_q * d_v];
+        out.par_chunks_mut(seq_q * d_v).enumerate().for_each(|(h, out)| {
+            let (q, k, v) = (dims.q(q, h), dims.k(k, h), dims.v(v, h));
+            out.par_chunks_mut(rows * d_v).enumerate().for_each_init(Vec::new, |p, (b, out)| {
+                let m = out.len() / d_v;
+                probs_block(p, &q[b * rows * d..][..m * d], k, seq_k, d, self.scale);
+                matmul(out, (m, d_v, seq_k), (p, false), (v, false), 1.0, false);
+            });
+        });
+        Ok((CpuStorage::F32(out), Shape::from_dims(&[n, seq_q, d_v])))
     }
 }
 
-/// The softmax backward `dS = P (dP - rowsum)` written over `dP`: sources `P` (laid out as `dP`)
-/// and the row sums `[.., rows, 1]`.
-pub struct SoftmaxGrad;
+/// The gradients `[dq, dk, dv]` of [`Attention`] from its inputs, its output `out` and the output's
+/// gradient `grad`, per head and block of query rows: `P` again, `dV += P^T dO`, `dP = dO V^T`,
+/// `dS = P (dP - rowsum(dO O))`, `dq = scale dS k`, `dk += scale dS^T q`.
+pub fn attention_backward(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor, scale: f32) -> Result<[Tensor; 3]> {
+    const NAME: &str = "attention-backward-cpu";
+    let dims = AttentionDims::of(NAME, q.shape(), k.shape(), v.shape())?;
+    let AttentionDims { n, seq_q, seq_k, d, d_v } = dims;
+    let grad = grad.contiguous()?;
+    let guards = [q, k, v, out, &grad].map(Tensor::storage_and_layout);
+    let [q, k, v, o, g] = [0, 1, 2, 3, 4].map(|i| match &*guards[i].0 {
+        Storage::Cpu(s) => contiguous_f32(NAME, s, guards[i].1, [seq_q * d, seq_k * d, seq_k * d_v, seq_q * d_v, seq_q * d_v][i] * n),
+        _ => bail!("{NAME}: takes CPU tensors"),
+    });
+    let (q, k, v, o, g) = (q?, k?, v?, o?, g?);
+    let rows = dims.block_rows();
+    let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+    let heads = dq.par_chunks_mut(seq_q * d).zip(dk.par_chunks_mut(seq_k * d)).zip(dv.par_chunks_mut(seq_k * d_v));
+    heads.enumerate().for_each(|(h, ((dq, dk), dv))| {
+        let (q, k, v) = (dims.q(q, h), dims.k(k, h), dims.v(v, h));
+        let (o, g) = (dims.out(o, h), dims.out(g, h));
+        let (mut p, mut ds) = (Vec::new(), Vec::new());
+        for (b, dq) in dq.chunks_mut(rows * d).enumerate() {
+            let m = dq.len() / d;
+            let (q, o, g) = (&q[b * rows * d..][..m * d], &o[b * rows * d_v..][..m * d_v], &g[b * rows * d_v..][..m * d_v]);
+            let accumulate = b > 0;
+            probs_block(&mut p, q, k, seq_k, d, scale);
+            matmul(dv, (seq_k, d_v, m), (&p, true), (g, false), 1.0, accumulate);
+            ds.resize(m * seq_k, 0.0);
+            matmul(&mut ds, (m, seq_k, d_v), (g, false), (v, true), 1.0, false);
+            for ((ds, p), (g, o)) in ds.chunks_exact_mut(seq_k).zip(p.chunks_exact(seq_k)).zip(g.chunks_exact(d_v).zip(o.chunks_exact(d_v))) {
+                softmax_grad_row(ds, p, g.iter().zip(o).map(|(g, o)| g * o).sum());
+            }
+            matmul(dq, (m, d, seq_k), (&ds, false), (k, false), scale, false);
+            matmul(dk, (seq_k, d, m), (&ds, true), (q, false), scale, accumulate);
+        }
+    });
+    let cpu = candle_core::Device::Cpu;
+    Ok([
+        Tensor::from_vec(dq, (n, seq_q, d), &cpu)?,
+        Tensor::from_vec(dk, (n, seq_k, d), &cpu)?,
+        Tensor::from_vec(dv, (n, seq_k, d_v), &cpu)?,
+    ])
+}
 
-impl InplaceOp3 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "softmax-grad-cpu"
+#[derive(Debug, Clone, Copy)]
+struct AttentionDims {
+    n: usize,
+    seq_q: usize,
+    seq_k: usize,
+    d: usize,
+    d_v: usize,
+}
+
+impl AttentionDims {
+    fn of(op: &str, q: &Shape, k: &Shape, v: &Shape) -> Result<Self> {
+        let ((n, seq_q, d), (n_k, seq_k, d_k), (n_v, seq_v, d_v)) = (q.dims3()?, k.dims3()?, v.dims3()?);
+        if (n_k, d_k) != (n, d) || (n_v, seq_v) != (n, seq_k) {
+            bail!("{op}: q {q:?}, k {k:?} and v {v:?} do not make an attention")
+        }
+        Ok(Self { n, seq_q, seq_k, d, d_v })
     }
 
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, p: &CpuStorage, p_l: &Layout, sums: &CpuStorage, sums_l: &Layout) -> Result<()> {
-        let (d_p, row) = rows_mut(self.name(), dst, dst_l)?;
-        let p = contiguous_f32(self.name(), p, p_l, d_p.len())?;
-        let sums = contiguous_f32(self.name(), sums, sums_l, d_p.len() / row)?;
-        d_p.par_chunks_mut(row).zip(p.par_chunks(row)).zip(sums.par_iter()).for_each(|((d, p), &sum)| {
-            for (d, &p) in d.iter_mut().zip(p) {
-                *d = p * (*d - sum);
-            }
-        });
-        Ok(())
+    /// Query rows per block: the block's scores take at most 1 MiB (64 rows of 4096 keys), about
+    /// a core's L2 cache. Each block packs the keys and values for its products afresh, so
+    /// smaller blocks cost more: at 512 px, 16 rows took 0.35 s a layer, 64 rows 0.27 s.
+    fn block_rows(&self) -> usize {
+        ((1 << 18) / self.seq_k.max(1)).clamp(8, self.seq_q.max(1))
+    }
+
+    fn q<'a>(&self, q: &'a [f32], head: usize) -> &'a [f32] {
+        &q[head * self.seq_q * self.d..][..self.seq_q * self.d]
+    }
+
+    fn k<'a>(&self, k: &'a [f32], head: usize) -> &'a [f32] {
+        &k[head * self.seq_k * self.d..][..self.seq_k * self.d]
+    }
+
+    fn v<'a>(&self, v: &'a [f32], head: usize) -> &'a [f32] {
+        &v[head * self.seq_k * self.d_v..][..self.seq_k * self.d_v]
+    }
+
+    fn out<'a>(&self, out: &'a [f32], head: usize) -> &'a [f32] {
+        &out[head * self.seq_q * self.d_v..][..self.seq_q * self.d_v]
+    }
+}
+
+/// `p = softmax(scale q k^T)` for a block of query rows `q` `[m, d]` and keys `k` `[seq_k, d]`.
+fn probs_block(p: &mut Vec<f32>, q: &[f32], k: &[f32], seq_k: usize, d: usize, scale: f32) {
+    let m = q.len() / d;
+    p.resize(m * seq_k, 0.0);
+    matmul(p, (m, seq_k, d), (q, false), (k, true), scale, false);
+    p.chunks_exact_mut(seq_k).for_each(softmax_row);
+}
+
+/// `dst = beta lhs rhs`, or `dst += beta lhs rhs` when `accumulate`, on the calling thread, for
+/// row-major `dst` `[m, n]`, `lhs` `[m, k]` (stored `[k, m]` when its flag says transposed) and
+/// `rhs` `[k, n]` (stored `[n, k]` when transposed).
+fn matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), (lhs, lhs_t): (&[f32], bool), (rhs, rhs_t): (&[f32], bool), beta: f32, accumulate: bool) {
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n, "matmul: operands shorter than [{m}, {k}] x [{k}, {n}]");
+    let (lhs_rs, lhs_cs) = if lhs_t { (1, m) } else { (k, 1) };
+    let (rhs_rs, rhs_cs) = if rhs_t { (1, k) } else { (n, 1) };
+    // SAFETY: the assert above keeps every index the strides reach inside its slice, and `dst`
+    // is borrowed mutably, so it aliases neither source.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
     }
 }
 
@@ -86,14 +213,6 @@ fn flip_transpose<T: Copy + Send + Sync + Default>(w: &[T], c_out: usize, c_in: 
     out
 }
 
-fn rows_mut<'a>(op: &str, storage: &'a mut CpuStorage, layout: &Layout) -> Result<(&'a mut [f32], usize)> {
-    let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
-        bail!("{op}: takes contiguous f32 tensors")
-    };
-    let row = layout.dims().last().copied().unwrap_or(1).max(1);
-    Ok((&mut data[start..end], row))
-}
-
 fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout, len: usize) -> Result<&'a [f32]> {
     match (storage, layout.contiguous_offsets()) {
         (CpuStorage::F32(data), Some((start, end))) if end - start == len => Ok(&data[start..end]),
@@ -101,27 +220,61 @@ fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout, len: u
     }
 }
 
+/// Softmax of one row of scores, in place.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma", "aarch64+neon"))]
 fn softmax_row(row: &mut [f32]) {
-    let split = row.len() - row.len() % 8;
-    let (body, tail) = row.split_at_mut(split);
-    let lanes = |c: &[f32]| f32x8::from(<[f32; 8]>::try_from(c).expect("chunks of 8"));
-    let max = body.chunks_exact(8).fold(f32x8::splat(f32::NEG_INFINITY), |m, c| m.max(lanes(c)));
-    let max = tail.iter().fold(max.to_array().into_iter().fold(f32::NEG_INFINITY, f32::max), |m, &x| m.max(x));
-    let mut sum = f32x8::ZERO;
-    for c in body.chunks_exact_mut(8) {
-        let e = (lanes(c) - f32x8::splat(max)).exp();
-        sum += e;
-        c.copy_from_slice(&e.to_array());
+    const LANES: usize = 16;
+    let mut max = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &x) in max.iter_mut().zip(c) {
+            *m = m.max(x);
+        }
     }
-    let mut sum = sum.reduce_add();
-    for x in tail.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
+    let max = chunks.remainder().iter().chain(&max).fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sum = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (s, x) in sum.iter_mut().zip(c) {
+            *x = exp(*x - max);
+            *s += *x;
+        }
     }
-    let inv = 1.0 / sum;
+    let mut tail = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp(*x - max);
+        tail += *x;
+    }
+    let inv = 1.0 / (sum.iter().sum::<f32>() + tail);
     for x in row.iter_mut() {
         *x *= inv;
     }
+}
+
+/// The softmax backward of one row, `dS = P (dP - dot)`, written over `dP`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma", "aarch64+neon"))]
+fn softmax_grad_row(d_p: &mut [f32], p: &[f32], dot: f32) {
+    for (d, &p) in d_p.iter_mut().zip(p) {
+        *d = p * (*d - dot);
+    }
+}
+
+/// `e^x` within 2 ulp for `x <= 88` (Cephes' `expf`: `2^n p(r)`, `r = x - n ln 2`), in operations
+/// that vectorize; below -87.3 it returns `e^-87.3` (about 1e-38), where a softmax's sum is at
+/// least 1. Rounds by the 1.5 * 2^23 trick, which also leaves `n` in the low bits.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4;
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        p = p * r + c;
+    }
+    let scale = f32::from_bits(((t.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23) as u32);
+    (p * r * r + r + 1.0) * scale
 }
 
 #[cfg(test)]
@@ -130,13 +283,25 @@ mod tests {
     use candle_core::Device;
 
     #[test]
+    fn exp_is_within_two_ulp() {
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let (ours, exact) = (exp(x) as f64, (x as f64).exp());
+            let ulp = exact * f32::EPSILON as f64;
+            assert!((ours - exact).abs() <= 2.0 * ulp, "exp({x}) = {ours}, exactly {exact}");
+        }
+        assert!(exp(-1e4) < 1.3e-38 && exp(f32::NEG_INFINITY) < 1.3e-38);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
     fn softmax_matches_candle_on_odd_rows_and_wide_ranges() -> Result<()> {
-        for (cols, spread) in [(77, 1.0), (4096, 30.0), (13, 80.0), (8, 0.0), (5, 3.0)] {
+        for (cols, spread) in [(77, 1.0), (4096, 30.0), (13, 80.0), (16, 0.0), (5, 3.0)] {
             let x = (Tensor::randn(0f32, 1.0, (3, 7, cols), &Device::Cpu)? * spread)?;
-            let expected = candle_nn::ops::softmax_last_dim(&x)?;
-            let y = x.copy()?;
-            y.inplace_op1(&Softmax)?;
-            let err = (y - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let expected = candle_nn::ops::softmax_last_dim(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut ours = x.flatten_all()?.to_vec1::<f32>()?;
+            ours.chunks_mut(cols).for_each(softmax_row);
+            let err = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(err < 1e-6, "{cols} columns, spread {spread}: max error {err}");
         }
         Ok(())
@@ -152,18 +317,6 @@ mod tests {
             let err = (ours - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert_eq!(err, 0.0, "{k_h}x{k_w}");
         }
-        Ok(())
-    }
-
-    #[test]
-    fn softmax_grad_matches_composed_ops() -> Result<()> {
-        let p = candle_nn::ops::softmax_last_dim(&Tensor::randn(0f32, 1.0, (2, 5, 19), &Device::Cpu)?)?;
-        let d_p = Tensor::randn(0f32, 1.0, (2, 5, 19), &Device::Cpu)?;
-        let sums = Tensor::randn(0f32, 1.0, (2, 5, 1), &Device::Cpu)?;
-        let expected = (&p * d_p.broadcast_sub(&sums)?)?;
-        d_p.inplace_op3(&p, &sums, &SoftmaxGrad)?;
-        let err = (d_p - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(err < 1e-6, "max error {err}");
         Ok(())
     }
 }

@@ -188,12 +188,21 @@ const ATTENTION_SCORES_PER_SLICE: usize = 1 << 26;
 /// time (as memory-efficient attention does), where the composed ops would keep one per layer,
 /// 512 MiB per self-attention layer of SD at 512 px. `slice`: at most this many `(batch x head)`
 /// pairs at a time (the attention slicing of diffusers), else as many as
-/// [`ATTENTION_SCORES_PER_SLICE`] allows.
+/// [`ATTENTION_SCORES_PER_SLICE`] allows. On the CPU (contiguous f32) it runs a block of query
+/// rows at a time ([`cpu_kernels::Attention`]), so no `seq x seq` matrix exists and `slice` has
+/// nothing left to bound.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<usize>) -> Result<Tensor> {
+    if [q, k, v].into_iter().all(cpu_kernels::applies) {
+        let out = q.detach().apply_op3_no_bwd(&k.detach(), &v.detach(), &cpu_kernels::Attention { scale: scale as f32 })?;
+        return attach_backward3(q, k, v, out, move |q, k, v, out, grad| {
+            let [d_q, d_k, d_v] = cpu_kernels::attention_backward(q, k, v, out, grad, scale as f32)?;
+            Ok((Some(d_q), Some(d_k), Some(d_v)))
+        });
+    }
     let (n, seq_q, _) = q.dims3()?;
     let fits = (ATTENTION_SCORES_PER_SLICE / (seq_q * k.dim(1)?).max(1)).max(1);
     let size = fits.min(slice.filter(|&s| s > 0).unwrap_or(n));
-    let probs = move |q: &Tensor, k: &Tensor| attention_probs(&(q * scale)?.matmul(&k.t()?)?);
+    let probs = move |q: &Tensor, k: &Tensor| candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?);
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let out = over_slices(n, size, |s, l| probs(&qd.narrow(0, s, l)?, &kd.narrow(0, s, l)?)?.matmul(&vd.narrow(0, s, l)?))?;
     attach_backward3(q, k, v, Tensor::cat(&out, 0)?, move |q, k, v, out, grad| {
@@ -207,30 +216,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<u
             let d_v = p.t()?.matmul(&g)?;
             let d_p = g.matmul(&v.t()?)?;
             let dot = (&g * &o)?.sum_keepdim(D::Minus1)?;
-            let d_s = softmax_grad(p, d_p, &dot)?;
+            let d_s = (p * d_p.broadcast_sub(&dot)?)?;
             Ok([(d_s.matmul(&k)? * scale)?, (d_s.t()?.matmul(&q)? * scale)?, d_v])
         })?;
         let cat = |i: usize| Tensor::cat(&parts.iter().map(|p| &p[i]).collect::<Vec<_>>(), 0).map(Some);
         Ok((cat(0)?, cat(1)?, cat(2)?))
     })
-}
-
-/// Softmax of fresh attention scores, which nothing else holds: in place on the CPU.
-fn attention_probs(scores: &Tensor) -> Result<Tensor> {
-    if !cpu_kernels::applies(scores) {
-        return candle_nn::ops::softmax_last_dim(scores);
-    }
-    scores.inplace_op1(&cpu_kernels::Softmax)?;
-    Ok(scores.clone())
-}
-
-/// `dS = P (dP - dot)` for fresh `dP`: in place on the CPU.
-fn softmax_grad(p: Tensor, d_p: Tensor, dot: &Tensor) -> Result<Tensor> {
-    if !(cpu_kernels::applies(&d_p) && cpu_kernels::applies(&p) && cpu_kernels::applies(dot)) {
-        return p * d_p.broadcast_sub(dot)?;
-    }
-    d_p.inplace_op3(&p, dot, &cpu_kernels::SoftmaxGrad)?;
-    Ok(d_p)
 }
 
 /// `f(start, len)` for the slices of `0..n`, `size` long (the last one shorter).
@@ -860,6 +851,30 @@ mod tests {
         for slice in [None, Some(1), Some(2)] {
             let diff = (attention(&q, &k, &v, 0.7, slice)? - &composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
             assert!(diff < 1e-12, "fused and composed attention differ by {diff} (slice {slice:?})");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn cpu_blocked_attention_and_its_gradients_match_f64() -> Result<()> {
+        // Self-attention with 5000 keys takes blocks of 13 query rows (the last one 1 row);
+        // cross-attention with 77 keys takes all rows in one block. f32 against the f64 path.
+        for (seq_q, seq_k, d_v) in [(40, 5000, 3), (50, 77, 8)] {
+            let (q, k, v) = (randn(&[3, seq_q, 4])?, randn(&[3, seq_k, 4])?, randn(&[3, seq_k, d_v])?);
+            let probe = randn(&[3, seq_q, d_v])?;
+            let run = |dtype: DType| -> Result<Vec<Tensor>> {
+                let vars = [&q, &k, &v].map(|t| Var::from_tensor(&t.to_dtype(dtype)?)).map(|v| v.expect("a var"));
+                let out = attention(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), 0.5, None)?;
+                let grads = (&out * probe.to_dtype(dtype)?)?.sum_all()?.backward()?;
+                let mut all = vec![out.to_dtype(DType::F64)?];
+                all.extend(vars.iter().map(|v| grads.get(v.as_tensor()).expect("a gradient").to_dtype(DType::F64).expect("f64")));
+                Ok(all)
+            };
+            for (name, (ours, exact)) in ["out", "dq", "dk", "dv"].iter().zip(run(DType::F32)?.iter().zip(run(DType::F64)?)) {
+                let scale = exact.abs()?.max_all()?.to_scalar::<f64>()?;
+                let err = (ours - &exact)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(err < 1e-5 * scale.max(1.0), "{name} ({seq_q} x {seq_k}): max error {err} at scale {scale}");
+            }
         }
         Ok(())
     }
