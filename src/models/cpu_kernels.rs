@@ -117,7 +117,7 @@ impl AttentionDims {
     /// a core's L2 cache. Each block packs the keys and values for its products afresh, so
     /// smaller blocks cost more: at 512 px, 16 rows took 0.35 s a layer, 64 rows 0.27 s.
     fn block_rows(&self) -> usize {
-        ((1 << 18) / self.seq_k.max(1)).clamp(8, self.seq_q.max(1))
+        ((1 << 18) / self.seq_k.max(1)).max(8).min(self.seq_q.max(1))
     }
 
     fn q<'a>(&self, q: &'a [f32], head: usize) -> &'a [f32] {
