@@ -8,7 +8,11 @@
 //!   compiler vectorizes, built for AVX-512, AVX2 and the baseline, picked at run time
 //!   (`multiversion`);
 //! - a convolution kernel transposed and flipped for its input gradient, in one pass: candle's
-//!   `flip` or `index_select` copy it element by element.
+//!   `flip` or `index_select` copy it element by element;
+//! - im2col, the windows a convolution's matrix product reads, each row written once and the
+//!   channels shared out across threads: built from strided views, candle's copies run on one
+//!   thread, a row of `out_w` elements at a time, after a padded copy of the input (at 64x64 and
+//!   320 channels 65 ms of a 105 ms convolution).
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use gemm::Parallelism;
@@ -211,6 +215,78 @@ fn flip_transpose<T: Copy + Send + Sync + Default>(w: &[T], c_out: usize, c_in: 
         }
     });
     out
+}
+
+/// im2col: `[b, c, h, w]` to `[b, c, k_h k_w, out_h, out_w]`, the input samples each kernel
+/// position multiplies (zero where the window reaches into the padding), for contiguous f32 or f64.
+pub struct Im2Col {
+    pub k_h: usize,
+    pub k_w: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    pub padding: usize,
+    pub stride: usize,
+    pub dilation: usize,
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col-cpu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let Some((start, end)) = layout.contiguous_offsets() else { bail!("{}: takes a contiguous input", self.name()) };
+        let out = match storage {
+            CpuStorage::F32(x) => CpuStorage::F32(self.gather(&x[start..end], h, w)),
+            CpuStorage::F64(x) => CpuStorage::F64(self.gather(&x[start..end], h, w)),
+            _ => bail!("{}: f32 or f64 only", self.name()),
+        };
+        Ok((out, Shape::from_dims(&[b, c, self.k_h * self.k_w, self.out_h, self.out_w])))
+    }
+}
+
+impl Im2Col {
+    fn gather<T: Copy + Default + Send + Sync>(&self, x: &[T], h: usize, w: usize) -> Vec<T> {
+        let plane = self.out_h * self.out_w;
+        let per_channel = self.k_h * self.k_w * plane;
+        let len = x.len() / (h * w).max(1) * per_channel;
+        let mut out = Vec::with_capacity(len);
+        out.spare_capacity_mut()[..len].par_chunks_mut(per_channel).zip(x.par_chunks(h * w)).for_each(|(dst, src)| {
+            for (k, dst) in dst.chunks_exact_mut(plane).enumerate() {
+                let (ky, kx) = ((k / self.k_w) * self.dilation, (k % self.k_w) * self.dilation);
+                let cols = self.columns_inside(kx, w);
+                for (oy, row) in dst.chunks_exact_mut(self.out_w).enumerate() {
+                    let Some(y) = (oy * self.stride + ky).checked_sub(self.padding).filter(|&y| y < h) else {
+                        row.iter_mut().for_each(|d| _ = d.write(T::default()));
+                        continue;
+                    };
+                    let (before, rest) = row.split_at_mut(cols.start);
+                    let (inside, after) = rest.split_at_mut(cols.len());
+                    before.iter_mut().chain(after).for_each(|d| _ = d.write(T::default()));
+                    if inside.is_empty() {
+                        continue;
+                    }
+                    let first = y * w + cols.start * self.stride + kx - self.padding;
+                    for (d, s) in inside.iter_mut().zip(src[first..].iter().step_by(self.stride)) {
+                        d.write(*s);
+                    }
+                }
+            }
+        });
+        // SAFETY: the loops above wrote all `len` elements: every channel's `k_h k_w` planes of
+        // `out_h` rows of `out_w` elements.
+        unsafe { out.set_len(len) };
+        out
+    }
+
+    /// The output columns whose sample at kernel column offset `kx`, `ox stride + kx - padding`,
+    /// lies inside a `w` wide row.
+    fn columns_inside(&self, kx: usize, w: usize) -> std::ops::Range<usize> {
+        let first = self.padding.saturating_sub(kx).div_ceil(self.stride);
+        let end = (w + self.padding).saturating_sub(kx).div_ceil(self.stride).min(self.out_w);
+        first.min(end)..end
+    }
 }
 
 fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout, len: usize) -> Result<&'a [f32]> {
