@@ -9,9 +9,9 @@
 //!   with a `group_norm` and a residual connection).
 
 use crate::models::nn::{
-    attention, conv2d, group_norm, layer_norm, linear, linear_b, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear,
+    attention, conv2d, geglu, group_norm, layer_norm, linear, linear_b, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear,
 };
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// The dtype attention runs in: at least f32, except bf16 on a GPU. There cuBLAS sums the
@@ -120,8 +120,7 @@ impl GeGlu {
 
 impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let hidden_states_and_gate = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
-        &hidden_states_and_gate[0] * hidden_states_and_gate[1].gelu_erf()?
+        geglu(&self.proj.forward(xs)?)
     }
 }
 

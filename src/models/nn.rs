@@ -229,6 +229,18 @@ fn over_slices<T>(n: usize, size: usize, f: impl Fn(usize, usize) -> Result<T>) 
     (0..n).step_by(size).map(|start| f(start, size.min(n - start))).collect()
 }
 
+/// GEGLU's gate, `h * gelu(gate)` for `[h, gate]` halves of the last dimension, with the exact
+/// (erf) GELU as torch's `F.gelu`: on the CPU (contiguous f32) one op each way
+/// ([`cpu_kernels::Geglu`]).
+pub fn geglu(xs: &Tensor) -> Result<Tensor> {
+    if !cpu_kernels::applies(xs) {
+        let halves = xs.chunk(2, D::Minus1)?;
+        return &halves[0] * halves[1].gelu_erf()?;
+    }
+    let ys = xs.detach().apply_op1_no_bwd(&cpu_kernels::Geglu)?;
+    attach_backward(xs, ys, |xs, _, grad| xs.apply_op2_no_bwd(&grad.contiguous()?, &cpu_kernels::GegluGrad))
+}
+
 /// A low-rank adapter of a linear layer (LoRA, as PEFT's `lora.Linear`): adds
 /// `scale * (x A^T) B^T` to the layer's output, `A` `[rank, in]`, `B` `[out, rank]`.
 #[derive(Debug, Clone)]
