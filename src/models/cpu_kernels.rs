@@ -311,8 +311,10 @@ fn erf(x: f32) -> f32 {
     (1.0 - p * t * exp(-a * a)).copysign(x)
 }
 
-/// im2col: `[b, c, h, w]` to `[b, c, k_h k_w, out_h, out_w]`, the input samples each kernel
+/// im2col: `[b, c, h, w]` to `[c, k_h k_w, b, out_h, out_w]`, the input samples each kernel
 /// position multiplies (zero where the window reaches into the padding), for contiguous f32 or f64.
+/// The batch inside makes one matrix product of a convolution over all images, as wide as
+/// `b out_h out_w` (at 4x4 latents 16 columns per image) and the kernel gradient's layout as is.
 pub struct Im2Col {
     pub k_h: usize,
     pub k_w: usize,
@@ -332,22 +334,25 @@ impl CustomOp1 for Im2Col {
         let (b, c, h, w) = layout.shape().dims4()?;
         let Some((start, end)) = layout.contiguous_offsets() else { bail!("{}: takes a contiguous input", self.name()) };
         let out = match storage {
-            CpuStorage::F32(x) => CpuStorage::F32(self.gather(&x[start..end], h, w)),
-            CpuStorage::F64(x) => CpuStorage::F64(self.gather(&x[start..end], h, w)),
+            CpuStorage::F32(x) => CpuStorage::F32(self.gather(&x[start..end], b, h, w)),
+            CpuStorage::F64(x) => CpuStorage::F64(self.gather(&x[start..end], b, h, w)),
             _ => bail!("{}: f32 or f64 only", self.name()),
         };
-        Ok((out, Shape::from_dims(&[b, c, self.k_h * self.k_w, self.out_h, self.out_w])))
+        Ok((out, Shape::from_dims(&[c, self.k_h * self.k_w, b, self.out_h, self.out_w])))
     }
 }
 
 impl Im2Col {
-    fn gather<T: Copy + Default + Send + Sync>(&self, x: &[T], h: usize, w: usize) -> Vec<T> {
+    fn gather<T: Copy + Default + Send + Sync>(&self, x: &[T], b: usize, h: usize, w: usize) -> Vec<T> {
         let plane = self.out_h * self.out_w;
-        let per_channel = self.k_h * self.k_w * plane;
-        let len = x.len() / (h * w).max(1) * per_channel;
+        let channels = x.len() / (b * h * w).max(1);
+        let per_channel = self.k_h * self.k_w * b * plane;
+        let len = channels * per_channel;
         let mut out = Vec::with_capacity(len);
-        out.spare_capacity_mut()[..len].par_chunks_mut(per_channel).zip(x.par_chunks(h * w)).for_each(|(dst, src)| {
-            for (k, dst) in dst.chunks_exact_mut(plane).enumerate() {
+        out.spare_capacity_mut()[..len].par_chunks_mut(per_channel).enumerate().for_each(|(c, dst)| {
+            for (k_image, dst) in dst.chunks_exact_mut(plane).enumerate() {
+                let (k, image) = (k_image / b, k_image % b);
+                let src = &x[(image * channels + c) * h * w..][..h * w];
                 let (ky, kx) = ((k / self.k_w) * self.dilation, (k % self.k_w) * self.dilation);
                 let cols = self.columns_inside(kx, w);
                 for (oy, row) in dst.chunks_exact_mut(self.out_w).enumerate() {
@@ -368,7 +373,7 @@ impl Im2Col {
                 }
             }
         });
-        // SAFETY: the loops above wrote all `len` elements: every channel's `k_h k_w` planes of
+        // SAFETY: the loops above wrote all `len` elements: every channel's `k_h k_w b` planes of
         // `out_h` rows of `out_w` elements.
         unsafe { out.set_len(len) };
         out

@@ -533,9 +533,12 @@ fn conv2d_forward(xs: &Tensor, weight: &Tensor, c: Conv2dConfig) -> Result<Tenso
     let (Some(out_h), Some(out_w)) = (out(h, k_h), out(w, k_w)) else {
         return xs.conv2d(weight, c.padding, c.stride, c.dilation, 1);
     };
-    let cols = im2col(xs, k_h, k_w, out_h, out_w, c)?.reshape((b, c_in * k_h * k_w, out_h * out_w))?;
-    let w = weight.reshape((1, c_out, c_in * k_h * k_w))?.broadcast_as((b, c_out, c_in * k_h * k_w))?;
-    w.matmul(&cols)?.reshape((b, c_out, out_h, out_w))
+    let cols = im2col(xs, k_h, k_w, out_h, out_w, c)?;
+    let ys = weight.reshape((c_out, c_in * k_h * k_w))?.matmul(&cols)?;
+    match b {
+        1 => ys.reshape((1, c_out, out_h, out_w)),
+        _ => ys.reshape((c_out, b, out_h, out_w))?.transpose(0, 1)?.contiguous(),
+    }
 }
 
 /// A 1x1 convolution with no padding and stride 1: `W [c_out, c_in]` times each image's
@@ -547,12 +550,15 @@ fn conv1x1_as_matmul(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     w.matmul(&xs.reshape((b, c_in, height * width))?)?.reshape((b, c_out, height, width))
 }
 
-/// `[b, c, k_h k_w, out_h, out_w]`: for each kernel position, the input samples it multiplies. On
-/// the CPU one op ([`cpu_kernels::Im2Col`]), elsewhere `k_h k_w` strided views of the padded input.
+/// `[c k_h k_w, b out_h out_w]`: for each input channel and kernel position, the input samples it
+/// multiplies at each output pixel of each image. On the CPU one op ([`cpu_kernels::Im2Col`]),
+/// elsewhere `k_h k_w` strided views of the padded input.
 fn im2col(xs: &Tensor, k_h: usize, k_w: usize, out_h: usize, out_w: usize, c: Conv2dConfig) -> Result<Tensor> {
+    let (b, c_in, _, _) = xs.dims4()?;
+    let shape = (c_in * k_h * k_w, b * out_h * out_w);
     if xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) {
         let op = cpu_kernels::Im2Col { k_h, k_w, out_h, out_w, padding: c.padding, stride: c.stride, dilation: c.dilation };
-        return xs.contiguous()?.apply_op1_no_bwd(&op);
+        return xs.contiguous()?.apply_op1_no_bwd(&op)?.reshape(shape);
     }
     let x = xs.pad_with_zeros(2, c.padding, c.padding)?.pad_with_zeros(3, c.padding, c.padding)?;
     let mut windows = Vec::with_capacity(k_h * k_w);
@@ -562,7 +568,8 @@ fn im2col(xs: &Tensor, k_h: usize, k_w: usize, out_h: usize, out_w: usize, c: Co
             windows.push(strided(&rows, 3, kw * c.dilation, out_w, c.stride)?);
         }
     }
-    Tensor::stack(&windows, 2)
+    // [b, c, k_h k_w, out_h, out_w] -> [c k_h k_w, b out_h out_w]
+    Tensor::stack(&windows, 2)?.permute((1, 2, 0, 3, 4))?.reshape(shape)
 }
 
 /// Whether [`conv2d_input_grad`] takes the flipped-kernel convolution: for stride 1, on a GPU
@@ -621,8 +628,7 @@ fn flip(t: &Tensor, dim: usize) -> Result<Tensor> {
 fn conv2d_kernel_grad(arg: &Tensor, weight: &Tensor, grad: &Tensor, c: Conv2dConfig) -> Result<Tensor> {
     let (c_out, c_in, k_h, k_w) = weight.dims4()?;
     let (b, _, out_h, out_w) = grad.dims4()?;
-    // [b, c_in, k_h k_w, out_h, out_w] -> [c_in k_h k_w, b out_h out_w]
-    let cols = im2col(arg, k_h, k_w, out_h, out_w, c)?.permute((1, 2, 0, 3, 4))?.reshape((c_in * k_h * k_w, b * out_h * out_w))?;
+    let cols = im2col(arg, k_h, k_w, out_h, out_w, c)?;
     let g = grad.permute((1, 0, 2, 3))?.reshape((c_out, b * out_h * out_w))?;
     g.matmul(&cols.t()?)?.reshape((c_out, c_in, k_h, k_w))
 }
