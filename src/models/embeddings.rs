@@ -3,7 +3,7 @@
 //! Timestep embeddings of the UNet, as diffusers' `models/embeddings.py`
 //! (`get_timestep_embedding`, `Timesteps`, `TimestepEmbedding`).
 
-use crate::models::nn::{linear, Linear};
+use crate::models::nn::{linear, silu, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -24,7 +24,7 @@ impl TimestepEmbedding {
 
 impl Module for TimestepEmbedding {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.linear_1.forward(xs)?.silu()?;
+        let xs = silu(&self.linear_1.forward(xs)?)?;
         self.linear_2.forward(&xs)
     }
 }

@@ -229,6 +229,15 @@ fn over_slices<T>(n: usize, size: usize, f: impl Fn(usize, usize) -> Result<T>) 
     (0..n).step_by(size).map(|start| f(start, size.min(n - start))).collect()
 }
 
+/// SiLU, `x sigmoid(x)`: on the CPU (contiguous f32) one op each way ([`cpu_kernels::Silu`]).
+pub fn silu(xs: &Tensor) -> Result<Tensor> {
+    if !cpu_kernels::applies(xs) {
+        return xs.silu();
+    }
+    let ys = xs.detach().apply_op1_no_bwd(&cpu_kernels::Silu)?;
+    attach_backward(xs, ys, |xs, _, grad| xs.apply_op2_no_bwd(&grad.contiguous()?, &cpu_kernels::SiluGrad))
+}
+
 /// GEGLU's gate, `h * gelu(gate)` for `[h, gate]` halves of the last dimension, with the exact
 /// (erf) GELU as torch's `F.gelu`: on the CPU (contiguous f32) one op each way
 /// ([`cpu_kernels::Geglu`]).

@@ -3,7 +3,7 @@
 //! The residual block of the UNet and the VAE, as diffusers' `ResnetBlock2D`
 //! (`models/resnet.py`, `resnet_time_scale_shift = "default"`, `non_linearity = "silu"`).
 
-use crate::models::nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear};
+use crate::models::nn::{conv2d, group_norm, linear, silu, Conv2d, Conv2dConfig, GroupNorm, Linear};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -75,19 +75,19 @@ impl ResnetBlock2D {
 
     pub fn forward(&self, input: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         // 1. norm1 -> silu -> conv1
-        let xs = self.conv1.forward(&self.norm1.forward(input)?.silu()?)?;
+        let xs = self.conv1.forward(&silu(&self.norm1.forward(input)?)?)?;
         // 2. add the projected time embedding, broadcast over the pixels
         let xs = match (temb, &self.time_emb_proj) {
             (Some(temb), Some(proj)) => {
                 // over [b, c, h w]: candle's GPU broadcast kernels cost more per dimension
                 let (b, c, h, w) = xs.dims4()?;
-                let temb = proj.forward(&temb.silu()?)?.unsqueeze(D::Minus1)?;
+                let temb = proj.forward(&silu(temb)?)?.unsqueeze(D::Minus1)?;
                 xs.reshape((b, c, h * w))?.broadcast_add(&temb)?.reshape((b, c, h, w))?
             }
             _ => xs,
         };
         // 3. norm2 -> silu -> (dropout) -> conv2
-        let xs = self.conv2.forward(&self.norm2.forward(&xs)?.silu()?)?;
+        let xs = self.conv2.forward(&silu(&self.norm2.forward(&xs)?)?)?;
         // 4. shortcut, residual and output scale
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(input)?,

@@ -7,7 +7,7 @@
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::unet_2d_blocks::*;
 use super::{parse_config, unsupported};
-use crate::models::nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm};
+use crate::models::nn::{conv2d, group_norm, silu, Conv2d, Conv2dConfig, GroupNorm};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -507,7 +507,7 @@ impl UNet2DConditionModel {
         }
 
         // 6. post-process
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = silu(&self.conv_norm_out.forward(&xs)?)?;
         self.conv_out.forward(&xs)
     }
 }
