@@ -7,6 +7,9 @@
 //!   (at 512 px, 670 million per UNet forward): plain loops over a polynomial `exp` that the
 //!   compiler vectorizes, built for AVX-512, AVX2 and the baseline, picked at run time
 //!   (`multiversion`);
+//! - group norm and its input gradient, one task per image and group (two passes over the group,
+//!   which fits in a core's cache, for the statistics and one to write): candle's reductions
+//!   run on one thread and the composed op took eight passes forward and a dozen backward;
 //! - SiLU and its backward, one vectorized pass each (candle's calls the scalar `expf` per
 //!   element and builds its backward from six ops);
 //! - GEGLU and its backward, one pass each over rows `[h, gate]`: candle's `gelu_erf` and product
@@ -220,6 +223,134 @@ fn flip_transpose<T: Copy + Send + Sync + Default>(w: &[T], c_out: usize, c_in: 
         }
     });
     out
+}
+
+/// Group norm of contiguous f32 `x` `[b, c, ..]` over `groups` groups of channels, with per-channel
+/// `weight` and `bias` `[c]`: `(x - mean) / sqrt(var + eps) weight + bias`, the statistics in f64.
+pub struct GroupNorm {
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl CustomOp3 for GroupNorm {
+    fn name(&self) -> &'static str {
+        "group-norm-cpu"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout, w: &CpuStorage, w_l: &Layout, b: &CpuStorage, b_l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b, per_channel) = self.operands(x, x_l, w, w_l, b, b_l)?;
+        let cpg = w.len() / self.groups;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(cpg * per_channel).zip(x.par_chunks(cpg * per_channel)).enumerate().for_each(|(i, (y, x))| {
+            let first = i % self.groups * cpg;
+            let (mean, rstd) = group_stats(x, self.eps);
+            for ((y, x), c) in y.chunks_exact_mut(per_channel).zip(x.chunks_exact(per_channel)).zip(first..) {
+                affine_row(y, x, mean, w[c] * rstd, b[c]);
+            }
+        });
+        Ok((CpuStorage::F32(y), x_l.shape().clone()))
+    }
+}
+
+/// [`GroupNorm`]'s input gradient from `x`, `weight` and the output's gradient `g`: with
+/// `g' = g weight` and `x_hat` the normalized input, per group
+/// `dx = (g' - mean(g') - x_hat mean(g' x_hat)) / sqrt(var + eps)`.
+pub struct GroupNormInputGrad {
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl CustomOp3 for GroupNormInputGrad {
+    fn name(&self) -> &'static str {
+        "group-norm-input-grad-cpu"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout, w: &CpuStorage, w_l: &Layout, g: &CpuStorage, g_l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let norm = GroupNorm { groups: self.groups, eps: self.eps };
+        let x_len = x_l.shape().elem_count();
+        let (x, w, _, per_channel) = norm.operands(x, x_l, w, w_l, w, w_l)?;
+        let g = contiguous_f32(self.name(), g, g_l, x_len)?;
+        let cpg = w.len() / self.groups;
+        let group = cpg * per_channel;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(group).zip(x.par_chunks(group)).zip(g.par_chunks(group)).enumerate().for_each(|(i, ((dx, x), g))| {
+            let first = i % self.groups * cpg;
+            let (mean, rstd) = group_stats(x, self.eps);
+            // sums of g' and of g' x over the group give mean(g') and mean(g' x_hat)
+            let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+            for ((x, g), c) in x.chunks_exact(per_channel).zip(g.chunks_exact(per_channel)).zip(first..) {
+                let (s_g, s_gx) = dot_sums(g, x);
+                sum_g += s_g * w[c] as f64;
+                sum_gx += s_gx * w[c] as f64;
+            }
+            let n = group as f64;
+            let mean_g = sum_g / n;
+            let mean_gx_hat = (sum_gx / n - mean_g * mean as f64) * rstd as f64;
+            // dx = rstd w g - rstd^2 mean(g' x_hat) (x - mean) - rstd mean(g')
+            let k = (rstd as f64 * rstd as f64 * mean_gx_hat) as f32;
+            let offset = (-(rstd as f64) * mean_g) as f32;
+            for (((dx, x), g), c) in dx.chunks_exact_mut(per_channel).zip(x.chunks_exact(per_channel)).zip(g.chunks_exact(per_channel)).zip(first..) {
+                grad_row(dx, (g, rstd * w[c]), (x, mean, k), offset);
+            }
+        });
+        Ok((CpuStorage::F32(dx), x_l.shape().clone()))
+    }
+}
+
+impl GroupNorm {
+    /// `x`, `weight`, `bias` as slices and the elements per channel, checked against each other.
+    #[allow(clippy::type_complexity)]
+    fn operands<'a>(&self, x: &'a CpuStorage, x_l: &Layout, w: &'a CpuStorage, w_l: &Layout, b: &'a CpuStorage, b_l: &Layout) -> Result<(&'a [f32], &'a [f32], &'a [f32], usize)> {
+        let dims = x_l.dims();
+        let (Some(&batch), Some(&c)) = (dims.first(), dims.get(1)) else { bail!("group-norm-cpu: takes [b, c, ..], got {dims:?}") };
+        if self.groups == 0 || c % self.groups != 0 {
+            bail!("group-norm-cpu: {c} channels do not split into {} groups", self.groups)
+        }
+        let x = contiguous_f32("group-norm-cpu", x, x_l, x_l.shape().elem_count())?;
+        let w = contiguous_f32("group-norm-cpu", w, w_l, c)?;
+        let b = contiguous_f32("group-norm-cpu", b, b_l, c)?;
+        Ok((x, w, b, x.len() / (batch * c).max(1)))
+    }
+}
+
+/// Mean and `1 / sqrt(var + eps)` of a group, two passes in f64.
+fn group_stats(x: &[f32], eps: f64) -> (f32, f32) {
+    let n = x.len().max(1) as f64;
+    let mean = sum_f64(x) / n;
+    let var = centered_squares_f64(x, mean) / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma", "aarch64+neon"))]
+fn sum_f64(x: &[f32]) -> f64 {
+    x.iter().map(|&v| v as f64).sum()
+}
+
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma", "aarch64+neon"))]
+fn centered_squares_f64(x: &[f32], mean: f64) -> f64 {
+    x.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum()
+}
+
+/// `(sum g, sum g x)` in f64.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma", "aarch64+neon"))]
+fn dot_sums(g: &[f32], x: &[f32]) -> (f64, f64) {
+    g.iter().zip(x).fold((0.0, 0.0), |(s, sx), (&g, &x)| (s + g as f64, sx + g as f64 * x as f64))
+}
+
+/// `y = (x - mean) scale + shift`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma", "aarch64+neon"))]
+fn affine_row(y: &mut [f32], x: &[f32], mean: f32, scale: f32, shift: f32) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = (x - mean) * scale + shift;
+    }
+}
+
+/// `dx = g a - (x - mean) k + offset`.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma", "aarch64+neon"))]
+fn grad_row(dx: &mut [f32], (g, a): (&[f32], f32), (x, mean, k): (&[f32], f32, f32), offset: f32) {
+    for ((dx, &g), &x) in dx.iter_mut().zip(g).zip(x) {
+        *dx = g * a - (x - mean) * k + offset;
+    }
 }
 
 /// SiLU, `x sigmoid(x)`, for contiguous f32.

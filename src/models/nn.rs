@@ -774,14 +774,34 @@ impl GroupNorm {
     }
 }
 
+impl GroupNorm {
+    /// On the CPU (contiguous f32) one op each way ([`cpu_kernels::GroupNorm`]).
+    fn on_cpu(&self, xs: &Tensor) -> bool {
+        [xs, &self.weight, &self.bias].into_iter().all(cpu_kernels::applies)
+    }
+
+    fn forward_value(&self, xs: &Tensor) -> Result<Tensor> {
+        let (w, b) = (self.weight.detach(), self.bias.detach());
+        if self.on_cpu(xs) {
+            return xs.apply_op3_no_bwd(&w, &b, &cpu_kernels::GroupNorm { groups: self.groups, eps: self.eps });
+        }
+        self.scaled(&self.normalized(xs)?.reshape(xs.shape())?, &w, &b)
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = self.scaled(&self.normalized(&xs.detach())?.reshape(xs.shape())?, &self.weight.detach(), &self.bias.detach())?;
+        let ys = self.forward_value(&xs.detach())?;
         let (w_trained, b_trained) = (trainable(&self.weight), trainable(&self.bias));
         let this = self.clone();
         attach_backward3(xs, &self.weight, &self.bias, ys, move |x, w, _, _, grad| {
             // x_hat = (x - mean) / std per group; dw = sum g x_hat, db = sum g over all but the
             // channel; dx = (g' - mean(g') - x_hat mean(g' x_hat)) / std with g' = g w.
+            let cpu_input_grad = x.track_op() && this.on_cpu(x);
+            if cpu_input_grad && !w_trained && !b_trained {
+                let op = cpu_kernels::GroupNormInputGrad { groups: this.groups, eps: this.eps };
+                return Ok((Some(x.apply_op3_no_bwd(&w.detach(), &grad.contiguous()?, &op)?), None, None));
+            }
             let dtype = x.dtype();
             let (rows, (b, c, rest)) = this.grouped(x)?;
             let (x_hat, std) = this.normalized_internal(&rows)?;
@@ -983,6 +1003,31 @@ mod tests {
         let (xv, wv, bv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?, Var::from_tensor(&b)?);
         let grads = norm(wv.as_tensor(), bv.as_tensor())?.forward(xv.as_tensor())?.sqr()?.sum_all()?.backward()?;
         assert!([xv.as_tensor(), wv.as_tensor(), bv.as_tensor()].iter().all(|t| grads.get(t).is_some()));
+        Ok(())
+    }
+
+    #[test]
+    fn cpu_group_norm_and_its_input_gradient_match_f64() -> Result<()> {
+        // f32 on the CPU takes the one-op kernels; f64 the composed ops. A large mean checks that
+        // the statistics do not cancel. With trained weights the input gradient takes the composed
+        // path in f32 too.
+        let (w, b, x) = (randn(&[6])?, randn(&[6])?, randn(&[2, 6, 5, 7])?.affine(3.0, 40.0)?);
+        let probe = randn(&[2, 6, 5, 7])?;
+        let run = |dtype: DType, train_w: bool| -> Result<[Tensor; 2]> {
+            let xv = Var::from_tensor(&x.to_dtype(dtype)?)?;
+            let w = if train_w { Var::from_tensor(&w.to_dtype(dtype)?)?.as_tensor().clone() } else { w.to_dtype(dtype)? };
+            let y = GroupNorm::new(w, b.to_dtype(dtype)?, 3, 1e-5)?.forward(xv.as_tensor())?;
+            let grads = (&y * probe.to_dtype(dtype)?)?.sum_all()?.backward()?;
+            let d_x = grads.get(xv.as_tensor()).expect("an input gradient").to_dtype(DType::F64)?;
+            Ok([y.to_dtype(DType::F64)?, d_x])
+        };
+        for train_w in [false, true] {
+            for (name, (ours, exact)) in ["output", "input gradient"].iter().zip(run(DType::F32, train_w)?.iter().zip(run(DType::F64, train_w)?)) {
+                let scale = exact.abs()?.max_all()?.to_scalar::<f64>()?;
+                let err = (ours - &exact)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(err < 2e-5 * scale.max(1.0), "{name} (weights trained: {train_w}): max error {err} at scale {scale}");
+            }
+        }
         Ok(())
     }
 
