@@ -721,8 +721,9 @@ pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
 /// Group norm over `[b, c, ...]`, as `torch.nn.GroupNorm`: one op on the graph with its own
 /// backward. candle_nn's is a dozen differentiable ops, and candle's backward pass computes a
 /// full-size gradient for the frozen weight and bias of each (kept to the end of the pass) and a
-/// zero-filled buffer per operand; here the backward keeps only the input and, on a GPU, the
-/// forward is candle's fused layer-norm kernel over each group's elements.
+/// zero-filled buffer per operand; here the backward keeps only the input. On a GPU the forward is
+/// candle's fused layer-norm kernel over each group's elements; on the CPU the forward and the
+/// input gradient are one op each ([`cpu_kernels::GroupNorm`]).
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     weight: Tensor,
