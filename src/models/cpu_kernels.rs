@@ -268,6 +268,7 @@ impl CustomOp3 for GroupNormInputGrad {
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout, w: &CpuStorage, w_l: &Layout, g: &CpuStorage, g_l: &Layout) -> Result<(CpuStorage, Shape)> {
         let norm = GroupNorm { groups: self.groups, eps: self.eps };
         let x_len = x_l.shape().elem_count();
+        // The gradient needs no bias: the weight stands in for it in the shared checks.
         let (x, w, _, per_channel) = norm.operands(x, x_l, w, w_l, w, w_l)?;
         let g = contiguous_f32(self.name(), g, g_l, x_len)?;
         let cpg = w.len() / self.groups;
