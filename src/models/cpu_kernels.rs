@@ -2,13 +2,12 @@
 //! - attention and its backward a block of query rows at a time ([`Attention`],
 //!   [`attention_backward`]), as flash attention tiles it: each block's scores, softmax and
 //!   products stay in the core's cache, where the composed ops write every `seq x seq` matrix to
-//!   memory and read it back (at 512 px, 512 MiB per self-attention layer and pass);
-//!   Their softmax runs 16 lanes at a time where candle's calls the scalar `expf` once per score
-//!   (at 512 px, 670 million per UNet forward): plain loops over a polynomial `exp` that the
-//!   compiler vectorizes, built for AVX-512, AVX2 and the baseline, picked at run time
-//!   (`multiversion`);
-//! - group norm and its input gradient, one task per image and group (two passes over the group,
-//!   which fits in a core's cache, for the statistics and one to write): candle's reductions
+//!   memory and read it back (at 512 px, 512 MiB per self-attention layer and pass). Their
+//!   softmax runs 16 lanes at a time where candle's calls the scalar `expf` once per score (at
+//!   512 px, 670 million per UNet forward): plain loops over a polynomial `exp` that the compiler
+//!   vectorizes, built for AVX-512, AVX2 and the baseline, picked at run time (`multiversion`);
+//! - group norm and its input gradient, one task per image and group (two passes over the group
+//!   for the statistics, in a core's cache, and one to write): candle's reductions
 //!   run on one thread and the composed op took eight passes forward and a dozen backward;
 //! - SiLU and its backward, one vectorized pass each (candle's calls the scalar `expf` per
 //!   element and builds its backward from six ops);
@@ -27,7 +26,7 @@ use gemm::Parallelism;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-/// True where the in-place kernels apply: contiguous f32 on the CPU.
+/// True where the f32 kernels apply: contiguous f32 on the CPU.
 pub fn applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
 }
@@ -119,7 +118,7 @@ struct AttentionDims {
 impl AttentionDims {
     fn of(op: &str, q: &Shape, k: &Shape, v: &Shape) -> Result<Self> {
         let ((n, seq_q, d), (n_k, seq_k, d_k), (n_v, seq_v, d_v)) = (q.dims3()?, k.dims3()?, v.dims3()?);
-        if (n_k, d_k) != (n, d) || (n_v, seq_v) != (n, seq_k) {
+        if (n_k, d_k) != (n, d) || (n_v, seq_v) != (n, seq_k) || [n, seq_q, seq_k, d, d_v].contains(&0) {
             bail!("{op}: q {q:?}, k {k:?} and v {v:?} do not make an attention")
         }
         Ok(Self { n, seq_q, seq_k, d, d_v })
@@ -306,6 +305,9 @@ impl GroupNorm {
         let (Some(&batch), Some(&c)) = (dims.first(), dims.get(1)) else { bail!("group-norm-cpu: takes [b, c, ..], got {dims:?}") };
         if self.groups == 0 || c % self.groups != 0 {
             bail!("group-norm-cpu: {c} channels do not split into {} groups", self.groups)
+        }
+        if x_l.shape().elem_count() == 0 {
+            bail!("group-norm-cpu: takes a non-empty input, got {dims:?}")
         }
         let x = contiguous_f32("group-norm-cpu", x, x_l, x_l.shape().elem_count())?;
         let w = contiguous_f32("group-norm-cpu", w, w_l, c)?;
@@ -519,6 +521,9 @@ impl CustomOp1 for Im2Col {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = layout.shape().dims4()?;
+        if [b, c, h, w, self.k_h, self.k_w, self.out_h, self.out_w, self.stride].contains(&0) {
+            bail!("{}: empty input {:?} or window", self.name(), layout.dims())
+        }
         let Some((start, end)) = layout.contiguous_offsets() else { bail!("{}: takes a contiguous input", self.name()) };
         let out = match storage {
             CpuStorage::F32(x) => CpuStorage::F32(self.gather(&x[start..end], b, h, w)),
