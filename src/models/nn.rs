@@ -526,7 +526,7 @@ fn per_channel(xs: &Tensor, v: &Tensor, op: fn(&Tensor, &Tensor) -> Result<Tenso
 
 /// A convolution: a plain 1x1 one as one matrix product (candle's copies the input into columns
 /// and the output back into channels-first order: at 64x64 and 320 channels 17 ms against 11 ms
-/// on the CPU); on the CPU, kernels over 1x1 as im2col by strided views and one matrix product
+/// on the CPU); on the CPU, kernels over 1x1 as [`im2col`] and one matrix product over all images
 /// (candle's CPU im2col writes its column tiles one element at a time across rows, over a third
 /// of a toy-model training step); elsewhere candle's own.
 fn conv2d_forward(xs: &Tensor, weight: &Tensor, c: Conv2dConfig) -> Result<Tensor> {
