@@ -237,7 +237,8 @@ impl CustomOp3 for GroupNorm {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout, w: &CpuStorage, w_l: &Layout, b: &CpuStorage, b_l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b, per_channel) = self.operands(x, x_l, w, w_l, b, b_l)?;
+        let (x, w, per_channel) = group_norm_operands(self.name(), self.groups, (x, x_l), (w, w_l))?;
+        let b = contiguous_f32(self.name(), b, b_l, w.len())?;
         let cpg = w.len() / self.groups;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(cpg * per_channel).zip(x.par_chunks(cpg * per_channel)).enumerate().for_each(|(i, (y, x))| {
@@ -265,11 +266,8 @@ impl CustomOp3 for GroupNormInputGrad {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout, w: &CpuStorage, w_l: &Layout, g: &CpuStorage, g_l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let norm = GroupNorm { groups: self.groups, eps: self.eps };
-        let x_len = x_l.shape().elem_count();
-        // The gradient needs no bias: the weight stands in for it in the shared checks.
-        let (x, w, _, per_channel) = norm.operands(x, x_l, w, w_l, w, w_l)?;
-        let g = contiguous_f32(self.name(), g, g_l, x_len)?;
+        let (x, w, per_channel) = group_norm_operands(self.name(), self.groups, (x, x_l), (w, w_l))?;
+        let g = contiguous_f32(self.name(), g, g_l, x.len())?;
         let cpg = w.len() / self.groups;
         let group = cpg * per_channel;
         let mut dx = vec![0f32; x.len()];
@@ -297,23 +295,20 @@ impl CustomOp3 for GroupNormInputGrad {
     }
 }
 
-impl GroupNorm {
-    /// `x`, `weight`, `bias` as slices and the elements per channel, checked against each other.
-    #[allow(clippy::type_complexity)]
-    fn operands<'a>(&self, x: &'a CpuStorage, x_l: &Layout, w: &'a CpuStorage, w_l: &Layout, b: &'a CpuStorage, b_l: &Layout) -> Result<(&'a [f32], &'a [f32], &'a [f32], usize)> {
-        let dims = x_l.dims();
-        let (Some(&batch), Some(&c)) = (dims.first(), dims.get(1)) else { bail!("group-norm-cpu: takes [b, c, ..], got {dims:?}") };
-        if self.groups == 0 || c % self.groups != 0 {
-            bail!("group-norm-cpu: {c} channels do not split into {} groups", self.groups)
-        }
-        if x_l.shape().elem_count() == 0 {
-            bail!("group-norm-cpu: takes a non-empty input, got {dims:?}")
-        }
-        let x = contiguous_f32("group-norm-cpu", x, x_l, x_l.shape().elem_count())?;
-        let w = contiguous_f32("group-norm-cpu", w, w_l, c)?;
-        let b = contiguous_f32("group-norm-cpu", b, b_l, c)?;
-        Ok((x, w, b, x.len() / (batch * c).max(1)))
+/// A group norm's `x` and `weight` as slices and the elements per channel, checked against each
+/// other and the group count.
+fn group_norm_operands<'a>(op: &str, groups: usize, (x, x_l): (&'a CpuStorage, &Layout), (w, w_l): (&'a CpuStorage, &Layout)) -> Result<(&'a [f32], &'a [f32], usize)> {
+    let dims = x_l.dims();
+    let (Some(&batch), Some(&c)) = (dims.first(), dims.get(1)) else { bail!("{op}: takes [b, c, ..], got {dims:?}") };
+    if groups == 0 || c % groups != 0 {
+        bail!("{op}: {c} channels do not split into {groups} groups")
     }
+    if x_l.shape().elem_count() == 0 {
+        bail!("{op}: takes a non-empty input, got {dims:?}")
+    }
+    let x = contiguous_f32(op, x, x_l, x_l.shape().elem_count())?;
+    let w = contiguous_f32(op, w, w_l, c)?;
+    Ok((x, w, x.len() / (batch * c)))
 }
 
 /// Mean and `1 / sqrt(var + eps)` of a group, two passes in f64.
