@@ -171,7 +171,9 @@ pub fn edit(
         check_memory_for_full_finetune(params, &sd.device)?;
     }
     let unet_cfg = sd.unet.config().clone();
-    let mut stage2 = match checkpoint.as_ref().filter(|c| c.stage == "stage2") {
+    // Consumed: the file's tensors (for full fine-tuning, the size of the UNet three times) are
+    // freed once copied into stage 2.
+    let mut stage2 = match checkpoint.filter(|c| c.stage == "stage2") {
         Some(c) => {
             let state = session::strip_prefix(&c.tensors, "stage2.");
             let mut s = LayeredFinetune::from_state(unet_weights, unet_cfg, settings.finetune, settings.lora_rank, settings.finetune_lr, sd.dtype, &sd.device, &state)?;

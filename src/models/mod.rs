@@ -8,7 +8,7 @@ pub mod embeddings;
 pub mod nn;
 pub mod resnet;
 pub mod sam;
-mod cpu_kernels;
+pub(crate) mod cpu_kernels;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
 pub mod vae;
