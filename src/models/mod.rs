@@ -1,6 +1,7 @@
 //! Stable Diffusion v1.x/2.x models, adapted from candle-transformers 0.11.1's `stable_diffusion`
 //! module (MIT OR Apache-2.0) and made differentiable through [`nn`].
 pub mod attention;
+pub mod checkpoint;
 pub mod clip;
 pub mod clip_text;
 pub mod dinov2;

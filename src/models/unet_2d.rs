@@ -4,6 +4,7 @@
 //! (`models/unets/unet_2d_condition.py`): it predicts the noise of a noisy latent at a timestep,
 //! conditioned on text embeddings through cross-attention.
 
+use super::checkpoint::{Direct, Segments};
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::unet_2d_blocks::*;
 use super::{parse_config, unsupported};
@@ -451,63 +452,89 @@ impl UNet2DConditionModel {
     /// [`Self::forward`] with one timestep per sample (`timesteps` f32 `(batch,)`), as training
     /// draws them.
     pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
-        let (_, _, height, width) = sample.dims4()?;
+        let mut direct = Direct(self);
+        self.forward_segments(&mut direct, sample.clone(), timesteps.clone(), encoder_hidden_states.clone())
+    }
+
+    /// The forward as segments (see [`checkpoint`](super::checkpoint)): the time embedding with
+    /// the input convolution, each down block, the mid block, each up block, the output head. On a
+    /// [`Tape`](super::checkpoint::Tape) it is the gradient-checkpointed forward.
+    pub fn forward_segments<S: Segments<Self>>(
+        &self,
+        s: &mut S,
+        sample: S::Value,
+        timesteps: S::Value,
+        encoder_hidden_states: S::Value,
+    ) -> Result<S::Value> {
+        let (height, width) = match s.dims(&sample)[..] {
+            [_, _, h, w] => (h, w),
+            ref d => candle_core::bail!("the UNet's sample must be [batch, channels, height, width], got {d:?}"),
+        };
         let n_blocks = self.config.blocks.len();
         // The input size need not be a multiple of the overall upsampling factor: then the up
         // blocks upsample to the sizes of the skips.
         let default_overall_up_factor = 1usize << (n_blocks - 1);
         let forward_upsample_size = height % default_overall_up_factor != 0 || width % default_overall_up_factor != 0;
+        let context = encoder_hidden_states;
 
-        // 0. center input if necessary
-        let xs = if self.config.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
+        // 0.-2. center the input if necessary; time: sinusoidal features in f32 (the f64 timestep
+        // rounded to f32, as torch's `timesteps.float()`), cast to the model dtype, then the
+        // embedding MLP; the input convolution.
+        let pre = s.run(&[sample, timesteps], |m, x| {
+            let xs = if m.config.center_input_sample { ((&x[0] * 2.0)? - 1.0)? } else { x[0].clone() };
+            let t_emb = m.time_proj.forward(&x[1])?.to_dtype(xs.dtype())?;
+            Ok(vec![m.time_embedding.forward(&t_emb)?, m.conv_in.forward(&xs)?])
+        })?;
+        let (emb, xs) = (pre[0].clone(), pre[1].clone());
 
-        // 1. time: sinusoidal features in f32 (the f64 timestep rounded to f32, as torch's
-        // `timesteps.float()`), cast to the model dtype, then the embedding MLP.
-        let t_emb = self.time_proj.forward(timesteps)?.to_dtype(xs.dtype())?;
-        let emb = self.time_embedding.forward(&t_emb)?;
-
-        // 2. pre-process
-        let xs = self.conv_in.forward(&xs)?;
-
-        // 3. down
+        // 3. down: each block's outputs are the skips of its up block, the last also its result.
         let mut down_block_res_xs = vec![xs.clone()];
         let mut xs = xs;
-        for down_block in self.down_blocks.iter() {
-            let (next, res_xs) = match down_block {
-                UNetDownBlock::Basic(b) => b.forward(&xs, Some(&emb))?,
-                UNetDownBlock::CrossAttn(b) => b.forward(&xs, Some(&emb), Some(encoder_hidden_states))?,
-            };
+        for i in 0..n_blocks {
+            let res_xs = s.run(&[xs, emb.clone(), context.clone()], move |m, x| {
+                let (_, res_xs) = match &m.down_blocks[i] {
+                    UNetDownBlock::Basic(b) => b.forward(&x[0], Some(&x[1]))?,
+                    UNetDownBlock::CrossAttn(b) => b.forward(&x[0], Some(&x[1]), Some(&x[2]))?,
+                };
+                Ok(res_xs)
+            })?;
+            xs = res_xs.last().cloned().ok_or_else(|| candle_core::Error::Msg(format!("down block {i} has no layers")))?;
             down_block_res_xs.extend(res_xs);
-            xs = next;
         }
 
         // 4. mid
-        let mut xs = self.mid_block.forward(&xs, Some(&emb), Some(encoder_hidden_states))?;
+        let mut xs = s.run(&[xs, emb.clone(), context.clone()], |m, x| {
+            Ok(vec![m.mid_block.forward(&x[0], Some(&x[1]), Some(&x[2]))?])
+        })?[0]
+            .clone();
 
         // 5. up
-        for (i, up_block) in self.up_blocks.iter().enumerate() {
-            let n_resnets = match up_block {
+        for i in 0..n_blocks {
+            let n_resnets = match &self.up_blocks[i] {
                 UNetUpBlock::Basic(b) => b.resnets.len(),
                 UNetUpBlock::CrossAttn(b) => b.upblock.resnets.len(),
             };
             let res_xs = down_block_res_xs.split_off(down_block_res_xs.len() - n_resnets);
             let upsample_size = match down_block_res_xs.last() {
                 Some(skip) if i < n_blocks - 1 && forward_upsample_size => {
-                    let (_, _, h, w) = skip.dims4()?;
-                    Some((h, w))
+                    let d = s.dims(skip);
+                    Some((d[2], d[3]))
                 }
                 _ => None,
             };
-            xs = match up_block {
-                UNetUpBlock::Basic(b) => b.forward(&xs, &res_xs, Some(&emb), upsample_size)?,
-                UNetUpBlock::CrossAttn(b) => {
-                    b.forward(&xs, &res_xs, Some(&emb), upsample_size, Some(encoder_hidden_states))?
-                }
-            };
+            let inputs = [vec![xs, emb.clone(), context.clone()], res_xs].concat();
+            xs = s.run(&inputs, move |m, x| {
+                let (xs, emb, context, res_xs) = (&x[0], Some(&x[1]), Some(&x[2]), &x[3..]);
+                Ok(vec![match &m.up_blocks[i] {
+                    UNetUpBlock::Basic(b) => b.forward(xs, res_xs, emb, upsample_size)?,
+                    UNetUpBlock::CrossAttn(b) => b.forward(xs, res_xs, emb, upsample_size, context)?,
+                }])
+            })?[0]
+                .clone();
         }
 
         // 6. post-process
-        let xs = silu(&self.conv_norm_out.forward(&xs)?)?;
-        self.conv_out.forward(&xs)
+        let out = s.run(&[xs], |m, x| Ok(vec![m.conv_out.forward(&silu(&m.conv_norm_out.forward(&x[0])?)?)?]))?;
+        Ok(out[0].clone())
     }
 }
