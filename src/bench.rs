@@ -85,6 +85,8 @@ pub struct StageBenchOptions {
     pub finetune: FinetuneMode,
     /// Timed steps per stage, after one untimed warm-up step (0 counts as 1).
     pub steps: usize,
+    /// Stage 2 with gradient checkpointing ([`EditSettings::gradient_checkpointing`]).
+    pub gradient_checkpointing: bool,
     /// The UNet's diffusers `config.json`; `None`: SD v1.4's ([`sd_v14_unet_config`]). Tests
     /// pass a tiny one (`tiny::default_configs()["unet"]`) to run the same code in seconds.
     pub unet_config: Option<serde_json::Value>,
@@ -92,7 +94,14 @@ pub struct StageBenchOptions {
 
 impl Default for StageBenchOptions {
     fn default() -> Self {
-        Self { size: 512, dtype: DType::F32, finetune: EditSettings::default().finetune, steps: 3, unet_config: None }
+        Self {
+            size: 512,
+            dtype: DType::F32,
+            finetune: EditSettings::default().finetune,
+            steps: 3,
+            gradient_checkpointing: false,
+            unet_config: None,
+        }
     }
 }
 
@@ -108,6 +117,7 @@ impl Default for StageBenchOptions {
 /// | `device`, `dtype` | `"cpu"` or `"cuda:N"`; `"f32"`, `"f16"` or `"bf16"` |
 /// | `size`, `latent_size` | image side in pixels, latent side (`size / 8`) |
 /// | `finetune` | the stage 2 timed: `"full"` or `"lora"` (with `lora_rank`) |
+/// | `gradient_checkpointing` | whether stage 2 recomputed activations in its backward |
 /// | `steps` | timed steps per stage (after one warm-up step) |
 /// | `memory` | what the peaks measure (see [`StageBench::memory`]) |
 /// | `stageN_step_s` | median seconds of one step of stage N |
@@ -126,6 +136,9 @@ pub struct StageBench {
     pub latent_size: usize,
     pub finetune: FinetuneMode,
     pub lora_rank: usize,
+    /// Stage 2 with gradient checkpointing; absent (false) in older reports.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     pub steps: usize,
     /// What `stageN_peak_mib` measures:
     /// - `"rss"`: on the CPU, the process's peak resident memory (Linux VmHWM, reset through
@@ -177,10 +190,13 @@ impl StageBench {
 impl std::fmt::Display for StageBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mib = |m: Option<f64>| m.map_or("-".to_string(), |m| format!("{m:.0}"));
-        let mode = match self.finetune {
+        let mut mode = match self.finetune {
             FinetuneMode::Full => "full".to_string(),
             FinetuneMode::Lora => format!("lora r{}", self.lora_rank),
         };
+        if self.gradient_checkpointing {
+            mode += ", ckpt";
+        }
         writeln!(
             f,
             "{} UNet ({:.0}M parameters), {}x{} px ({}x{} latents), {}, {}, {}; median of {} step(s) after a warm-up",
@@ -228,7 +244,7 @@ impl std::fmt::Display for StageBench {
 /// handed back, and stage 2 is the largest), and the frozen UNet of stages 1 and 3 is dropped
 /// before stage 2 builds its trainable copy. `on_stage` hears when each stage starts.
 pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dyn FnMut(&str)) -> Result<StageBench> {
-    let StageBenchOptions { size, dtype, finetune, steps, ref unet_config } = *opts;
+    let StageBenchOptions { size, dtype, finetune, steps, gradient_checkpointing, ref unet_config } = *opts;
     if size == 0 || !size.is_multiple_of(8) {
         return Err(bad_input("--size", format!("{size} is not a positive multiple of 8"), "use 256 or 512"));
     }
@@ -245,7 +261,7 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
     let (unet, weights) = crate::tiny::seeded_model(0, dtype, device, |vb| Ok(UNet2DConditionModel::new(vb, cfg.clone())?))?;
     let parameters = weights.values().map(|t| t.elem_count()).sum();
     if finetune == FinetuneMode::Full {
-        crate::method::edit::check_memory_for_full_finetune(parameters, device)?;
+        crate::method::edit::check_memory_for_full_finetune(parameters, device, gradient_checkpointing)?;
     }
     let meter = PeakMeter::new(device);
 
@@ -296,7 +312,8 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
         settings.finetune_lr,
         dtype,
         device,
-    )?;
+    )?
+    .with_gradient_checkpointing(gradient_checkpointing);
     let stage2_trained_parameters =
         stage2.state().iter().filter(|(k, _)| k.starts_with("var.")).map(|(_, t)| t.elem_count()).sum();
     let (stage2_step_s, stage2_peak_mib) = meter.time_loop(steps, &mut |n, tick| {
@@ -315,6 +332,7 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
         latent_size,
         finetune,
         lora_rank: settings.lora_rank,
+        gradient_checkpointing,
         steps,
         memory: meter.kind.map(str::to_string),
         stage1_step_s,

@@ -4,6 +4,7 @@
 # optimizer) in one go, one after the other; prints per stage both medians, the ratio Rust/PyTorch
 # and both peak memories, then both projected times of a default edit. Random weights, no download.
 # usage: tools/bench_stages.sh [PYTHON] [--size N] [--device D] [--dtype T] [--finetune M] [--steps N]
+#          [--gradient-checkpointing]
 #   PYTHON: a venv with tools/requirements.txt (default ~/venv-ref/bin/python); the flags go to both
 #   sides (defaults: --size 256 --device cpu --dtype f32 --finetune full --steps 3).
 #   OUT=DIR keeps the JSON there (default target/bench); BIN=PATH uses that layerdiff binary
@@ -18,16 +19,17 @@ if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then
   shift
 fi
 SIZE=256 DEVICE=cpu DTYPE=f32 FINETUNE=full STEPS=3
-TINY=()
+TINY=() CKPT=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --tiny) TINY=(--tiny); shift; continue ;;  # the tiny test UNet: checks this script in seconds
+    --gradient-checkpointing) CKPT=(--gradient-checkpointing); shift; continue ;;
     --size) SIZE=$2 ;;
     --device) DEVICE=$2 ;;
     --dtype) DTYPE=$2 ;;
     --finetune) FINETUNE=$2 ;;
     --steps) STEPS=$2 ;;
-    *) echo "usage: tools/bench_stages.sh [PYTHON] [--size N] [--device D] [--dtype T] [--finetune M] [--steps N]" >&2; exit 2 ;;
+    *) echo "usage: tools/bench_stages.sh [PYTHON] [--size N] [--device D] [--dtype T] [--finetune M] [--steps N] [--gradient-checkpointing]" >&2; exit 2 ;;
   esac
   shift 2
 done
@@ -37,8 +39,8 @@ if [ -z "${BIN:-}" ]; then
   cargo build --release -q
   BIN=target/release/layerdiff
 fi
-NAME=stages-$DEVICE-$DTYPE-$SIZE-$FINETUNE${TINY:+-tiny}
-FLAGS=(--size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --finetune "$FINETUNE" --steps "$STEPS" "${TINY[@]}")
+NAME=stages-$DEVICE-$DTYPE-$SIZE-$FINETUNE${CKPT:+-ckpt}${TINY:+-tiny}
+FLAGS=(--size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --finetune "$FINETUNE" --steps "$STEPS" "${CKPT[@]}" "${TINY[@]}")
 echo "== layerdiff bench --stages ${FLAGS[*]}" >&2
 "$BIN" bench --stages "${FLAGS[@]}" --json "$OUT/$NAME-rust.json" >/dev/null
 echo "== tools/bench_stages_ref.py ${FLAGS[*]}" >&2
@@ -47,7 +49,8 @@ echo "== tools/bench_stages_ref.py ${FLAGS[*]}" >&2
 import json, sys
 rust, torch = (json.load(open(p)) for p in sys.argv[1:3])
 mib = lambda v: "-" if v is None else f"{v:.0f}"
-mode = "full" if rust["finetune"] == "full" else f"lora r{rust['lora_rank']}"
+mode = ("full" if rust["finetune"] == "full" else f"lora r{rust['lora_rank']}") + \
+    (", checkpointed" if rust.get("gradient_checkpointing") else "")
 print(f"{rust['unet']} UNet, {rust['size']}x{rust['size']} px, {rust['dtype']}, {rust['device']}, "
       f"median of {rust['steps']} step(s) after a warm-up; ours: {rust['framework']}; PyTorch: {torch['framework']}")
 print(f"peak memory: ours {rust['memory']}, PyTorch {torch['memory']}")

@@ -231,6 +231,8 @@ def main():
     ap.add_argument("--size", type=int, default=256, help="image side in pixels, a positive multiple of 8")
     ap.add_argument("--finetune", choices=["full", "lora"], default="full")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per stage, after one warm-up")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="stage 2 with diffusers' unet.enable_gradient_checkpointing() (in train mode)")
     ap.add_argument("--json", help="also write the JSON here")
     ap.add_argument("--tiny", action="store_true", help="the tiny test UNet (checks the script; numbers mean nothing)")
     args = ap.parse_args()
@@ -317,6 +319,10 @@ def main():
         print(f"LoRA: {len(trained) // 2} adapted projections, {sum(p.numel() for p in trained)} parameters", file=sys.stderr)
     adam2 = MasterAdam(trained, FINETUNE_LR)
     e_bar = context.detach()
+    if args.gradient_checkpointing:
+        # diffusers checkpoints each block only while training (dropout is 0: no other change).
+        unet.enable_gradient_checkpointing()
+        unet.train()
 
     def stage2_step():
         noisy = noisy_step(noise_gen, alphas, data, device, dtype)
@@ -338,6 +344,7 @@ def main():
         "latent_size": hw,
         "finetune": args.finetune,
         "lora_rank": LORA_RANK,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "steps": steps,
         "memory": meter.kind,
         "stage1_step_s": stage1_s,

@@ -130,7 +130,8 @@ pub fn imagic_train(
     let optimized = stage1.object().copy()?;
     let unet_weights = files.tensors(Component::Unet, &sd.device)?;
     if settings.finetune == FinetuneMode::Full {
-        check_memory_for_full_finetune(unet_weights.values().map(|t| t.elem_count()).sum(), &sd.device)?;
+        let params = unet_weights.values().map(|t| t.elem_count()).sum();
+        check_memory_for_full_finetune(params, &sd.device, settings.gradient_checkpointing)?;
     }
     let mut stage2 = LayeredFinetune::new(
         unet_weights,
@@ -141,7 +142,8 @@ pub fn imagic_train(
         sd.dtype,
         &sd.device,
     )?
-    .object_only();
+    .object_only()
+    .with_gradient_checkpointing(settings.gradient_checkpointing);
     progress.start("stage 2", settings.finetune_steps);
     progress.step(0, None);
     stage2.run(&optimized, 1.0, 0.0, &schedule, &data, req.train_seed, settings.finetune_steps, &mut |l: StepLoss| {

@@ -168,7 +168,7 @@ pub fn edit(
     let unet_weights = files.tensors(Component::Unet, &sd.device)?;
     if settings.finetune == super::FinetuneMode::Full {
         let params = unet_weights.values().map(|t| t.elem_count()).sum();
-        check_memory_for_full_finetune(params, &sd.device)?;
+        check_memory_for_full_finetune(params, &sd.device, settings.gradient_checkpointing)?;
     }
     let unet_cfg = sd.unet.config().clone();
     // Consumed: the file's tensors (for full fine-tuning, the size of the UNet three times) are
@@ -176,11 +176,13 @@ pub fn edit(
     let mut stage2 = match checkpoint.filter(|c| c.stage == "stage2") {
         Some(c) => {
             let state = session::strip_prefix(&c.tensors, "stage2.");
-            let mut s = LayeredFinetune::from_state(unet_weights, unet_cfg, settings.finetune, settings.lora_rank, settings.finetune_lr, sd.dtype, &sd.device, &state)?;
+            let s = LayeredFinetune::from_state(unet_weights, unet_cfg, settings.finetune, settings.lora_rank, settings.finetune_lr, sd.dtype, &sd.device, &state)?;
+            let mut s = s.with_gradient_checkpointing(settings.gradient_checkpointing);
             s.losses = c.info.losses.stage2.clone();
             s
         }
-        None => LayeredFinetune::new(unet_weights, unet_cfg, settings.finetune, settings.lora_rank, settings.finetune_lr, sd.dtype, &sd.device)?,
+        None => LayeredFinetune::new(unet_weights, unet_cfg, settings.finetune, settings.lora_rank, settings.finetune_lr, sd.dtype, &sd.device)?
+            .with_gradient_checkpointing(settings.gradient_checkpointing),
     };
     progress.start("stage 2", settings.finetune_steps);
     progress.step(stage2.step, stage2.losses.last().map(|l| l.loss));
@@ -384,13 +386,15 @@ fn write_checkpoint(out: &Path, stage: &str, step: usize, losses: Losses, tensor
 pub static ON_TIGHT_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 
 /// Full fine-tuning holds the weights several times over (f32 masters, gradients, two Adam
-/// moments, the sampling copy): refuse at once on a CPU without that much free memory, rather
-/// than be killed hours later; near that, call [`ON_TIGHT_MEMORY`].
-pub fn check_memory_for_full_finetune(params: usize, device: &candle_core::Device) -> Result<()> {
+/// moments) and the activations: refuse at once on a CPU without that much free memory, rather
+/// than be killed hours later; near that, call [`ON_TIGHT_MEMORY`]. With gradient checkpointing
+/// the gradients exist a block at a time and the activations are a fraction.
+pub fn check_memory_for_full_finetune(params: usize, device: &candle_core::Device, gradient_checkpointing: bool) -> Result<()> {
     if !device.is_cpu() {
         return Ok(());
     }
-    let needed = params as f64 * 4.0 * 5.0;
+    let copies = if gradient_checkpointing { 3.5 } else { 5.0 };
+    let needed = params as f64 * 4.0 * copies;
     let Some(available) = available_memory_bytes() else { return Ok(()) };
     if needed > available / 2.0 {
         if let Some(on_tight_memory) = ON_TIGHT_MEMORY.get() {
@@ -402,7 +406,11 @@ pub fn check_memory_for_full_finetune(params: usize, device: &candle_core::Devic
         return Err(bad_input(
             "--finetune full",
             format!("not enough memory: about {:.1} GiB needed, {:.1} GiB available", gib(needed), gib(available)),
-            "use --finetune lora, which trains small adapters only",
+            if gradient_checkpointing {
+                "use --finetune lora, which trains small adapters only"
+            } else {
+                "add --gradient-checkpointing, or use --finetune lora, which trains small adapters only"
+            },
         ));
     }
     Ok(())
@@ -510,9 +518,11 @@ mod tests {
 
     #[test]
     fn full_finetuning_without_the_memory_points_to_lora() {
-        let msg = check_memory_for_full_finetune(1 << 50, &candle_core::Device::Cpu).unwrap_err().to_string();
-        assert!(msg.contains("--finetune lora") && msg.contains("GiB"), "{msg}");
-        check_memory_for_full_finetune(1000, &candle_core::Device::Cpu).unwrap();
+        let msg = check_memory_for_full_finetune(1 << 50, &candle_core::Device::Cpu, false).unwrap_err().to_string();
+        assert!(msg.contains("--finetune lora") && msg.contains("--gradient-checkpointing") && msg.contains("GiB"), "{msg}");
+        let msg = check_memory_for_full_finetune(1 << 50, &candle_core::Device::Cpu, true).unwrap_err().to_string();
+        assert!(msg.contains("--finetune lora") && !msg.contains("--gradient-checkpointing"), "{msg}");
+        check_memory_for_full_finetune(1000, &candle_core::Device::Cpu, false).unwrap();
     }
 
     #[test]
@@ -521,11 +531,11 @@ mod tests {
         thread_local!(static CALLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
         ON_TIGHT_MEMORY.get_or_init(|| || CALLED.set(true));
         let Some(available) = available_memory_bytes() else { return };
-        check_memory_for_full_finetune(1000, &candle_core::Device::Cpu).unwrap();
+        check_memory_for_full_finetune(1000, &candle_core::Device::Cpu, false).unwrap();
         assert!(!CALLED.get(), "a small model is not tight");
         // Needs three quarters of the free memory: it fits, and it is tight.
         let params = (0.75 * available / (4.0 * 5.0)) as usize;
-        check_memory_for_full_finetune(params, &candle_core::Device::Cpu).unwrap();
+        check_memory_for_full_finetune(params, &candle_core::Device::Cpu, false).unwrap();
         assert!(CALLED.get());
     }
 }

@@ -20,11 +20,12 @@
 
 use super::adam::{Adam, AdamParams};
 use super::optimize::{
-    check_finite, check_layers, check_lr, entry, finite_loss, layer_terms, object_term, losses_from, losses_tensor, master_dtype,
-    noisy_step, prefixed, snapshot, step_tensor, unprefixed, STAGE2_STREAM,
+    check_finite, check_layers, check_lr, entry, finite_loss, layer_batch, layer_terms_of, losses_from, losses_tensor,
+    master_dtype, noisy_step, object_term_of, prefixed, snapshot, step_tensor, unprefixed, NoisyStep, STAGE2_STREAM,
 };
 use super::{FinetuneMode, LayeredLatents, StepLoss};
 use crate::error::{bad_input, Result};
+use crate::models::checkpoint::Tape;
 use crate::models::nn::{LORA_A, LORA_B};
 use crate::models::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use crate::schedulers::TrainSchedule;
@@ -45,7 +46,20 @@ pub fn layered_finetune(
     noisy: &super::optimize::NoisyStep,
     data: &LayeredLatents,
 ) -> Result<Tensor> {
-    let (object, background) = layer_terms(unet, noisy, data, e_bar, e_bar)?;
+    let (input, context) = layer_batch(noisy, e_bar, e_bar)?;
+    let pred = unet.forward(&input, noisy.t as f64, &context)?;
+    layered_finetune_of(&pred, lambda_object, lambda_background, noisy, data)
+}
+
+/// [`layered_finetune`] from the UNet's prediction for [`layer_batch`].
+pub fn layered_finetune_of(
+    pred: &Tensor,
+    lambda_object: f64,
+    lambda_background: f64,
+    noisy: &NoisyStep,
+    data: &LayeredLatents,
+) -> Result<Tensor> {
+    let (object, background) = layer_terms_of(pred, noisy, data)?;
     Ok(((object * lambda_object)? + (background * lambda_background)?)?)
 }
 
@@ -142,6 +156,9 @@ pub struct LayeredFinetune {
     device: Device,
     /// Only the object term, `lambda_o L_o` (one UNet forward of batch 1 per step).
     object_only: bool,
+    /// Recompute activations in the backward instead of keeping them (see
+    /// [`checkpoint`](crate::models::checkpoint)).
+    gradient_checkpointing: bool,
 }
 
 impl LayeredFinetune {
@@ -198,10 +215,7 @@ impl LayeredFinetune {
             FinetuneMode::Lora => weights,
         };
         let adam = Adam::new(vars, AdamParams { lr, ..Default::default() })?;
-        let (train_unet, unet) = (
-            Self::model(&adam, &frozen, cfg, dtype, device, true)?,
-            Self::model(&adam, &frozen, cfg, dtype, device, false)?,
-        );
+        let (train_unet, unet) = Self::models(&adam, &frozen, cfg, dtype, device)?;
         Ok(Self {
             step,
             losses,
@@ -214,6 +228,7 @@ impl LayeredFinetune {
             dtype,
             device: device.clone(),
             object_only: false,
+            gradient_checkpointing: false,
         })
     }
 
@@ -224,22 +239,33 @@ impl LayeredFinetune {
         self
     }
 
-    /// The UNet of the frozen weights and the variables: on the graph (`train`) or detached.
-    fn model(
+    /// Gradient checkpointing (see [`checkpoint`](crate::models::checkpoint)): each step keeps
+    /// the outputs of the UNet's blocks only and runs each block again in its backward, a third
+    /// more arithmetic for a fraction of the activations' memory; and Adam steps each block's
+    /// weights as soon as their gradients exist, so not every gradient is held at once either.
+    /// The same steps as without, to rounding (sums in another order).
+    pub fn with_gradient_checkpointing(mut self, on: bool) -> Self {
+        self.gradient_checkpointing = on;
+        self
+    }
+
+    /// The UNet of the frozen weights and the variables on the graph, and the same detached (the
+    /// model to sample from, and the gradient-checkpointed forward's). The two share storage,
+    /// with the variables' when the dtypes agree, else with one cast of them.
+    fn models(
         adam: &Adam,
         frozen: &HashMap<String, Tensor>,
         cfg: &UNet2DConditionModelConfig,
         dtype: DType,
         device: &Device,
-        train: bool,
-    ) -> Result<UNet2DConditionModel> {
-        let mut tensors = frozen.clone();
+    ) -> Result<(UNet2DConditionModel, UNet2DConditionModel)> {
+        let (mut train, mut detached) = (frozen.clone(), frozen.clone());
         for (name, var) in adam.vars() {
-            let t = if train { var.as_tensor().clone() } else { var.as_tensor().detach() };
-            // A no-op when the dtypes agree: the model then shares the variables' storage.
-            tensors.insert(name.to_string(), t.to_dtype(dtype)?);
+            let t = var.as_tensor().to_dtype(dtype)?;
+            detached.insert(name.to_string(), t.detach());
+            train.insert(name.to_string(), t);
         }
-        build_unet(tensors, cfg, dtype, device)
+        Ok((build_unet(train, cfg, dtype, device)?, build_unet(detached, cfg, dtype, device)?))
     }
 
     /// Whether the models hold casts of the variables, which a step does not update.
@@ -276,15 +302,9 @@ impl LayeredFinetune {
         let start = self.step;
         while self.step < until {
             let noisy = noisy_step(schedule, data, seed, STAGE2_STREAM, self.step)?;
-            let loss = if self.object_only {
-                (object_term(&self.train_unet, &noisy, data, &e_bar)? * lambda_object)?
-            } else {
-                layered_finetune(&self.train_unet, &e_bar, lambda_object, lambda_background, &noisy, data)?
-            };
-            let value = finite_loss(&loss, STAGE2, self.step + 1, &fix)?;
-            self.adam.backward_step(&loss)?;
+            let value = self.train_step(&noisy, data, &e_bar, lambda_object, lambda_background, &fix)?;
             if self.casts() {
-                self.train_unet = Self::model(&self.adam, &self.frozen, &self.cfg, self.dtype, &self.device, true)?;
+                (self.train_unet, self.unet) = Self::models(&self.adam, &self.frozen, &self.cfg, self.dtype, &self.device)?;
             }
             let step_loss = StepLoss { step: self.step, loss: value };
             self.step += 1;
@@ -296,11 +316,47 @@ impl LayeredFinetune {
             for (name, var) in self.adam.vars() {
                 check_finite(var.as_tensor(), STAGE2, &format!("the weight {name}"), self.step, &fix)?;
             }
-            if self.casts() {
-                self.unet = Self::model(&self.adam, &self.frozen, &self.cfg, self.dtype, &self.device, false)?;
-            }
         }
         Ok(())
+    }
+
+    /// One step: the loss (Eq. 6, or `lambda_o L_o` alone), its gradients, Adam. Returns the loss.
+    fn train_step(
+        &mut self,
+        noisy: &NoisyStep,
+        data: &LayeredLatents,
+        e_bar: &Tensor,
+        lambda_object: f64,
+        lambda_background: f64,
+        fix: &str,
+    ) -> Result<f64> {
+        let (input, context) =
+            if self.object_only { (noisy.subject.clone(), e_bar.clone()) } else { layer_batch(noisy, e_bar, e_bar)? };
+        let timesteps = Tensor::full(noisy.t as f32, input.dim(0)?, input.device())?;
+        let loss_of = |pred: &Tensor| -> Result<Tensor> {
+            if self.object_only {
+                Ok((object_term_of(pred, noisy, data)? * lambda_object)?)
+            } else {
+                layered_finetune_of(pred, lambda_object, lambda_background, noisy, data)
+            }
+        };
+        if !self.gradient_checkpointing {
+            let loss = loss_of(&self.train_unet.forward_timesteps(&input, &timesteps, &context)?)?;
+            let value = finite_loss(&loss, STAGE2, self.step + 1, fix)?;
+            self.adam.backward_step(&loss)?;
+            return Ok(value);
+        }
+        let mut tape = Tape::new(&self.unet);
+        let (x, t, c) = (tape.input(&input, false), tape.input(&timesteps, false), tape.input(&context, false));
+        let out = self.unet.forward_segments(&mut tape, x, t, c)?;
+        let pred = Var::from_tensor(tape.value(out))?;
+        let loss = loss_of(pred.as_tensor())?;
+        let value = finite_loss(&loss, STAGE2, self.step + 1, fix)?;
+        let grad = loss.backward()?.get(pred.as_tensor()).cloned();
+        let grad = grad.ok_or_else(|| candle_core::Error::Msg("the loss does not depend on the prediction".into()))?;
+        let adam = &mut self.adam;
+        tape.backward(&self.train_unet, vec![(out, grad)], |grads| adam.step(grads))?;
+        Ok(value)
     }
 
     /// The fine-tuned UNet to sample from (stage 3): frozen weights sharing storage with the

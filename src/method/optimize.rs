@@ -114,9 +114,19 @@ pub fn layer_terms(
     context_object: &Tensor,
     context_background: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let input = Tensor::cat(&[&noisy.subject, &noisy.background], 0)?;
-    let context = Tensor::cat(&[context_object, context_background], 0)?;
+    let (input, context) = layer_batch(noisy, context_object, context_background)?;
     let pred = unet.forward(&input, noisy.t as f64, &context)?;
+    layer_terms_of(&pred, noisy, data)
+}
+
+/// The batch of one UNet call for both layers: `[z_s,t; z_b,t]` and `[context_object; context_background]`.
+pub fn layer_batch(noisy: &NoisyStep, context_object: &Tensor, context_background: &Tensor) -> Result<(Tensor, Tensor)> {
+    let input = Tensor::cat(&[&noisy.subject, &noisy.background], 0)?;
+    Ok((input, Tensor::cat(&[context_object, context_background], 0)?))
+}
+
+/// [`layer_terms`] from the UNet's prediction for [`layer_batch`].
+pub fn layer_terms_of(pred: &Tensor, noisy: &NoisyStep, data: &LayeredLatents) -> Result<(Tensor, Tensor)> {
     let object = masked_mse(&pred.narrow(0, 0, 1)?, &noisy.subject_target, &data.subject_mask)?;
     let background_weight = data.background_mask.affine(-1.0, 1.0)?;
     let background = masked_mse(&pred.narrow(0, 1, 1)?, &noisy.background_target, &background_weight)?;
@@ -133,7 +143,12 @@ pub fn object_term(
     context: &Tensor,
 ) -> Result<Tensor> {
     let pred = unet.forward(&noisy.subject, noisy.t as f64, context)?;
-    masked_mse(&pred, &noisy.subject_target, &data.subject_mask)
+    object_term_of(&pred, noisy, data)
+}
+
+/// [`object_term`] from the UNet's prediction for `z_s,t`.
+pub fn object_term_of(pred: &Tensor, noisy: &NoisyStep, data: &LayeredLatents) -> Result<Tensor> {
+    masked_mse(pred, &noisy.subject_target, &data.subject_mask)
 }
 
 /// Eq. 2: `L1 = ||M_s (.) (eps - eps_theta(z_s,t, t, e_o))||^2 + ||(1 - M_b) (.) (eps - eps_theta(z_b,t, t, e_b))||^2`.

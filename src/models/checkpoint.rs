@@ -13,7 +13,7 @@
 //! weight must belong to one segment (a shared weight would be stepped once per segment).
 
 use candle_core::backprop::GradStore;
-use candle_core::{bail, Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 
 /// A forward pass of segments, each `f(model, inputs) -> outputs`.
 pub trait Segments<M> {
@@ -97,12 +97,12 @@ impl<'m, M> Tape<'m, M> {
     /// weights that are variables) before the next segment runs. Returns the gradients of the
     /// inputs that asked for one, in the order asked (`None` where the output does not depend on
     /// that input).
-    pub fn backward(
+    pub fn backward<E: From<candle_core::Error>>(
         self,
         trainable: &M,
         grads: Vec<(Value, Tensor)>,
-        mut on_weights: impl FnMut(&GradStore) -> Result<()>,
-    ) -> Result<Vec<(Value, Option<Tensor>)>> {
+        mut on_weights: impl FnMut(&GradStore) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Vec<(Value, Option<Tensor>)>, E> {
         let Tape { values, wants_grad, asked, segments, .. } = self;
         let mut acc: Vec<Option<Tensor>> = vec![None; values.len()];
         for (v, g) in grads {
@@ -128,7 +128,8 @@ impl<'m, M> Tape<'m, M> {
                 .collect();
             let ys = (segment.f)(trainable, &inputs)?;
             if ys.len() != segment.outputs.len() {
-                bail!("a segment gave {} outputs in the backward, {} in the forward", ys.len(), segment.outputs.len());
+                let msg = format!("a segment gave {} outputs in the backward, {} in the forward", ys.len(), segment.outputs.len());
+                return Err(candle_core::Error::Msg(msg).into());
             }
             let mut surrogate: Option<Tensor> = None;
             for (j, g) in outs {
