@@ -9,7 +9,8 @@
 #                                     parity tests on CUDA (also with LAYERDIFF_HTOD_CACHE=1), a
 #                                     demo edit, then `layerdiff bench --stages` and
 #                                     tools/bench_stages_ref.py at 512x512 in bf16 and f32, LoRA and
-#                                     full, the variants (upload cache, TF32, 128 px), a table of
+#                                     full, full with gradient checkpointing in bf16, the variants
+#                                     (upload cache, TF32, 128 px), a table of
 #                                     all (tools/bench_table.py), and Nsight Compute's kernel times
 #                                     (tools/ncu_summary.py); every log and JSON packed into
 #                                     $OUT/gpu-check.tgz, plus summary.txt and the two tables.
@@ -115,6 +116,9 @@ run() {
       ref "torch-$dtype-$mode" --size "$SIZE" --dtype "$dtype" --finetune "$mode" --steps "$STEPS"
     done
   done
+  # full fine-tuning with gradient checkpointing (the 16 GB target), ours and diffusers'
+  ours ours-bf16-full-ckpt -- --size "$SIZE" --dtype bf16 --finetune full --gradient-checkpointing --steps "$STEPS"
+  ref torch-bf16-full-ckpt --size "$SIZE" --dtype bf16 --finetune full --gradient-checkpointing --steps "$STEPS"
   # candle's upload cache (src/pipeline.rs, configure_cuda), TF32
   for mode in lora full; do
     ours "ours-bf16-$mode-htod-cache" LAYERDIFF_HTOD_CACHE=1 -- --size "$SIZE" --dtype bf16 --finetune "$mode" --steps "$STEPS"
