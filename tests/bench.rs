@@ -19,6 +19,7 @@ const KEYS: &[&str] = &[
     "size",
     "latent_size",
     "finetune",
+    "gradient_checkpointing",
     "lora_rank",
     "steps",
     "memory",
@@ -68,6 +69,7 @@ fn check_report(json: &Value, finetune: &str) {
     assert_eq!(json["latent_size"], 8);
     assert_eq!(json["finetune"], finetune);
     assert_eq!(json["steps"], 2);
+    assert_eq!(json["gradient_checkpointing"], false);
     let defaults = EditSettings::default();
     assert_eq!(json["stage1_edit_steps"], defaults.embedding_steps);
     assert_eq!(json["stage2_edit_steps"], defaults.finetune_steps);
@@ -105,6 +107,15 @@ fn stages_full_trains_every_weight() {
     check_report(&json, "full");
     assert_eq!(json["stage2_trained_parameters"], json["parameters"]);
     assert!(stderr.contains("2: fine-tune full"), "{stderr}");
+}
+
+#[test]
+fn stages_full_with_gradient_checkpointing_says_so() {
+    let (json, stderr) = bench_stages(&["--finetune", "full", "--gradient-checkpointing"]);
+    assert_eq!(json["gradient_checkpointing"], true);
+    assert_eq!(json["stage2_trained_parameters"], json["parameters"]);
+    assert!(f(&json, "stage2_step_s") > 0.0);
+    assert!(stderr.contains("2: fine-tune full, ckpt"), "{stderr}");
 }
 
 #[test]

@@ -204,6 +204,32 @@ fn edit_demo_writes_the_session_and_sample_reproduces_it() {
     assert_eq!(std::fs::read(more.join("edit-2.png")).unwrap(), std::fs::read(out.join("edit-2.png")).unwrap());
 }
 
+/// `--gradient-checkpointing` is recorded in the session and trains as the plain backward does:
+/// the same stage-2 losses to f32 rounding (its forward runs on the detached weights, whose
+/// layers may take other kernels than trainable ones).
+#[test]
+fn edit_with_gradient_checkpointing_takes_the_same_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let stage2 = |name: &str, extra: &[&str]| -> (Vec<f64>, serde_json::Value) {
+        let out = dir.path().join(name);
+        let mut args = edit_args(out.to_str().unwrap());
+        args.extend_from_slice(extra);
+        let run = layerdiff_in_repo(&args);
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("session.json")).unwrap()).unwrap();
+        let losses = info["losses"]["stage2"].as_array().unwrap().iter().map(|l| l["loss"].as_f64().unwrap()).collect();
+        (losses, info["request"]["settings"]["gradient_checkpointing"].clone())
+    };
+    let (plain, flag) = stage2("plain", &[]);
+    assert_eq!(flag, false);
+    let (checkpointed, flag) = stage2("checkpointed", &["--gradient-checkpointing"]);
+    assert_eq!(flag, true);
+    assert_eq!(plain.len(), 2);
+    for (a, b) in plain.iter().zip(&checkpointed) {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "stage 2 loss {a} vs {b}");
+    }
+}
+
 #[test]
 fn edit_input_errors_are_one_line() {
     let dir = tempfile::tempdir().unwrap();

@@ -175,7 +175,7 @@ fn checkpointed_gradients_equal_the_plain_backward() -> Result<()> {
                 assert!(got.insert(name.clone(), grad).is_none(), "{name}: a gradient from two segments");
             }
         }
-        Ok(())
+        Ok::<_, candle_core::Error>(())
     })?;
     assert_eq!(got.len(), vars.len(), "some weights got no gradient");
     for (name, var) in &vars {

@@ -131,16 +131,9 @@ impl<'m, M> Tape<'m, M> {
                 let msg = format!("a segment gave {} outputs in the backward, {} in the forward", ys.len(), segment.outputs.len());
                 return Err(candle_core::Error::Msg(msg).into());
             }
-            let mut surrogate: Option<Tensor> = None;
-            for (j, g) in outs {
-                let term = (&ys[j] * g.to_dtype(ys[j].dtype())?)?.sum_all()?;
-                surrogate = Some(match surrogate {
-                    Some(s) => (s + term)?,
-                    None => term,
-                });
-            }
-            let Some(surrogate) = surrogate else { continue };
-            let store = surrogate.backward()?;
+            let terms: Vec<Tensor> =
+                outs.into_iter().map(|(j, g)| (&ys[j] * g.to_dtype(ys[j].dtype())?)?.sum_all()).collect::<Result<_>>()?;
+            let store = Tensor::stack(&terms, 0)?.sum_all()?.backward()?;
             for (i, var) in segment.inputs.iter().zip(&vars) {
                 if let Some(g) = var.as_ref().and_then(|v| store.get(v.as_tensor())) {
                     // Detached: candle's gradients can record how they were computed (from the
