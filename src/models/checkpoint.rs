@@ -25,6 +25,12 @@ pub trait Segments<M> {
 
     /// The dimensions of a value.
     fn dims(&self, value: &Self::Value) -> Vec<usize>;
+
+    /// [`Segments::run`] for a segment of one output.
+    fn run1(&mut self, inputs: &[Self::Value], f: impl Fn(&M, &[Tensor]) -> Result<Tensor> + 'static) -> Result<Self::Value> {
+        let mut outputs = self.run(inputs, move |m, x| Ok(vec![f(m, x)?]))?;
+        Ok(outputs.remove(0))
+    }
 }
 
 /// The plain forward: each segment on the model as it is.

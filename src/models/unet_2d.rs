@@ -5,7 +5,9 @@
 //! conditioned on text embeddings through cross-attention.
 
 use super::checkpoint::{Direct, Segments};
+use super::attention::Transformer2DModel;
 use super::embeddings::{TimestepEmbedding, Timesteps};
+use super::resnet::ResnetBlock2D;
 use super::unet_2d_blocks::*;
 use super::{parse_config, unsupported};
 use crate::models::nn::{conv2d, group_norm, silu, Conv2d, Conv2dConfig, GroupNorm};
@@ -298,6 +300,57 @@ enum UNetUpBlock {
     CrossAttn(CrossAttnUpBlock2D),
 }
 
+/// A block's layers, for the forward to run one at a time.
+impl UNetDownBlock {
+    fn resnets(&self) -> &[ResnetBlock2D] {
+        match self {
+            Self::Basic(b) => &b.resnets,
+            Self::CrossAttn(b) => &b.downblock.resnets,
+        }
+    }
+
+    /// One per resnet, or none.
+    fn attentions(&self) -> &[Transformer2DModel] {
+        match self {
+            Self::Basic(_) => &[],
+            Self::CrossAttn(b) => &b.attentions,
+        }
+    }
+
+    fn downsampler(&self) -> Result<&Downsample2D> {
+        let d = match self {
+            Self::Basic(b) => &b.downsampler,
+            Self::CrossAttn(b) => &b.downblock.downsampler,
+        };
+        d.as_ref().ok_or_else(|| candle_core::Error::Msg("this down block has no downsampler".into()))
+    }
+}
+
+impl UNetUpBlock {
+    fn resnets(&self) -> &[ResnetBlock2D] {
+        match self {
+            Self::Basic(b) => &b.resnets,
+            Self::CrossAttn(b) => &b.upblock.resnets,
+        }
+    }
+
+    /// One per resnet, or none.
+    fn attentions(&self) -> &[Transformer2DModel] {
+        match self {
+            Self::Basic(_) => &[],
+            Self::CrossAttn(b) => &b.attentions,
+        }
+    }
+
+    fn upsampler(&self) -> Result<&Upsample2D> {
+        let u = match self {
+            Self::Basic(b) => &b.upsampler,
+            Self::CrossAttn(b) => &b.upblock.upsampler,
+        };
+        u.as_ref().ok_or_else(|| candle_core::Error::Msg("this up block has no upsampler".into()))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     conv_in: Conv2d,
@@ -457,8 +510,10 @@ impl UNet2DConditionModel {
     }
 
     /// The forward as segments (see [`checkpoint`](super::checkpoint)): the time embedding with
-    /// the input convolution, each down block, the mid block, each up block, the output head. On a
-    /// [`Tape`](super::checkpoint::Tape) it is the gradient-checkpointed forward.
+    /// the input convolution; each resnet, transformer, downsampler and upsampler of the blocks;
+    /// the output head. On a [`Tape`](super::checkpoint::Tape) it is the gradient-checkpointed
+    /// forward: the largest segment, a transformer at the highest resolution, holds a few percent
+    /// of a step's activations.
     pub fn forward_segments<S: Segments<Self>>(
         &self,
         s: &mut S,
@@ -487,54 +542,58 @@ impl UNet2DConditionModel {
         })?;
         let (emb, xs) = (pre[0].clone(), pre[1].clone());
 
-        // 3. down: each block's outputs are the skips of its up block, the last also its result.
+        // 3. down: each resnet (then transformer) and the downsampler; every output is a skip of
+        // the up blocks.
         let mut down_block_res_xs = vec![xs.clone()];
         let mut xs = xs;
-        for i in 0..n_blocks {
-            let res_xs = s.run(&[xs, emb.clone(), context.clone()], move |m, x| {
-                let (_, res_xs) = match &m.down_blocks[i] {
-                    UNetDownBlock::Basic(b) => b.forward(&x[0], Some(&x[1]))?,
-                    UNetDownBlock::CrossAttn(b) => b.forward(&x[0], Some(&x[1]), Some(&x[2]))?,
-                };
-                Ok(res_xs)
-            })?;
-            xs = res_xs.last().cloned().ok_or_else(|| candle_core::Error::Msg(format!("down block {i} has no layers")))?;
-            down_block_res_xs.extend(res_xs);
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            for j in 0..block.resnets().len() {
+                xs = s.run1(&[xs, emb.clone()], move |m, x| m.down_blocks[i].resnets()[j].forward(&x[0], Some(&x[1])))?;
+                if !block.attentions().is_empty() {
+                    let inputs = [xs, context.clone()];
+                    xs = s.run1(&inputs, move |m, x| m.down_blocks[i].attentions()[j].forward(&x[0], Some(&x[1])))?;
+                }
+                down_block_res_xs.push(xs.clone());
+            }
+            if block.downsampler().is_ok() {
+                xs = s.run1(&[xs], move |m, x| m.down_blocks[i].downsampler()?.forward(&x[0]))?;
+                down_block_res_xs.push(xs.clone());
+            }
         }
 
-        // 4. mid
-        let mut xs = s.run(&[xs, emb.clone(), context.clone()], |m, x| {
-            Ok(vec![m.mid_block.forward(&x[0], Some(&x[1]), Some(&x[2]))?])
-        })?[0]
-            .clone();
+        // 4. mid: resnet, then (transformer, resnet) pairs
+        let mut xs = s.run1(&[xs, emb.clone()], |m, x| m.mid_block.resnet.forward(&x[0], Some(&x[1])))?;
+        for j in 0..self.mid_block.attn_resnets.len() {
+            xs = s.run1(&[xs, context.clone()], move |m, x| m.mid_block.attn_resnets[j].0.forward(&x[0], Some(&x[1])))?;
+            xs = s.run1(&[xs, emb.clone()], move |m, x| m.mid_block.attn_resnets[j].1.forward(&x[0], Some(&x[1])))?;
+        }
 
-        // 5. up
-        for i in 0..n_blocks {
-            let n_resnets = match &self.up_blocks[i] {
-                UNetUpBlock::Basic(b) => b.resnets.len(),
-                UNetUpBlock::CrossAttn(b) => b.upblock.resnets.len(),
-            };
-            let res_xs = down_block_res_xs.split_off(down_block_res_xs.len() - n_resnets);
-            let upsample_size = match down_block_res_xs.last() {
-                Some(skip) if i < n_blocks - 1 && forward_upsample_size => {
-                    let d = s.dims(skip);
-                    Some((d[2], d[3]))
+        // 5. up: each resnet takes the output so far with the last skip left, then its
+        // transformer; then the upsampler
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            for j in 0..block.resnets().len() {
+                let skip = down_block_res_xs.pop().ok_or_else(|| candle_core::Error::Msg("the UNet ran out of skips".into()))?;
+                xs = s.run1(&[xs, skip, emb.clone()], move |m, x| {
+                    m.up_blocks[i].resnets()[j].forward(&Tensor::cat(&[&x[0], &x[1]], 1)?, Some(&x[2]))
+                })?;
+                if !block.attentions().is_empty() {
+                    let inputs = [xs, context.clone()];
+                    xs = s.run1(&inputs, move |m, x| m.up_blocks[i].attentions()[j].forward(&x[0], Some(&x[1])))?;
                 }
-                _ => None,
-            };
-            let inputs = [vec![xs, emb.clone(), context.clone()], res_xs].concat();
-            xs = s.run(&inputs, move |m, x| {
-                let (xs, emb, context, res_xs) = (&x[0], Some(&x[1]), Some(&x[2]), &x[3..]);
-                Ok(vec![match &m.up_blocks[i] {
-                    UNetUpBlock::Basic(b) => b.forward(xs, res_xs, emb, upsample_size)?,
-                    UNetUpBlock::CrossAttn(b) => b.forward(xs, res_xs, emb, upsample_size, context)?,
-                }])
-            })?[0]
-                .clone();
+            }
+            if block.upsampler().is_ok() {
+                let upsample_size = match down_block_res_xs.last() {
+                    Some(skip) if i < n_blocks - 1 && forward_upsample_size => {
+                        let d = s.dims(skip);
+                        Some((d[2], d[3]))
+                    }
+                    _ => None,
+                };
+                xs = s.run1(&[xs], move |m, x| m.up_blocks[i].upsampler()?.forward(&x[0], upsample_size))?;
+            }
         }
 
         // 6. post-process
-        let out = s.run(&[xs], |m, x| Ok(vec![m.conv_out.forward(&silu(&m.conv_norm_out.forward(&x[0])?)?)?]))?;
-        Ok(out[0].clone())
+        s.run1(&[xs], |m, x| m.conv_out.forward(&silu(&m.conv_norm_out.forward(&x[0])?)?))
     }
 }

@@ -356,8 +356,8 @@ impl Default for UNetMidBlock2DCrossAttnConfig {
 /// The UNet's mid block: resnet, then (transformer, resnet) pairs.
 #[derive(Debug, Clone)]
 pub struct UNetMidBlock2DCrossAttn {
-    resnet: ResnetBlock2D,
-    attn_resnets: Vec<(Transformer2DModel, ResnetBlock2D)>,
+    pub(crate) resnet: ResnetBlock2D,
+    pub(crate) attn_resnets: Vec<(Transformer2DModel, ResnetBlock2D)>,
     pub config: UNetMidBlock2DCrossAttnConfig,
 }
 
@@ -384,18 +384,6 @@ impl UNetMidBlock2DCrossAttn {
         Ok(Self { resnet, attn_resnets, config })
     }
 
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        temb: Option<&Tensor>,
-        encoder_hidden_states: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let mut xs = self.resnet.forward(xs, temb)?;
-        for (attn, resnet) in self.attn_resnets.iter() {
-            xs = resnet.forward(&attn.forward(&xs, encoder_hidden_states)?, temb)?
-        }
-        Ok(xs)
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -424,8 +412,8 @@ impl Default for DownBlock2DConfig {
 /// A UNet down block without attention: resnets, then a downsampler; every output is kept for the skips.
 #[derive(Debug, Clone)]
 pub struct DownBlock2D {
-    resnets: Vec<ResnetBlock2D>,
-    downsampler: Option<Downsample2D>,
+    pub(crate) resnets: Vec<ResnetBlock2D>,
+    pub(crate) downsampler: Option<Downsample2D>,
     pub config: DownBlock2DConfig,
 }
 
@@ -445,19 +433,6 @@ impl DownBlock2D {
         Ok(Self { resnets, downsampler, config })
     }
 
-    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
-        let mut xs = xs.clone();
-        let mut output_states = vec![];
-        for resnet in self.resnets.iter() {
-            xs = resnet.forward(&xs, temb)?;
-            output_states.push(xs.clone());
-        }
-        if let Some(downsampler) = &self.downsampler {
-            xs = downsampler.forward(&xs)?;
-            output_states.push(xs.clone());
-        }
-        Ok((xs, output_states))
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -488,8 +463,8 @@ impl Default for CrossAttnDownBlock2DConfig {
 /// A UNet down block with cross-attention: (resnet, transformer) pairs, then a downsampler.
 #[derive(Debug, Clone)]
 pub struct CrossAttnDownBlock2D {
-    downblock: DownBlock2D,
-    attentions: Vec<Transformer2DModel>,
+    pub(crate) downblock: DownBlock2D,
+    pub(crate) attentions: Vec<Transformer2DModel>,
     pub config: CrossAttnDownBlock2DConfig,
 }
 
@@ -514,25 +489,6 @@ impl CrossAttnDownBlock2D {
         Ok(Self { downblock, attentions, config })
     }
 
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        temb: Option<&Tensor>,
-        encoder_hidden_states: Option<&Tensor>,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
-        let mut output_states = vec![];
-        let mut xs = xs.clone();
-        for (resnet, attn) in self.downblock.resnets.iter().zip(self.attentions.iter()) {
-            xs = resnet.forward(&xs, temb)?;
-            xs = attn.forward(&xs, encoder_hidden_states)?;
-            output_states.push(xs.clone());
-        }
-        if let Some(downsampler) = &self.downblock.downsampler {
-            xs = downsampler.forward(&xs)?;
-            output_states.push(xs.clone());
-        }
-        Ok((xs, output_states))
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -555,7 +511,7 @@ impl Default for UpBlock2DConfig {
 #[derive(Debug, Clone)]
 pub struct UpBlock2D {
     pub resnets: Vec<ResnetBlock2D>,
-    upsampler: Option<Upsample2D>,
+    pub(crate) upsampler: Option<Upsample2D>,
     pub config: UpBlock2DConfig,
 }
 
@@ -582,23 +538,6 @@ impl UpBlock2D {
         Ok(Self { resnets, upsampler, config })
     }
 
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        res_xs: &[Tensor],
-        temb: Option<&Tensor>,
-        upsample_size: Option<(usize, usize)>,
-    ) -> Result<Tensor> {
-        let mut xs = xs.clone();
-        for (index, resnet) in self.resnets.iter().enumerate() {
-            xs = Tensor::cat(&[&xs, &res_xs[res_xs.len() - index - 1]], 1)?;
-            xs = resnet.forward(&xs, temb)?;
-        }
-        match &self.upsampler {
-            Some(upsampler) => upsampler.forward(&xs, upsample_size),
-            None => Ok(xs),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -657,23 +596,4 @@ impl CrossAttnUpBlock2D {
         Ok(Self { upblock, attentions, config })
     }
 
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        res_xs: &[Tensor],
-        temb: Option<&Tensor>,
-        upsample_size: Option<(usize, usize)>,
-        encoder_hidden_states: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let mut xs = xs.clone();
-        for (index, resnet) in self.upblock.resnets.iter().enumerate() {
-            xs = Tensor::cat(&[&xs, &res_xs[res_xs.len() - index - 1]], 1)?;
-            xs = resnet.forward(&xs, temb)?;
-            xs = self.attentions[index].forward(&xs, encoder_hidden_states)?;
-        }
-        match &self.upblock.upsampler {
-            Some(upsampler) => upsampler.forward(&xs, upsample_size),
-            None => Ok(xs),
-        }
-    }
 }
