@@ -502,7 +502,7 @@ struct EditArgs {
     /// Rank of the LoRA adapters.
     #[arg(long, default_value_t = EditSettings::default().lora_rank)]
     lora_rank: usize,
-    /// Stage 2 keeps only the outputs of the UNet's blocks and recomputes the rest in the
+    /// Stage 2 keeps only the outputs of the UNet's layers and recomputes the rest in the
     /// backward: full fine-tuning at 512 px in far less memory, for a third more arithmetic per
     /// step; the same steps to rounding.
     #[arg(long)]

@@ -240,9 +240,10 @@ impl LayeredFinetune {
     }
 
     /// Gradient checkpointing (see [`checkpoint`](crate::models::checkpoint)): each step keeps
-    /// the outputs of the UNet's blocks only and runs each block again in its backward, a third
-    /// more arithmetic for a fraction of the activations' memory; and Adam steps each block's
-    /// weights as soon as their gradients exist, so not every gradient is held at once either.
+    /// the outputs of the UNet's layers (resnets, transformers, samplers) only and runs each layer
+    /// again in its backward, a third more arithmetic for a fraction of the activations' memory;
+    /// and Adam steps each layer's weights as soon as their gradients exist, so not every gradient
+    /// is held at once either.
     /// The same steps as without, to rounding (sums in another order).
     pub fn with_gradient_checkpointing(mut self, on: bool) -> Self {
         self.gradient_checkpointing = on;

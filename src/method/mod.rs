@@ -33,7 +33,7 @@ pub struct EditSettings {
     pub finetune: FinetuneMode,
     /// LoRA rank, with `FinetuneMode::Lora`.
     pub lora_rank: usize,
-    /// Stage 2 recomputes each UNet block's activations in its backward instead of keeping them
+    /// Stage 2 recomputes each UNet layer's activations in its backward instead of keeping them
     /// ([`finetune::LayeredFinetune::with_gradient_checkpointing`]): far less memory, a third more
     /// arithmetic, the same steps to rounding.
     #[serde(default)]
