@@ -576,6 +576,9 @@ struct BatchArgs {
     /// Stage 2 trains every UNet weight (full) or LoRA adapters (lora).
     #[arg(long, value_enum, default_value_t = EditSettings::default().finetune)]
     finetune: FinetuneMode,
+    /// Stage 2 recomputes the UNet's activations in its backward (as `edit --gradient-checkpointing`).
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// alpha of Eq. 3; Imagic's eta. [default: 0.7]
     #[arg(long)]
     alpha: Option<f64>,
@@ -1252,6 +1255,7 @@ fn batch(args: BatchArgs) -> Result<()> {
             embedding_steps: args.embedding_steps.unwrap_or(base.embedding_steps),
             finetune_steps: args.finetune_steps.unwrap_or(base.finetune_steps),
             finetune: args.finetune,
+            gradient_checkpointing: args.gradient_checkpointing,
             steps: args.steps,
             ..base
         }

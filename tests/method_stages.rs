@@ -234,9 +234,14 @@ fn interpolation_is_eq3() -> Result<()> {
 
 /// Trains stage 2 for `steps` from e_bar = interpolation of the stand-in embeddings.
 fn stage2(mode: FinetuneMode, lr: f64, steps: usize) -> Result<(LayeredFinetune, Tensor)> {
+    stage2_with(mode, lr, steps, false)
+}
+
+fn stage2_with(mode: FinetuneMode, lr: f64, steps: usize, checkpointing: bool) -> Result<(LayeredFinetune, Tensor)> {
     let (e_o, e_b) = embeddings()?;
     let e_bar = interpolate_embeddings(&e_o, &e_b, 0.7)?;
-    let mut s2 = LayeredFinetune::new(unet_weights()?, config()?, mode, 4, lr, DType::F32, DEV)?;
+    let s2 = LayeredFinetune::new(unet_weights()?, config()?, mode, 4, lr, DType::F32, DEV)?;
+    let mut s2 = s2.with_gradient_checkpointing(checkpointing);
     s2.run(&e_bar, 2.0, 1.0, &alphas_cumprod()?, &data()?, SEED, steps, &mut |_| {})?;
     Ok((s2, e_bar))
 }
@@ -357,13 +362,14 @@ fn stage2_lora_loss_falls_and_only_adapters_change() -> Result<()> {
     stage2_loss_falls(FinetuneMode::Lora, 3e-2)
 }
 
-fn stage2_resume(mode: FinetuneMode, lr: f64) -> Result<()> {
+fn stage2_resume(mode: FinetuneMode, lr: f64, checkpointing: bool) -> Result<()> {
     let (ac, d) = (alphas_cumprod()?, data()?);
-    let (whole, e_bar) = stage2(mode, lr, 6)?;
+    let (whole, e_bar) = stage2_with(mode, lr, 6, checkpointing)?;
 
-    let (mut chunked, _) = stage2(mode, lr, 3)?;
+    let (mut chunked, _) = stage2_with(mode, lr, 3, checkpointing)?;
     let state = chunked.state();
-    let mut resumed = LayeredFinetune::from_state(unet_weights()?, config()?, mode, 4, lr, DType::F32, DEV, &state)?;
+    let resumed = LayeredFinetune::from_state(unet_weights()?, config()?, mode, 4, lr, DType::F32, DEV, &state)?;
+    let mut resumed = resumed.with_gradient_checkpointing(checkpointing);
     chunked.run(&e_bar, 2.0, 1.0, &ac, &d, SEED, 6, &mut |_| {})?;
     resumed.run(&e_bar, 2.0, 1.0, &ac, &d, SEED, 6, &mut |_| {})?;
 
@@ -388,12 +394,18 @@ fn stage2_resume(mode: FinetuneMode, lr: f64) -> Result<()> {
 
 #[test]
 fn stage2_full_chunks_resume_and_reload_are_bit_exact() -> Result<()> {
-    stage2_resume(FinetuneMode::Full, 1e-3)
+    stage2_resume(FinetuneMode::Full, 1e-3, false)
 }
 
 #[test]
 fn stage2_lora_chunks_resume_and_reload_are_bit_exact() -> Result<()> {
-    stage2_resume(FinetuneMode::Lora, 1e-2)
+    stage2_resume(FinetuneMode::Lora, 1e-2, false)
+}
+
+/// A run with gradient checkpointing is as resumable: chunks and resumes equal one run bit for bit.
+#[test]
+fn stage2_checkpointed_chunks_resume_and_reload_are_bit_exact() -> Result<()> {
+    stage2_resume(FinetuneMode::Full, 1e-3, true)
 }
 
 #[test]

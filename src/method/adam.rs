@@ -16,7 +16,7 @@
 //! otherwise; the update is computed in the moments' dtype and cast back to the variable's.
 //!
 //! On the CPU in f32 the step writes the moments and the variable in place, three multi-threaded
-//! passes ([`FirstMoment`], [`SecondMoment`], [`Update`]) with the same f32 operations in the same
+//! passes (`FirstMoment`, `SecondMoment`, `Update`) with the same f32 operations in the same
 //! order as the composed ops, so bit for bit the same: the composed step is eleven candle ops per
 //! variable, each a single-threaded pass that allocates its result (for the 860 M weights of full
 //! fine-tuning, 6.5 s a step on this 2-core machine, more when memory is given back).
