@@ -16,8 +16,9 @@
 #                                     $OUT/gpu-check.tgz, plus summary.txt and the two tables.
 #
 # With the device tool: run(command="STEPS=3 scripts/gpu-check.sh run", carry=["gpu-bundle"],
-# timeout_s=480). The run half took 5.3 minutes on an H200 before the upload-cache variants were
-# added (about a minute more); results in docs/bench/h200-2026-11-27. The tree that travels must
+# timeout_s=540). The run half took 5.3 minutes on an H200 before the upload-cache variants and
+# the checkpointed full fine-tuning pair were added (about a minute more each, estimated);
+# results in docs/bench/h200-2026-11-27. PROFILE= (empty) skips the last step, Nsight Compute. The tree that travels must
 # stay under 64 MiB with the bundle: move the fixtures it does not read
 # (tests/fixtures/{grads.safetensors,sam,eval,mobile-sam,tiny-sd/tokenizer}, assets/clip-tokenizer,
 # assets/toy-sd) out of the checkout for the call and back after.
