@@ -18,8 +18,8 @@
 # With the device tool: run(command="STEPS=3 scripts/gpu-check.sh run", carry=["gpu-bundle"],
 # timeout_s=540). The run half took 5.3 minutes on an H200 before the upload-cache variants and
 # the checkpointed full fine-tuning pair were added (about a minute more each, estimated);
-# results in docs/bench/h200-2026-11-27. PROFILE= (empty) skips the last step, Nsight Compute. The tree that travels must
-# stay under 64 MiB with the bundle: move the fixtures it does not read
+# results in docs/bench/h200-2026-11-27. PROFILE= (empty) skips the last step, Nsight Compute.
+# The tree that travels must stay under 64 MiB with the bundle: move the fixtures it does not read
 # (tests/fixtures/{grads.safetensors,sam,eval,mobile-sam,tiny-sd/tokenizer}, assets/clip-tokenizer,
 # assets/toy-sd) out of the checkout for the call and back after.
 # DEVICE=cpu SIZE=128 TINY=1 PY=~/venv-ref/bin/python scripts/gpu-check.sh run tests it here.
