@@ -53,7 +53,7 @@ pub fn default_configs() -> Value {
     })
 }
 
-/// How [`SeededWeights`] draws a tensor.
+/// How `SeededWeights` draws a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightInit {
     /// For tests: scales chosen so activations stay O(1) and no weight is trivially 0 or 1 (so

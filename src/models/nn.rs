@@ -188,8 +188,8 @@ const ATTENTION_SCORES_PER_SLICE: usize = 1 << 26;
 /// time (as memory-efficient attention does), where the composed ops would keep one per layer,
 /// 512 MiB per self-attention layer of SD at 512 px. `slice`: at most this many `(batch x head)`
 /// pairs at a time (the attention slicing of diffusers), else as many as
-/// [`ATTENTION_SCORES_PER_SLICE`] allows. On the CPU (contiguous f32) it runs a block of query
-/// rows at a time ([`cpu_kernels::Attention`]), so no `seq x seq` matrix exists and `slice` has
+/// `ATTENTION_SCORES_PER_SLICE` allows. On the CPU (contiguous f32) it runs a block of query
+/// rows at a time (`cpu_kernels::Attention`), so no `seq x seq` matrix exists and `slice` has
 /// nothing left to bound.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<usize>) -> Result<Tensor> {
     if [q, k, v].into_iter().all(cpu_kernels::applies) {
@@ -229,7 +229,7 @@ fn over_slices<T>(n: usize, size: usize, f: impl Fn(usize, usize) -> Result<T>) 
     (0..n).step_by(size).map(|start| f(start, size.min(n - start))).collect()
 }
 
-/// SiLU, `x sigmoid(x)`: on the CPU (contiguous f32) one op each way ([`cpu_kernels::Silu`]).
+/// SiLU, `x sigmoid(x)`: on the CPU (contiguous f32) one op each way (`cpu_kernels::Silu`).
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
     if !cpu_kernels::applies(xs) {
         return xs.silu();
@@ -240,7 +240,7 @@ pub fn silu(xs: &Tensor) -> Result<Tensor> {
 
 /// GEGLU's gate, `h * gelu(gate)` for `[h, gate]` halves of the last dimension, with the exact
 /// (erf) GELU as torch's `F.gelu`: on the CPU (contiguous f32) one op each way
-/// ([`cpu_kernels::Geglu`]).
+/// (`cpu_kernels::Geglu`).
 pub fn geglu(xs: &Tensor) -> Result<Tensor> {
     if !cpu_kernels::applies(xs) {
         let halves = xs.chunk(2, D::Minus1)?;
@@ -723,7 +723,7 @@ pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
 /// full-size gradient for the frozen weight and bias of each (kept to the end of the pass) and a
 /// zero-filled buffer per operand; here the backward keeps only the input. On a GPU the forward is
 /// candle's fused layer-norm kernel over each group's elements; on the CPU the forward and the
-/// input gradient are one op each ([`cpu_kernels::GroupNorm`]).
+/// input gradient are one op each (`cpu_kernels::GroupNorm`).
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     weight: Tensor,
@@ -776,7 +776,7 @@ impl GroupNorm {
 }
 
 impl GroupNorm {
-    /// On the CPU (contiguous f32) one op each way ([`cpu_kernels::GroupNorm`]).
+    /// On the CPU (contiguous f32) one op each way (`cpu_kernels::GroupNorm`).
     fn on_cpu(&self, xs: &Tensor) -> bool {
         [xs, &self.weight, &self.bias].into_iter().all(cpu_kernels::applies)
     }

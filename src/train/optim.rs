@@ -1,4 +1,4 @@
-//! The pieces of a from-scratch training loop around [`Adam`]: gradient-norm clipping, a linear
+//! The pieces of a from-scratch training loop around [`Adam`](crate::method::adam::Adam): gradient-norm clipping, a linear
 //! learning-rate warm-up and an exponential moving average of the weights, each as torch /
 //! diffusers do it.
 
