@@ -248,13 +248,15 @@ fn stage2_with(mode: FinetuneMode, lr: f64, steps: usize, checkpointing: bool) -
 
 /// Gradient checkpointing takes the same steps as the plain backward, full and LoRA: in f64 the
 /// weights' changes after three steps to rounding (the gradients' sums run in another order, and
-/// the checkpointed forward runs on detached weights, whose layers may take other kernels). In f32 (the CPU's in-place Adam) Adam's normalized step turns the
-/// rounding of near-zero gradients into differences of a few percent of a step on some weights
-/// (1.7e-4 against changes of 3e-3 here): there the losses agree to 1e-5 and the changes to a
-/// tenth, which a segment left out or stepped twice would break.
+/// the checkpointed forward runs on detached weights, whose layers may take other kernels). In
+/// f32 (the CPU's in-place Adam) Adam's normalized step turns the rounding of near-zero gradients
+/// into differences of a few percent of a step on some weights (1.3e-4 against changes of 3e-3):
+/// there the losses agree to 1e-5 and the changes to a tenth, which a segment left out or stepped
+/// twice would break. In f16 (f32 masters, f16 copies) some steps flip sign: the losses agree to
+/// 1e-2 and the changes in total to 2 % (0.4 % here).
 #[test]
 fn stage2_gradient_checkpointing_takes_the_same_steps() -> Result<()> {
-    for (dtype, tol) in [(DType::F64, 1e-9), (DType::F32, 0.1)] {
+    for (dtype, tol, loss_tol) in [(DType::F64, 1e-9, 1e-12), (DType::F32, 0.1, 1e-5), (DType::F16, 0.02, 1e-2)] {
         let d = data()?;
         let d = LayeredLatents {
             subject: d.subject.to_dtype(dtype)?,
@@ -272,19 +274,34 @@ fn stage2_gradient_checkpointing_takes_the_same_steps() -> Result<()> {
                 Ok(s2)
             };
             let (plain, checkpointed) = (run(false)?, run(true)?);
-            let before = LayeredFinetune::new(unet_weights()?, config()?, mode, 4, 1e-3, dtype, DEV)?.trained_tensors()?;
-            let (p, c) = (plain.trained_tensors()?, checkpointed.trained_tensors()?);
-            let (mut worst, mut largest) = (0f64, 0f64);
+            // The variables (`var.*`: f32 masters under f16), not the f16 weights, whose rounding
+            // would hide the steps.
+            let masters = |s: &LayeredFinetune| -> HashMap<String, Tensor> {
+                s.state().into_iter().filter(|(k, _)| k.starts_with("var.")).collect()
+            };
+            let before = masters(&LayeredFinetune::new(unet_weights()?, config()?, mode, 4, 1e-3, dtype, DEV)?);
+            let (p, c) = (masters(&plain), masters(&checkpointed));
+            let (mut worst, mut largest, mut diff_sum, mut change_sum) = (0f64, 0f64, 0f64, 0f64);
             for (name, w0) in &before {
-                let (dp, dc) = ((&p[name] - w0)?, (&c[name] - w0)?);
-                let max = |t: &Tensor| -> Result<f64> { Ok(t.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-                worst = worst.max(max(&(dp.clone() - dc)?)?);
-                largest = largest.max(max(&dp)?);
+                let (dp, dc) = ((&p[name] - w0)?.to_dtype(DType::F64)?, (&c[name] - w0)?.to_dtype(DType::F64)?);
+                let diff = (&dp - dc)?.abs()?.flatten_all()?;
+                let change = dp.abs()?.flatten_all()?;
+                worst = worst.max(diff.max(0)?.to_scalar::<f64>()?);
+                largest = largest.max(change.max(0)?.to_scalar::<f64>()?);
+                diff_sum += diff.sum_all()?.to_scalar::<f64>()?;
+                change_sum += change.sum_all()?.to_scalar::<f64>()?;
             }
-            eprintln!("{dtype:?} {mode:?}: weight changes differ by {worst:.3e} at most, the largest change {largest:.3e}");
-            assert!(largest > 0.0 && worst <= tol * largest, "{dtype:?} {mode:?}: {worst:e} against {largest:e}");
+            eprintln!(
+                "{dtype:?} {mode:?}: weight changes differ by {worst:.3e} at most (largest change {largest:.3e}), \
+                 {:.3e} of the changes' total",
+                diff_sum / change_sum
+            );
+            // In f16 the gradients' rounding flips the sign of some near-zero ones, and with it
+            // Adam's step: there the total, not the largest difference, is what a bug would move.
+            let (err, scale) = if dtype == DType::F16 { (diff_sum, change_sum) } else { (worst, largest) };
+            assert!(largest > 0.0 && err <= tol * scale, "{dtype:?} {mode:?}: {err:e} against {scale:e}");
             for (a, b) in plain.losses.iter().zip(&checkpointed.losses) {
-                assert!((a.loss - b.loss).abs() <= 1e-5 * a.loss.abs(), "{dtype:?} {mode:?} step {}: loss {} vs {}", a.step, a.loss, b.loss);
+                assert!((a.loss - b.loss).abs() <= loss_tol * a.loss.abs(), "{dtype:?} {mode:?} step {}: loss {} vs {}", a.step, a.loss, b.loss);
             }
         }
     }

@@ -48,6 +48,9 @@ impl Default for AdamParams {
 struct Slot {
     name: String,
     var: Var,
+    /// The half-precision copy of `var` a model reads and a backward differentiates, set from
+    /// `var` after each step ([`Adam::with_model_copies`]); `None`: the model reads `var`.
+    model: Option<Var>,
     /// Steps taken by this parameter (torch counts per parameter: one with no gradient is skipped).
     step: u64,
     /// First moment (`exp_avg`).
@@ -133,10 +136,30 @@ impl Adam {
                 // Two buffers: the CPU step writes into them.
                 let m = Tensor::zeros(var.shape(), dtype, var.device())?;
                 let v = Tensor::zeros(var.shape(), dtype, var.device())?;
-                Ok(Slot { name, var, step: 0, m, v })
+                Ok(Slot { name, var, model: None, step: 0, m, v })
             })
             .collect::<Result<_>>()?;
         Ok(Self { slots, params })
+    }
+
+    /// Adam over f32 variables whose models run in `dtype`: each variable of another dtype gets a
+    /// copy in `dtype` for the model to read (its gradients are the ones [`Adam::step`] uses, in
+    /// `dtype`, as a cast on the graph would give them), and every step writes the updated
+    /// variable into it in place, so a model built once stays current and the gradients take half
+    /// the memory of f32 ones.
+    pub fn with_model_copies(vars: Vec<(String, Var)>, params: AdamParams, dtype: DType) -> Result<Self> {
+        let mut adam = Self::new(vars, params)?;
+        for slot in &mut adam.slots {
+            if slot.var.dtype() != dtype {
+                slot.model = Some(Var::from_tensor(&slot.var.as_tensor().to_dtype(dtype)?)?);
+            }
+        }
+        Ok(adam)
+    }
+
+    /// What the model reads, by name: each variable's copy, or the variable.
+    pub fn model_vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.slots.iter().map(|s| (s.name.as_str(), s.model.as_ref().unwrap_or(&s.var)))
     }
 
     pub fn params(&self) -> &AdamParams {
@@ -157,7 +180,7 @@ impl Adam {
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         let AdamParams { lr, beta1, beta2, .. } = self.params;
         for slot in &mut self.slots {
-            let Some(grad) = grads.get(slot.var.as_tensor()) else { continue };
+            let Some(grad) = grads.get(slot.model.as_ref().unwrap_or(&slot.var).as_tensor()) else { continue };
             let g = grad.detach().to_dtype(slot.m.dtype())?;
             slot.step += 1;
             let t = slot.step as i32;
@@ -170,6 +193,9 @@ impl Adam {
                 slot.step_in_place(&g, &step)?;
             } else {
                 slot.step_composed(&g, &step)?;
+            }
+            if let Some(model) = &slot.model {
+                model.set(&slot.var.as_tensor().to_dtype(model.dtype())?)?;
             }
         }
         Ok(())
@@ -399,7 +425,7 @@ mod tests {
             let slot = |seed: u64| -> Result<Slot> {
                 let x = (Tensor::randn(0f32, 1.0, 40_000, &dev)? * (seed as f64))?;
                 let zeros = || Tensor::zeros(40_000, DType::F32, &dev);
-                Ok(Slot { name: "x".into(), var: Var::from_tensor(&x)?, step: 0, m: zeros()?, v: zeros()? })
+                Ok(Slot { name: "x".into(), var: Var::from_tensor(&x)?, model: None, step: 0, m: zeros()?, v: zeros()? })
             };
             let (mut a, mut b) = (slot(3)?, slot(3)?);
             b.var.set(a.var.as_tensor())?;

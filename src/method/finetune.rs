@@ -140,20 +140,15 @@ pub struct LayeredFinetune {
     /// The loss of every step done, `losses[i].step == i` (steps are numbered from 0).
     pub losses: Vec<StepLoss>,
     mode: FinetuneMode,
-    /// The model that trains: its trained tensors are the `Var`s (or, for a half-precision model,
-    /// the `Var`s cast on the graph).
+    /// The model that trains: its trained tensors are the `Var`s (for a half-precision model,
+    /// the optimizer's copies of them in its dtype).
     train_unet: UNet2DConditionModel,
-    /// The same weights, detached: the model to sample from. Shares the variables' storage when
-    /// the dtypes agree; rebuilt after a run otherwise.
+    /// The same weights, detached, sharing their storage: the model to sample from.
     unet: UNet2DConditionModel,
     /// The trained tensors' variables (f32 master copies for a half-precision model: f16 weights
     /// would round the updates of a 2e-6 learning rate away), with their optimizer.
     adam: Adam,
-    /// The frozen weights (LoRA: the base model; full: none), in the model's dtype.
-    frozen: HashMap<String, Tensor>,
-    cfg: UNet2DConditionModelConfig,
     dtype: DType,
-    device: Device,
     /// Only the object term, `lambda_o L_o` (one UNet forward of batch 1 per step).
     object_only: bool,
     /// Recompute activations in the backward instead of keeping them (see
@@ -214,7 +209,7 @@ impl LayeredFinetune {
             FinetuneMode::Full => HashMap::new(),
             FinetuneMode::Lora => weights,
         };
-        let adam = Adam::new(vars, AdamParams { lr, ..Default::default() })?;
+        let adam = Adam::with_model_copies(vars, AdamParams { lr, ..Default::default() }, dtype)?;
         let (train_unet, unet) = Self::models(&adam, &frozen, cfg, dtype, device)?;
         Ok(Self {
             step,
@@ -223,10 +218,7 @@ impl LayeredFinetune {
             train_unet,
             unet,
             adam,
-            frozen,
-            cfg: cfg.clone(),
             dtype,
-            device: device.clone(),
             object_only: false,
             gradient_checkpointing: false,
         })
@@ -250,9 +242,10 @@ impl LayeredFinetune {
         self
     }
 
-    /// The UNet of the frozen weights and the variables on the graph, and the same detached (the
-    /// model to sample from, and the gradient-checkpointed forward's). The two share storage,
-    /// with the variables' when the dtypes agree, else with one cast of them.
+    /// The UNet of the frozen weights and the trained ones on the graph, and the same detached
+    /// (the model to sample from, and the gradient-checkpointed forward's). The two share storage,
+    /// the variables' or, for a half-precision model, their copies in its dtype, which every step
+    /// updates in place: built once, they stay current.
     fn models(
         adam: &Adam,
         frozen: &HashMap<String, Tensor>,
@@ -261,10 +254,9 @@ impl LayeredFinetune {
         device: &Device,
     ) -> Result<(UNet2DConditionModel, UNet2DConditionModel)> {
         let (mut train, mut detached) = (frozen.clone(), frozen.clone());
-        for (name, var) in adam.vars() {
-            let t = var.as_tensor().to_dtype(dtype)?;
-            detached.insert(name.to_string(), t.detach());
-            train.insert(name.to_string(), t);
+        for (name, var) in adam.model_vars() {
+            detached.insert(name.to_string(), var.as_tensor().detach());
+            train.insert(name.to_string(), var.as_tensor().clone());
         }
         Ok((build_unet(train, cfg, dtype, device)?, build_unet(detached, cfg, dtype, device)?))
     }
@@ -304,9 +296,6 @@ impl LayeredFinetune {
         while self.step < until {
             let noisy = noisy_step(schedule, data, seed, STAGE2_STREAM, self.step)?;
             let value = self.train_step(&noisy, data, &e_bar, lambda_object, lambda_background, &fix)?;
-            if self.casts() {
-                (self.train_unet, self.unet) = Self::models(&self.adam, &self.frozen, &self.cfg, self.dtype, &self.device)?;
-            }
             let step_loss = StepLoss { step: self.step, loss: value };
             self.step += 1;
             self.losses.push(step_loss);
