@@ -148,7 +148,6 @@ pub struct LayeredFinetune {
     /// The trained tensors' variables (f32 master copies for a half-precision model: f16 weights
     /// would round the updates of a 2e-6 learning rate away), with their optimizer.
     adam: Adam,
-    dtype: DType,
     /// Only the object term, `lambda_o L_o` (one UNet forward of batch 1 per step).
     object_only: bool,
     /// Recompute activations in the backward instead of keeping them (see
@@ -218,7 +217,6 @@ impl LayeredFinetune {
             train_unet,
             unet,
             adam,
-            dtype,
             object_only: false,
             gradient_checkpointing: false,
         })
@@ -259,11 +257,6 @@ impl LayeredFinetune {
             train.insert(name.to_string(), var.as_tensor().clone());
         }
         Ok((build_unet(train, cfg, dtype, device)?, build_unet(detached, cfg, dtype, device)?))
-    }
-
-    /// Whether the models hold casts of the variables, which a step does not update.
-    fn casts(&self) -> bool {
-        master_dtype(self.dtype) != self.dtype
     }
 
     pub fn mode(&self) -> FinetuneMode {
@@ -360,13 +353,7 @@ impl LayeredFinetune {
     /// `<module>.lora_A.weight` `[r, in]` and `<module>.lora_B.weight` `[out, r]`.
     /// In the model's dtype, so a session holds what the sampling model used.
     pub fn trained_tensors(&self) -> Result<HashMap<String, Tensor>> {
-        self.adam
-            .vars()
-            .map(|(name, var)| {
-                let t = if self.casts() { var.as_tensor().detach().to_dtype(self.dtype)? } else { snapshot(var)? };
-                Ok((name.to_string(), t))
-            })
-            .collect()
+        self.adam.model_vars().map(|(name, var)| Ok((name.to_string(), snapshot(var)?))).collect()
     }
 
     /// Rebuilds the fine-tuned UNet (no optimizer) from the original weights and
