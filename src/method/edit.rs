@@ -388,7 +388,7 @@ pub static ON_TIGHT_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new
 /// Full fine-tuning holds the weights several times over (f32 masters, gradients, two Adam
 /// moments) and the activations: refuse at once on a CPU without that much free memory, rather
 /// than be killed hours later; where it fits only with freed memory given back, call
-/// [`ON_TIGHT_MEMORY`]. With gradient checkpointing the gradients exist a block at a time and the
+/// [`ON_TIGHT_MEMORY`]. With gradient checkpointing the gradients exist a layer at a time and the
 /// activations are a fraction.
 pub fn check_memory_for_full_finetune(params: usize, device: &candle_core::Device, gradient_checkpointing: bool) -> Result<()> {
     if !device.is_cpu() {

@@ -387,7 +387,7 @@ impl CustomOp2 for SiluGrad {
 }
 
 /// Elements per task of the element-wise kernels: 64 KiB of f32, enough to outweigh a task's cost.
-const ELEMENTWISE_CHUNK: usize = 1 << 14;
+pub(crate) const ELEMENTWISE_CHUNK: usize = 1 << 14;
 
 #[multiversion(targets("x86_64+avx512f", "x86_64+avx2+fma", "aarch64+neon"))]
 fn silu_chunk(out: &mut [f32], x: &[f32]) {
@@ -575,7 +575,7 @@ impl Im2Col {
     }
 }
 
-fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout, len: usize) -> Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout, len: usize) -> Result<&'a [f32]> {
     match (storage, layout.contiguous_offsets()) {
         (CpuStorage::F32(data), Some((start, end))) if end - start == len => Ok(&data[start..end]),
         _ => bail!("{op}: its sources must be contiguous f32 of the destination's shape"),
