@@ -336,3 +336,21 @@ fn adamw_step_lowers_the_loss() -> Result<()> {
     assert!(after < before, "loss did not decrease: {before} -> {after}");
     Ok(())
 }
+
+/// candle-core is our patched copy (`vendor/`): the backward stores the first gradient to reach a
+/// tensor as it is, rather than adding it to a fresh tensor of zeros. Both operands of an add then
+/// hold the add's own gradient, one tensor; the stock backward gives each a sum of its own. A
+/// second gradient reaching a tensor is still added.
+#[test]
+fn the_backward_stores_a_first_gradient_without_adding_it_to_zeros() -> Result<()> {
+    let (x, y) = (Var::new(&[1f64, 2.0], &Device::Cpu)?, Var::new(&[3f64, 4.0], &Device::Cpu)?);
+    let sum = (x.as_tensor() + y.as_tensor())?;
+    let grads = (&sum * &sum)?.sum_all()?.backward()?;
+    let (gx, gy) = (grads.get(x.as_tensor()).ok_or("no x gradient")?, grads.get(y.as_tensor()).ok_or("no y gradient")?);
+    assert_eq!(gx.id(), gy.id(), "the two operands of the add got separate gradient tensors");
+    assert_eq!(gx.to_vec1::<f64>()?, vec![8.0, 12.0]);
+    // x reaches the loss twice (x * x + x): its gradient is the sum of both, 2x + 1.
+    let grads = ((x.as_tensor() * x.as_tensor())? + x.as_tensor())?.sum_all()?.backward()?;
+    assert_eq!(grads.get(x.as_tensor()).ok_or("no x gradient")?.to_vec1::<f64>()?, vec![3.0, 5.0]);
+    Ok(())
+}
