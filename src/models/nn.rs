@@ -229,10 +229,15 @@ fn over_slices<T>(n: usize, size: usize, f: impl Fn(usize, usize) -> Result<T>) 
     (0..n).step_by(size).map(|start| f(start, size.min(n - start))).collect()
 }
 
-/// SiLU, `x sigmoid(x)`: on the CPU (contiguous f32) one op each way (`cpu_kernels::Silu`).
+/// SiLU, `x sigmoid(x)`: on the CPU (contiguous f32) one op each way (`cpu_kernels::Silu`);
+/// elsewhere candle's kernel forward and a backward of five ops, `g (s + y (1 - s))` with
+/// `s = sigmoid(x)`, where candle's own rule takes eight.
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
     if !cpu_kernels::applies(xs) {
-        return xs.silu();
+        return attach_backward(xs, xs.detach().silu()?, |xs, ys, grad| {
+            let s = candle_nn::ops::sigmoid(&xs.detach())?;
+            grad * (&s + (ys * s.affine(-1.0, 1.0)?)?)?
+        });
     }
     let ys = xs.detach().apply_op1_no_bwd(&cpu_kernels::Silu)?;
     attach_backward(xs, ys, |xs, _, grad| xs.apply_op2_no_bwd(&grad.contiguous()?, &cpu_kernels::SiluGrad))
@@ -240,11 +245,23 @@ pub fn silu(xs: &Tensor) -> Result<Tensor> {
 
 /// GEGLU's gate, `h * gelu(gate)` for `[h, gate]` halves of the last dimension, with the exact
 /// (erf) GELU as torch's `F.gelu`: on the CPU (contiguous f32) one op each way
-/// (`cpu_kernels::Geglu`).
+/// (`cpu_kernels::Geglu`); elsewhere candle's ops forward and one op on the graph whose backward
+/// writes both halves' gradients into one tensor. candle's own rules take about twenty ops,
+/// among them a zero-filled half and a copy for each half's gradient and an add to join them.
 pub fn geglu(xs: &Tensor) -> Result<Tensor> {
     if !cpu_kernels::applies(xs) {
-        let halves = xs.chunk(2, D::Minus1)?;
-        return &halves[0] * halves[1].gelu_erf()?;
+        let halves = xs.detach().chunk(2, D::Minus1)?;
+        let ys = (&halves[0] * halves[1].gelu_erf()?)?;
+        return attach_backward(xs, ys, |xs, _, grad| {
+            // gelu(x) = x Phi(x), gelu'(x) = Phi(x) + x phi(x): dh = g gelu(gate), dgate = g h gelu'(gate).
+            let halves = xs.detach().chunk(2, D::Minus1)?;
+            let (h, gate) = (&halves[0], halves[1].contiguous()?);
+            let cdf = (&gate / std::f64::consts::SQRT_2)?.erf()?.affine(0.5, 0.5)?;
+            let pdf = (gate.sqr()? * -0.5)?.exp()?.affine(0.5 * std::f64::consts::FRAC_2_SQRT_PI / std::f64::consts::SQRT_2, 0.0)?;
+            let d_h = (grad * (&gate * &cdf)?)?;
+            let d_gate = ((grad * h)? * (cdf + (&gate * pdf)?)?)?;
+            Tensor::cat(&[d_h, d_gate], D::Minus1)
+        });
     }
     let ys = xs.detach().apply_op1_no_bwd(&cpu_kernels::Geglu)?;
     attach_backward(xs, ys, |xs, _, grad| xs.apply_op2_no_bwd(&grad.contiguous()?, &cpu_kernels::GegluGrad))
@@ -909,6 +926,20 @@ mod tests {
 
     fn randn(shape: &[usize]) -> Result<Tensor> {
         Tensor::randn(0f64, 1.0, shape, &Device::Cpu)
+    }
+
+    #[test]
+    fn silu_and_geglu_gradients_match_finite_differences_off_the_cpu_kernels() -> Result<()> {
+        // f64: the path a GPU and half precision take, not the CPU's f32 kernels.
+        let x = randn(&[2, 3, 8])?;
+        assert!(!cpu_kernels::applies(&x));
+        check_grad(&x, &|x| silu(x))?;
+        check_grad(&x, &|x| geglu(x))?;
+        let halves = x.chunk(2, D::Minus1)?;
+        let diff = |a: Tensor, b: Tensor| -> Result<f64> { (a - b)?.abs()?.max_all()?.to_scalar::<f64>() };
+        assert!(diff(silu(&x)?, x.silu()?)? < 1e-15);
+        assert!(diff(geglu(&x)?, (&halves[0] * halves[1].gelu_erf()?)?)? < 1e-15);
+        Ok(())
     }
 
     #[test]
