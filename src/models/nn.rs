@@ -233,14 +233,25 @@ fn over_slices<T>(n: usize, size: usize, f: impl Fn(usize, usize) -> Result<T>) 
 /// elsewhere candle's kernel forward and a backward of five ops, `g (s + y (1 - s))` with
 /// `s = sigmoid(x)`, where candle's own rule takes eight.
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
-    if !cpu_kernels::applies(xs) {
-        return attach_backward(xs, xs.detach().silu()?, |xs, ys, grad| {
-            let s = candle_nn::ops::sigmoid(&xs.detach())?;
-            grad * (&s + (ys * s.affine(-1.0, 1.0)?)?)?
-        });
+    attach_backward(xs, silu_value(&xs.detach())?, silu_input_grad)
+}
+
+/// SiLU off the graph.
+fn silu_value(xs: &Tensor) -> Result<Tensor> {
+    match cpu_kernels::applies(xs) {
+        true => xs.apply_op1_no_bwd(&cpu_kernels::Silu),
+        false => xs.silu(),
     }
-    let ys = xs.detach().apply_op1_no_bwd(&cpu_kernels::Silu)?;
-    attach_backward(xs, ys, |xs, _, grad| xs.apply_op2_no_bwd(&grad.contiguous()?, &cpu_kernels::SiluGrad))
+}
+
+/// The gradient of SiLU's input `x` from its output `y` and that output's gradient `g`:
+/// `g (s + y (1 - s))` with `s = sigmoid(x)`, on the CPU (contiguous f32) one op.
+fn silu_input_grad(x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    if cpu_kernels::applies(x) {
+        return x.apply_op2_no_bwd(&grad.contiguous()?, &cpu_kernels::SiluGrad);
+    }
+    let s = candle_nn::ops::sigmoid(&x.detach())?;
+    grad * (&s + (y * s.affine(-1.0, 1.0)?)?)?
 }
 
 /// GEGLU's gate, `h * gelu(gate)` for `[h, gate]` halves of the last dimension, with the exact
@@ -837,39 +848,55 @@ impl GroupNorm {
         }
         self.scaled(&self.normalized(xs)?.reshape(xs.shape())?, &w, &b)
     }
+
+
+    /// The gradients of the input, the weight and the bias (those that train) from the output's.
+    fn backward(&self, x: &Tensor, w: &Tensor, b: &Tensor, grad: &Tensor) -> Result<Grads3> {
+        // x_hat = (x - mean) / std per group; dw = sum g x_hat, db = sum g over all but the
+        // channel; dx = (g' - mean(g') - x_hat mean(g' x_hat)) / std with g' = g w.
+        let (w_trained, b_trained) = (trainable(w), trainable(b));
+        if x.track_op() && self.on_cpu(x) && !w_trained && !b_trained {
+            let op = cpu_kernels::GroupNormInputGrad { groups: self.groups, eps: self.eps };
+            return Ok((Some(x.apply_op3_no_bwd(&w.detach(), &grad.contiguous()?, &op)?), None, None));
+        }
+        let dtype = x.dtype();
+        let (rows, (batch, c, rest)) = self.grouped(x)?;
+        let (x_hat, std) = self.normalized_internal(&rows)?;
+        let g = grad.to_dtype(x_hat.dtype())?;
+        let per_channel_sum = |t: &Tensor| t.reshape((batch, c, rest))?.sum(2)?.sum(0);
+        let d_w = if w_trained { Some(per_channel_sum(&(&g * x_hat.reshape(g.shape())?)?)?.to_dtype(w.dtype())?) } else { None };
+        let d_b = if b_trained { Some(per_channel_sum(&g)?.to_dtype(w.dtype())?) } else { None };
+        let d_x = if x.track_op() {
+            let g = self.grouped(&per_channel(&g, &w.to_dtype(g.dtype())?, Tensor::broadcast_mul)?)?.0;
+            let d = g
+                .broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
+                .sub(&x_hat.broadcast_mul(&(&g * &x_hat)?.mean_keepdim(D::Minus1)?)?)?
+                .broadcast_div(&std)?;
+            Some(d.reshape(x.shape())?.to_dtype(dtype)?)
+        } else {
+            None
+        };
+        Ok((d_x, d_w, d_b))
+    }
+
+    /// `silu(group_norm(x))` as one op on the graph whose backward runs the norm again: only `x`
+    /// is kept. The two ops apart keep the norm's output too (for SiLU's backward) until the
+    /// backward reaches them, a tensor the size of `x` per resnet half.
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = silu_value(&self.forward_value(&xs.detach())?)?;
+        let this = self.clone();
+        attach_backward3(xs, &self.weight, &self.bias, ys, move |x, w, b, ys, grad| {
+            let normed = this.forward_value(&x.detach())?;
+            this.backward(x, w, b, &silu_input_grad(&normed, ys, grad)?)
+        })
+    }
 }
 
 impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = self.forward_value(&xs.detach())?;
-        let (w_trained, b_trained) = (trainable(&self.weight), trainable(&self.bias));
         let this = self.clone();
-        attach_backward3(xs, &self.weight, &self.bias, ys, move |x, w, _, _, grad| {
-            // x_hat = (x - mean) / std per group; dw = sum g x_hat, db = sum g over all but the
-            // channel; dx = (g' - mean(g') - x_hat mean(g' x_hat)) / std with g' = g w.
-            let cpu_input_grad = x.track_op() && this.on_cpu(x);
-            if cpu_input_grad && !w_trained && !b_trained {
-                let op = cpu_kernels::GroupNormInputGrad { groups: this.groups, eps: this.eps };
-                return Ok((Some(x.apply_op3_no_bwd(&w.detach(), &grad.contiguous()?, &op)?), None, None));
-            }
-            let dtype = x.dtype();
-            let (rows, (b, c, rest)) = this.grouped(x)?;
-            let (x_hat, std) = this.normalized_internal(&rows)?;
-            let g = grad.to_dtype(x_hat.dtype())?;
-            let per_channel_sum = |t: &Tensor| t.reshape((b, c, rest))?.sum(2)?.sum(0);
-            let d_w = if w_trained { Some(per_channel_sum(&(&g * x_hat.reshape(g.shape())?)?)?.to_dtype(w.dtype())?) } else { None };
-            let d_b = if b_trained { Some(per_channel_sum(&g)?.to_dtype(w.dtype())?) } else { None };
-            let d_x = if x.track_op() {
-                let g = this.grouped(&per_channel(&g, &w.to_dtype(g.dtype())?, Tensor::broadcast_mul)?)?.0;
-                let d = g
-                    .broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
-                    .sub(&x_hat.broadcast_mul(&(&g * &x_hat)?.mean_keepdim(D::Minus1)?)?)?
-                    .broadcast_div(&std)?;
-                Some(d.reshape(x.shape())?.to_dtype(dtype)?)
-            } else {
-                None
-            };
-            Ok((d_x, d_w, d_b))
+        attach_backward3(xs, &self.weight, &self.bias, self.forward_value(&xs.detach())?, move |x, w, b, _, grad| {
+            this.backward(x, w, b, grad)
         })
     }
 }
@@ -1090,6 +1117,39 @@ mod tests {
                 let scale = exact.abs()?.max_all()?.to_scalar::<f64>()?;
                 let err = (ours - &exact)?.abs()?.max_all()?.to_scalar::<f64>()?;
                 assert!(err < 2e-5 * scale.max(1.0), "{name} (weights trained: {train_w}): max error {err} at scale {scale}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn group_norm_with_silu_is_the_two_ops_apart() -> Result<()> {
+        // f64 (the GPU's path) and f32 (the CPU's kernels); frozen and trained weights: the same
+        // output and the same gradients of the input, the weight and the bias.
+        let (w, b, x) = (randn(&[6])?, randn(&[6])?, randn(&[2, 6, 5, 7])?.affine(2.0, 0.5)?);
+        let probe = randn(&[2, 6, 5, 7])?;
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            for train in [false, true] {
+                let run = |fused: bool| -> Result<Vec<Vec<f64>>> {
+                    let var = |t: &Tensor| Var::from_tensor(&t.to_dtype(dtype)?);
+                    let (xv, wv, bv) = (var(&x)?, var(&w)?, var(&b)?);
+                    let (w, b) = match train {
+                        true => (wv.as_tensor().clone(), bv.as_tensor().clone()),
+                        false => (w.to_dtype(dtype)?, b.to_dtype(dtype)?),
+                    };
+                    let norm = GroupNorm::new(w, b, 3, 1e-5)?;
+                    let y = if fused { norm.forward_silu(xv.as_tensor())? } else { silu(&norm.forward(xv.as_tensor())?)? };
+                    let grads = (&y * probe.to_dtype(dtype)?)?.sum_all()?.backward()?;
+                    let mut all = vec![y];
+                    all.extend([&xv, &wv, &bv].iter().filter_map(|v| grads.get(v.as_tensor()).cloned()));
+                    all.iter().map(|t| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()).collect()
+                };
+                let (fused, apart) = (run(true)?, run(false)?);
+                assert_eq!(fused.len(), if train { 4 } else { 2 });
+                assert_eq!(fused.len(), apart.len());
+                for (f, a) in fused.iter().flatten().zip(apart.iter().flatten()) {
+                    assert!((f - a).abs() < tol * (1.0 + a.abs()), "{dtype:?}, trained {train}: {f} vs {a}");
+                }
             }
         }
         Ok(())

@@ -75,7 +75,7 @@ impl ResnetBlock2D {
 
     pub fn forward(&self, input: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         // 1. norm1 -> silu -> conv1
-        let xs = self.conv1.forward(&silu(&self.norm1.forward(input)?)?)?;
+        let xs = self.conv1.forward(&self.norm1.forward_silu(input)?)?;
         // 2. add the projected time embedding, broadcast over the pixels
         let xs = match (temb, &self.time_emb_proj) {
             (Some(temb), Some(proj)) => {
@@ -87,7 +87,7 @@ impl ResnetBlock2D {
             _ => xs,
         };
         // 3. norm2 -> silu -> (dropout) -> conv2
-        let xs = self.conv2.forward(&silu(&self.norm2.forward(&xs)?)?)?;
+        let xs = self.conv2.forward(&self.norm2.forward_silu(&xs)?)?;
         // 4. shortcut, residual and output scale
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(input)?,

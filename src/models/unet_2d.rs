@@ -10,7 +10,7 @@ use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::resnet::ResnetBlock2D;
 use super::unet_2d_blocks::*;
 use super::{parse_config, unsupported};
-use crate::models::nn::{conv2d, group_norm, silu, Conv2d, Conv2dConfig, GroupNorm};
+use crate::models::nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -594,6 +594,6 @@ impl UNet2DConditionModel {
         }
 
         // 6. post-process
-        s.run1(&[xs], |m, x| m.conv_out.forward(&silu(&m.conv_norm_out.forward(&x[0])?)?))
+        s.run1(&[xs], |m, x| m.conv_out.forward(&m.conv_norm_out.forward_silu(&x[0])?))
     }
 }

@@ -9,7 +9,7 @@ use super::unet_2d_blocks::{
     UpDecoderBlock2DConfig,
 };
 use super::{parse_config, unsupported};
-use crate::models::nn::{conv2d, group_norm, silu, Conv2d, Conv2dConfig, GroupNorm};
+use crate::models::nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -205,7 +205,7 @@ impl Module for Encoder {
             xs = down_block.forward(&xs)?
         }
         let xs = self.mid_block.forward(&xs, None)?;
-        let xs = silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }
@@ -255,7 +255,7 @@ impl Module for Decoder {
         for up_block in self.up_blocks.iter() {
             xs = up_block.forward(&xs)?
         }
-        let xs = silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }
