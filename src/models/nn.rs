@@ -389,7 +389,7 @@ impl Linear {
     /// `x W^T + b + s (x A^T) B^T` for a frozen `W` and `b` as one op on the graph. Forward, one
     /// matrix product with the merged weight `W + s B A`; backward, `dx = g (W + s B A)` (only
     /// where `x` needs it), `dB = s g^T (x A^T)` and `dA = s (g B)^T x`. The composed ops took
-    /// three products forward and four backward, two full-size adds and a dozen graph nodes.
+    /// three products forward and four backward, two full-size adds and about nine graph nodes.
     fn forward_lora(&self, lora: &LoraAdapter, xs: &Tensor) -> Result<Tensor> {
         let frozen = !trainable(&self.weight) && !self.bias.as_ref().is_some_and(trainable);
         if !frozen {
@@ -848,7 +848,6 @@ impl GroupNorm {
         }
         self.scaled(&self.normalized(xs)?.reshape(xs.shape())?, &w, &b)
     }
-
 
     /// The gradients of the input, the weight and the bias (those that train) from the output's.
     fn backward(&self, x: &Tensor, w: &Tensor, b: &Tensor, grad: &Tensor) -> Result<Grads3> {
