@@ -9,7 +9,7 @@
 //!   with a `group_norm` and a residual connection).
 
 use crate::models::nn::{
-    attention, conv2d, geglu, group_norm, layer_norm, linear, linear_b, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear,
+    attention, conv2d, group_norm, layer_norm, linear, linear_b, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear,
 };
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -118,9 +118,10 @@ impl GeGlu {
     }
 }
 
-impl Module for GeGlu {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        geglu(&self.proj.forward(xs)?)
+impl GeGlu {
+    /// `[h, gate]`, the projection GEGLU gates (see [`Linear::forward_geglu`]).
+    fn project(&self, xs: &Tensor) -> Result<Tensor> {
+        self.proj.forward(xs)
     }
 }
 
@@ -145,7 +146,7 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.linear.forward(&self.project_in.forward(xs)?)
+        self.linear.forward_geglu(&self.project_in.project(xs)?)
     }
 }
 

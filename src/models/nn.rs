@@ -260,22 +260,31 @@ fn silu_input_grad(x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor> {
 /// writes both halves' gradients into one tensor. candle's own rules take about twenty ops,
 /// among them a zero-filled half and a copy for each half's gradient and an add to join them.
 pub fn geglu(xs: &Tensor) -> Result<Tensor> {
-    if !cpu_kernels::applies(xs) {
-        let halves = xs.detach().chunk(2, D::Minus1)?;
-        let ys = (&halves[0] * halves[1].gelu_erf()?)?;
-        return attach_backward(xs, ys, |xs, _, grad| {
-            // gelu(x) = x Phi(x), gelu'(x) = Phi(x) + x phi(x): dh = g gelu(gate), dgate = g h gelu'(gate).
-            let halves = xs.detach().chunk(2, D::Minus1)?;
-            let (h, gate) = (&halves[0], halves[1].contiguous()?);
-            let cdf = (&gate / std::f64::consts::SQRT_2)?.erf()?.affine(0.5, 0.5)?;
-            let pdf = (gate.sqr()? * -0.5)?.exp()?.affine(0.5 * std::f64::consts::FRAC_2_SQRT_PI / std::f64::consts::SQRT_2, 0.0)?;
-            let d_h = (grad * (&gate * &cdf)?)?;
-            let d_gate = ((grad * h)? * (cdf + (&gate * pdf)?)?)?;
-            Tensor::cat(&[d_h, d_gate], D::Minus1)
-        });
+    attach_backward(xs, geglu_value(&xs.detach())?, |xs, _, grad| geglu_input_grad(xs, grad))
+}
+
+/// GEGLU off the graph.
+fn geglu_value(xs: &Tensor) -> Result<Tensor> {
+    if cpu_kernels::applies(xs) {
+        return xs.apply_op1_no_bwd(&cpu_kernels::Geglu);
     }
-    let ys = xs.detach().apply_op1_no_bwd(&cpu_kernels::Geglu)?;
-    attach_backward(xs, ys, |xs, _, grad| xs.apply_op2_no_bwd(&grad.contiguous()?, &cpu_kernels::GegluGrad))
+    let halves = xs.chunk(2, D::Minus1)?;
+    &halves[0] * halves[1].gelu_erf()?
+}
+
+/// The gradient of GEGLU's input from its output's, `grad`.
+fn geglu_input_grad(xs: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    if cpu_kernels::applies(xs) {
+        return xs.apply_op2_no_bwd(&grad.contiguous()?, &cpu_kernels::GegluGrad);
+    }
+    // gelu(x) = x Phi(x), gelu'(x) = Phi(x) + x phi(x): dh = g gelu(gate), dgate = g h gelu'(gate).
+    let halves = xs.detach().chunk(2, D::Minus1)?;
+    let (h, gate) = (&halves[0], halves[1].contiguous()?);
+    let cdf = (&gate / std::f64::consts::SQRT_2)?.erf()?.affine(0.5, 0.5)?;
+    let pdf = (gate.sqr()? * -0.5)?.exp()?.affine(0.5 * std::f64::consts::FRAC_2_SQRT_PI / std::f64::consts::SQRT_2, 0.0)?;
+    let d_h = (grad * (&gate * &cdf)?)?;
+    let d_gate = ((grad * h)? * (cdf + (&gate * pdf)?)?)?;
+    Tensor::cat(&[d_h, d_gate], D::Minus1)
 }
 
 /// A low-rank adapter of a linear layer (LoRA, as PEFT's `lora.Linear`): adds
@@ -407,6 +416,21 @@ impl Linear {
             let merged = || grad.broadcast_matmul(&(&weight + scaled(b.matmul(a)?, scale)?)?);
             Ok((xs.track_op().then(merged).transpose()?, g_a, g_b))
         })
+    }
+}
+
+impl Linear {
+    /// `self(geglu(xs))`, the end of a transformer's feed-forward. For a frozen layer one op on the
+    /// graph whose backward keeps only `xs`, GEGLU's input: the two ops apart keep GEGLU's output
+    /// too, as the layer's input, until the backward reaches them.
+    pub fn forward_geglu(&self, xs: &Tensor) -> Result<Tensor> {
+        let frozen = self.lora.is_none() && !trainable(&self.weight) && !self.bias.as_ref().is_some_and(trainable);
+        if !frozen {
+            return self.forward(&geglu(xs)?);
+        }
+        let ys = self.forward_plain(&geglu_value(&xs.detach())?)?;
+        let weight = self.weight.clone();
+        attach_backward(xs, ys, move |xs, _, grad| geglu_input_grad(xs, &grad.broadcast_matmul(&weight)?))
     }
 }
 
@@ -1155,6 +1179,25 @@ mod tests {
             for (f, a) in fused.iter().flatten().zip(apart.iter().flatten()) {
                 assert!((f - a).abs() < tol * (1.0 + a.abs()), "{dtype:?}, trained {train}: {f} vs {a}");
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_frozen_linear_layer_after_geglu_is_the_two_ops_apart() -> Result<()> {
+        let (w, b, x) = (randn(&[3, 4])?, randn(&[3])?, randn(&[2, 5, 8])?);
+        check_grad(&x, &|x| Linear::new(w.clone(), Some(b.clone())).forward_geglu(x))?;
+        // f32 on the CPU takes the one-op kernels: the same output and input gradient as apart.
+        let (w, b, x, probe) = (w.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?, x.to_dtype(DType::F32)?, randn(&[2, 5, 3])?.to_dtype(DType::F32)?);
+        let run = |fused: bool| -> Result<Vec<f32>> {
+            let (xv, lin) = (Var::from_tensor(&x)?, Linear::new(w.clone(), Some(b.clone())));
+            let y = if fused { lin.forward_geglu(xv.as_tensor())? } else { lin.forward(&geglu(xv.as_tensor())?)? };
+            let grads = (&y * &probe)?.sum_all()?.backward()?;
+            let d_x = grads.get(xv.as_tensor()).expect("an input gradient").flatten_all()?;
+            Tensor::cat(&[y.flatten_all()?, d_x], 0)?.to_vec1::<f32>()
+        };
+        for (f, a) in run(true)?.iter().zip(run(false)?) {
+            assert!((f - a).abs() < 1e-5 * (1.0 + a.abs()), "{f} vs {a}");
         }
         Ok(())
     }
