@@ -170,6 +170,11 @@ fn trainable(w: &Tensor) -> bool {
     w.track_op()
 }
 
+/// True when neither a layer's weight nor its bias trains.
+fn frozen(weight: &Tensor, bias: Option<&Tensor>) -> bool {
+    !trainable(weight) && !bias.is_some_and(trainable)
+}
+
 /// Softmax over the last dimension: candle's fused kernel forward, `y * (g - sum(g * y))` backward.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     let ys = candle_nn::ops::softmax_last_dim(&xs.detach())?;
@@ -386,7 +391,7 @@ impl Linear {
 
     /// `x W^T + b`, with the cheap input-only backward when the weights are frozen.
     fn forward_base(&self, xs: &Tensor) -> Result<Tensor> {
-        let frozen = !trainable(&self.weight) && !self.bias.as_ref().is_some_and(trainable);
+        let frozen = frozen(&self.weight, self.bias.as_ref());
         if !(frozen && xs.track_op()) {
             return self.forward_plain(xs);
         }
@@ -400,7 +405,7 @@ impl Linear {
     /// where `x` needs it), `dB = s g^T (x A^T)` and `dA = s (g B)^T x`. The composed ops took
     /// three products forward and four backward, two full-size adds and about nine graph nodes.
     fn forward_lora(&self, lora: &LoraAdapter, xs: &Tensor) -> Result<Tensor> {
-        let frozen = !trainable(&self.weight) && !self.bias.as_ref().is_some_and(trainable);
+        let frozen = frozen(&self.weight, self.bias.as_ref());
         if !frozen {
             return self.forward_base(xs)? + lora.forward(xs)?;
         }
@@ -413,18 +418,18 @@ impl Linear {
             let g_a = a.track_op().then(|| scaled(g.matmul(b)?.t()?.matmul(&x)?, scale)).transpose()?;
             let g_b = b.track_op().then(|| scaled(g.t()?.matmul(&x.matmul(&a.t()?)?)?, scale)).transpose()?;
             // The input's gradient through the merged weight: one product, as the frozen layer's.
+            // Merged again rather than kept from the forward, which would hold a copy of every
+            // adapted weight until the backward.
             let merged = || grad.broadcast_matmul(&(&weight + scaled(b.matmul(a)?, scale)?)?);
             Ok((xs.track_op().then(merged).transpose()?, g_a, g_b))
         })
     }
-}
 
-impl Linear {
     /// `self(geglu(xs))`, the end of a transformer's feed-forward. For a frozen layer one op on the
     /// graph whose backward keeps only `xs`, GEGLU's input: the two ops apart keep GEGLU's output
     /// too, as the layer's input, until the backward reaches them.
     pub fn forward_geglu(&self, xs: &Tensor) -> Result<Tensor> {
-        let frozen = self.lora.is_none() && !trainable(&self.weight) && !self.bias.as_ref().is_some_and(trainable);
+        let frozen = self.lora.is_none() && frozen(&self.weight, self.bias.as_ref());
         if !frozen {
             return self.forward(&geglu(xs)?);
         }
@@ -574,7 +579,7 @@ impl Module for Conv2d {
         if let Some(ys) = self.forward_tiled(xs)? {
             return Ok(ys);
         }
-        let frozen = !trainable(&self.weight) && !self.bias.as_ref().is_some_and(trainable);
+        let frozen = frozen(&self.weight, self.bias.as_ref());
         if frozen && xs.track_op() {
             let ys = self.forward_plain(&xs.detach())?;
             let (weight, c) = (self.weight.clone(), self.cfg);
