@@ -6,19 +6,19 @@
 #                                     and downloads the wheels the GPU machine lacks (diffusers),
 #                                     all into gpu-bundle/ (git-ignored; carry it; about 16 MB).
 #   scripts/gpu-check.sh run          there, from the repo root (no network): the tiny-model
-#                                     parity tests on CUDA (also with LAYERDIFF_HTOD_CACHE=1), a
+#                                     parity tests on CUDA (also with LAYERDIFF_HTOD_CACHE=0), a
 #                                     demo edit, then `layerdiff bench --stages` and
 #                                     tools/bench_stages_ref.py at 512x512 in bf16 and f32, LoRA and
-#                                     full, full with gradient checkpointing in bf16, the variants
-#                                     (upload cache, TF32, 128 px), a table of
+#                                     full (bf16), full with gradient checkpointing in bf16, the
+#                                     variants (the host-side settings off, 128 px), a table of
 #                                     all (tools/bench_table.py), and Nsight Compute's kernel times
 #                                     (tools/ncu_summary.py); every log and JSON packed into
 #                                     $OUT/gpu-check.tgz, plus summary.txt and the two tables.
 #
-# With the device tool: run(command="STEPS=3 scripts/gpu-check.sh run", carry=["gpu-bundle"],
-# timeout_s=540). The run half took 5.3 minutes on an H200 before the upload-cache variants and
-# the checkpointed full fine-tuning pair were added (about a minute more each, estimated);
-# results in docs/bench/h200-2026-11-27. PROFILE= (empty) skips the last step, Nsight Compute.
+# With the device tool: run(command="STEPS=5 scripts/gpu-check.sh run", carry=["gpu-bundle"],
+# timeout_s=480). The run half took 6.3 minutes on an H200 (378 s of device time, plus about 40 s
+# to start the machine); results in docs/bench/h200-2026-11-27b. PROFILE= (empty) skips the last
+# step, Nsight Compute (about 70 s).
 # The tree that travels must stay under 64 MiB with the bundle: move the fixtures it does not read
 # (tests/fixtures/{grads.safetensors,sam,eval,mobile-sam,tiny-sd/tokenizer}, assets/clip-tokenizer,
 # assets/toy-sd) out of the checkout for the call and back after.
@@ -103,7 +103,7 @@ run() {
     export LD_LIBRARY_PATH=$(python3 -c 'import os, nvidia; print(":".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     # 1. correctness on the device
     step parity 90 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity --test-threads 1
-    step parity-htod-cache 90 env LAYERDIFF_TEST_DEVICE=cuda LAYERDIFF_HTOD_CACHE=1 /tmp/gpu-check/models_parity --test-threads 1
+    step parity-no-htod-cache 90 env LAYERDIFF_TEST_DEVICE=cuda LAYERDIFF_HTOD_CACHE=0 /tmp/gpu-check/models_parity --test-threads 1
   fi
   step demo-edit 60 "$BIN" edit --device "$DEVICE" --model assets/tiny-sd --image assets/demo/dog.png \
     --mask assets/demo/dog-mask.png --object "a jumping dog" --background "a dense forest" --size 64 \
@@ -113,6 +113,7 @@ run() {
   local dtype mode
   for dtype in bf16 f32; do
     for mode in lora full; do
+      [ "$dtype-$mode" = f32-full ] && continue
       ours "ours-$dtype-$mode" -- --size "$SIZE" --dtype "$dtype" --finetune "$mode" --steps "$STEPS"
       ref "torch-$dtype-$mode" --size "$SIZE" --dtype "$dtype" --finetune "$mode" --steps "$STEPS"
     done
@@ -120,12 +121,10 @@ run() {
   # full fine-tuning with gradient checkpointing (the 16 GB target), ours and diffusers'
   ours ours-bf16-full-ckpt -- --size "$SIZE" --dtype bf16 --finetune full --gradient-checkpointing --steps "$STEPS"
   ref torch-bf16-full-ckpt --size "$SIZE" --dtype bf16 --finetune full --gradient-checkpointing --steps "$STEPS"
-  # candle's upload cache (src/pipeline.rs, configure_cuda), TF32
-  for mode in lora full; do
-    ours "ours-bf16-$mode-htod-cache" LAYERDIFF_HTOD_CACHE=1 -- --size "$SIZE" --dtype bf16 --finetune "$mode" --steps "$STEPS"
-  done
-  ours ours-f32-tf32-lora LAYERDIFF_TF32=1 -- --size "$SIZE" --dtype f32 --finetune lora --steps "$STEPS"
-  ours ours-bf16-lora-small-htod-cache LAYERDIFF_HTOD_CACHE=1 -- --size $((SIZE / 4)) --dtype bf16 --finetune lora --steps "$STEPS"
+  # each of the host-side settings of src/pipeline.rs (configure_cuda) turned off, then both
+  ours ours-bf16-lora-no-htod-cache LAYERDIFF_HTOD_CACHE=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
+  ours ours-bf16-lora-events LAYERDIFF_SINGLE_STREAM=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
+  ours ours-bf16-lora-candle LAYERDIFF_HTOD_CACHE=0 LAYERDIFF_SINGLE_STREAM=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
   ours ours-bf16-lora-small -- --size $((SIZE / 4)) --dtype bf16 --finetune lora --steps "$STEPS"
   ref torch-bf16-lora-small --size $((SIZE / 4)) --dtype bf16 --finetune lora --steps "$STEPS"
   "$PY" tools/bench_table.py "$WORK"/*.json | tee "$WORK/table.txt"

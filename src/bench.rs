@@ -121,6 +121,7 @@ impl Default for StageBenchOptions {
 /// | `steps` | timed steps per stage (after one warm-up step) |
 /// | `memory` | what the peaks measure (see [`StageBench::memory`]) |
 /// | `stageN_step_s` | median seconds of one step of stage N |
+/// | `stageN_host_s` | median seconds the host took to issue a step's work, before the closing synchronize |
 /// | `stageN_peak_mib` | peak memory during stage N's timed steps, MiB, or null |
 /// | `stage2_trained_parameters` | elements stage 2 trains (all of `parameters` when full) |
 /// | `stageN_edit_steps` | steps of stage N in a default edit ([`EditSettings::default`]) |
@@ -159,16 +160,26 @@ pub struct StageBench {
     /// two text embeddings only (weights frozen), Adam on the embeddings
     /// ([`LayeredOptimization::run`]).
     pub stage1_step_s: f64,
+    /// Of each step, the seconds until the host had issued its work (the synchronize that ends
+    /// the step not counted; a synchronize inside the step, as the loss check's read, counted).
+    /// Near `stageN_step_s` the device waited on the host: a cost per op, not per FLOP. Absent
+    /// in older reports.
+    #[serde(default)]
+    pub stage1_host_s: Option<f64>,
     pub stage1_peak_mib: Option<f64>,
     /// Stage 2 in mode `finetune`: the same batched call with `e_bar` frozen, backward to the
     /// trained tensors, Adam ([`LayeredFinetune::run`]).
     pub stage2_step_s: f64,
+    #[serde(default)]
+    pub stage2_host_s: Option<f64>,
     pub stage2_peak_mib: Option<f64>,
     /// The elements stage 2 trains (full: every weight; LoRA: the adapters).
     pub stage2_trained_parameters: usize,
     /// Stage 3: one classifier-free-guided UNet call (batch 2), no graph
     /// ([`crate::pipeline::guided_noise`]).
     pub stage3_step_s: f64,
+    #[serde(default)]
+    pub stage3_host_s: Option<f64>,
     pub stage3_peak_mib: Option<f64>,
     pub stage1_edit_steps: usize,
     pub stage2_edit_steps: usize,
@@ -285,7 +296,7 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
     // 1. stage 1: layered optimization of the two embeddings
     on_stage("stage 1");
     let mut stage1 = LayeredOptimization::new(&context, &context, settings.embedding_lr)?;
-    let (stage1_step_s, stage1_peak_mib) = meter.time_loop(steps, &mut |n, tick| {
+    let stage1_timed = meter.time_loop(steps, &mut |n, tick| {
         let until = stage1.step + n;
         stage1.run(&unet, &alphas, &data, 0, until, &mut |_| tick())
     })?;
@@ -295,7 +306,7 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
     on_stage("stage 3");
     let latents = seeded_noise(6, &shape, device, dtype)?;
     let guidance = crate::pipeline::Guidance { cond: &context, uncond: &context, scale: settings.guidance_scale };
-    let (stage3_step_s, stage3_peak_mib) = meter.time_median(steps, &mut || {
+    let stage3_timed = meter.time_median(steps, &mut || {
         crate::pipeline::guided_noise(&unet, &latents, 500, &guidance)?;
         Ok(())
     })?;
@@ -316,7 +327,7 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
     .with_gradient_checkpointing(gradient_checkpointing);
     let stage2_trained_parameters =
         stage2.state().iter().filter(|(k, _)| k.starts_with("var.")).map(|(_, t)| t.elem_count()).sum();
-    let (stage2_step_s, stage2_peak_mib) = meter.time_loop(steps, &mut |n, tick| {
+    let stage2_timed = meter.time_loop(steps, &mut |n, tick| {
         let until = stage2.step + n;
         stage2.run(&context, lambda_object, settings.lambda_background, &alphas, &data, 0, until, &mut |_| tick())
     })?;
@@ -335,13 +346,16 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
         gradient_checkpointing,
         steps,
         memory: meter.kind.map(str::to_string),
-        stage1_step_s,
-        stage1_peak_mib,
-        stage2_step_s,
-        stage2_peak_mib,
+        stage1_step_s: stage1_timed.step_s,
+        stage1_host_s: Some(stage1_timed.host_s),
+        stage1_peak_mib: stage1_timed.peak_mib,
+        stage2_step_s: stage2_timed.step_s,
+        stage2_host_s: Some(stage2_timed.host_s),
+        stage2_peak_mib: stage2_timed.peak_mib,
         stage2_trained_parameters,
-        stage3_step_s,
-        stage3_peak_mib,
+        stage3_step_s: stage3_timed.step_s,
+        stage3_host_s: Some(stage3_timed.host_s),
+        stage3_peak_mib: stage3_timed.peak_mib,
         stage1_edit_steps: settings.embedding_steps,
         stage2_edit_steps: settings.finetune_steps,
         stage3_edit_steps: settings.steps,
@@ -411,8 +425,8 @@ impl<'a> PeakMeter<'a> {
     }
 
     /// One warm-up call, then `steps` timed calls (at least one), the device synchronized around
-    /// each: the median seconds, and the peak memory of the timed calls.
-    fn time_median(&self, steps: usize, call: &mut dyn FnMut() -> Result<()>) -> Result<(f64, Option<f64>)> {
+    /// each: the medians, and the peak memory of the timed calls.
+    fn time_median(&self, steps: usize, call: &mut dyn FnMut() -> Result<()>) -> Result<Timed> {
         self.time_loop(steps, &mut |n, tick| {
             for _ in 0..n {
                 call()?;
@@ -423,36 +437,49 @@ impl<'a> PeakMeter<'a> {
     }
 
     /// A stage that runs its own loop ([`StageLoop`]): one warm-up step, then `steps` (at least one) in one loop, timed from tick to tick with
-    /// the device synchronized at each: the median seconds, and the peak memory of the timed
+    /// the device synchronized at each: the medians, and the peak memory of the timed
     /// steps. What a stage does once per loop rather than per step (stage 2's check that every
     /// weight is finite, which an edit does once per checkpoint) falls outside the timed steps.
     fn time_loop(
         &self,
         steps: usize,
         run: &mut StageLoop<'_>,
-    ) -> Result<(f64, Option<f64>)> {
+    ) -> Result<Timed> {
         run(1, &mut || {})?;
         self.device.synchronize()?;
         self.reset();
         let steps = steps.max(1);
-        let mut times = Vec::with_capacity(steps);
+        let (mut times, mut hosts) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
         let mut synced = Ok(());
         let mut last = Instant::now();
         run(steps, &mut || {
+            let issued = Instant::now();
             if let Err(e) = self.device.synchronize() {
                 synced = Err(e);
             }
             let now = Instant::now();
             times.push((now - last).as_secs_f64());
+            hosts.push((issued - last).as_secs_f64());
             last = now;
         })?;
         synced?;
         if times.len() != steps {
             return Err(bad_input("bench", format!("{} timed steps ran, {steps} asked for", times.len()), "report this bug"));
         }
-        times.sort_by(f64::total_cmp);
-        Ok((times[times.len() / 2], self.peak_mib()))
+        Ok(Timed { step_s: median(times), host_s: median(hosts), peak_mib: self.peak_mib() })
     }
+}
+
+/// What [`PeakMeter::time_loop`] measures of a stage's steps.
+struct Timed {
+    step_s: f64,
+    host_s: f64,
+    peak_mib: Option<f64>,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 /// GPU memory through cudarc (candle 0.11.1 keeps no allocator statistics): the high-water mark
@@ -580,8 +607,7 @@ fn time_median(device: &Device, runs: usize, step: &mut dyn FnMut() -> Result<()
         device.synchronize()?;
         times.push(start.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    Ok((times[times.len() / 2], peak_rss_mib()))
+    Ok((median(times), peak_rss_mib()))
 }
 
 /// Resets the kernel's peak-RSS counter (Linux: writing 5 to clear_refs), so each measurement has its own.

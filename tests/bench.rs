@@ -24,11 +24,14 @@ const KEYS: &[&str] = &[
     "steps",
     "memory",
     "stage1_step_s",
+    "stage1_host_s",
     "stage1_peak_mib",
     "stage2_step_s",
+    "stage2_host_s",
     "stage2_peak_mib",
     "stage2_trained_parameters",
     "stage3_step_s",
+    "stage3_host_s",
     "stage3_peak_mib",
     "stage1_edit_steps",
     "stage2_edit_steps",
@@ -76,6 +79,11 @@ fn check_report(json: &Value, finetune: &str) {
     assert_eq!(json["stage3_edit_steps"], defaults.steps);
     assert_eq!(json["lora_rank"], defaults.lora_rank);
     let (s1, s2, s3) = (f(json, "stage1_step_s"), f(json, "stage2_step_s"), f(json, "stage3_step_s"));
+    // On the CPU the work is done when issued: the host's share is all of a step, not more.
+    for n in 1..=3 {
+        let (step, host) = (f(json, &format!("stage{n}_step_s")), f(json, &format!("stage{n}_host_s")));
+        assert!(host > 0.0 && host <= step, "stage {n}: host {host} s, step {step} s");
+    }
     for s in [s1, s2, s3] {
         assert!(s > 0.0 && s < 60.0, "{json}");
     }

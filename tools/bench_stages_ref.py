@@ -211,17 +211,20 @@ class PeakMeter:
         return None
 
     def time_median(self, steps, step):
-        """One warm-up step, then `steps` timed steps: (median seconds, peak MiB of the timed steps)."""
+        """One warm-up step, then `steps` timed steps: (median seconds, median seconds until the
+        step's work was issued, before the closing synchronize; peak MiB of the timed steps)."""
         step()
         self.sync()
         self.reset()
-        times = []
+        times, hosts = [], []
         for _ in range(max(steps, 1)):
             t0 = time.perf_counter()
             step()
+            issued = time.perf_counter()
             self.sync()
             times.append(time.perf_counter() - t0)
-        return statistics.median(times), self.peak_mib()
+            hosts.append(issued - t0)
+        return statistics.median(times), statistics.median(hosts), self.peak_mib()
 
 
 def main():
@@ -293,7 +296,7 @@ def main():
         adam1.zero_grad(set_to_none=True)
         check_finite(float(e_o.detach().abs().sum() + e_b.detach().abs().sum()), "the embeddings")
 
-    stage1_s, stage1_peak = meter.time_median(steps, stage1_step)
+    stage1_s, stage1_host, stage1_peak = meter.time_median(steps, stage1_step)
     del e_o, e_b, adam1
 
     # 2. stage 3: one classifier-free-guided call
@@ -307,7 +310,7 @@ def main():
             eps_u, eps_c = eps[0:1], eps[1:2]
             return eps_u + (eps_c - eps_u) * GUIDANCE_SCALE
 
-    stage3_s, stage3_peak = meter.time_median(steps, stage3_step)
+    stage3_s, stage3_host, stage3_peak = meter.time_median(steps, stage3_step)
 
     # 3. stage 2: layered fine-tuning, e_bar frozen
     print(f"stage 2 ({args.finetune}): a warm-up step and {steps} timed", file=sys.stderr)
@@ -332,7 +335,7 @@ def main():
         loss.backward()
         adam2.step()
 
-    stage2_s, stage2_peak = meter.time_median(steps, stage2_step)
+    stage2_s, stage2_host, stage2_peak = meter.time_median(steps, stage2_step)
 
     report = {
         "framework": f"torch {torch.__version__}, diffusers {diffusers.__version__}",
@@ -348,11 +351,14 @@ def main():
         "steps": steps,
         "memory": meter.kind,
         "stage1_step_s": stage1_s,
+        "stage1_host_s": stage1_host,
         "stage1_peak_mib": stage1_peak,
         "stage2_step_s": stage2_s,
+        "stage2_host_s": stage2_host,
         "stage2_peak_mib": stage2_peak,
         "stage2_trained_parameters": sum(p.numel() for p in trained),
         "stage3_step_s": stage3_s,
+        "stage3_host_s": stage3_host,
         "stage3_peak_mib": stage3_peak,
         "stage1_edit_steps": EMBEDDING_STEPS,
         "stage2_edit_steps": FINETUNE_STEPS,

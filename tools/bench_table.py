@@ -1,5 +1,6 @@
 """One line per `layerdiff bench --stages` or tools/bench_stages_ref.py JSON: each stage's step
-(seconds) and peak memory (GiB), and the projected default edit.
+(seconds), the host's share of it where reported (`host`: seconds until the step's work was issued),
+peak memory (MiB), and the projected default edit.
 usage: python3 tools/bench_table.py FILE.json..."""
 import json
 import os
@@ -12,7 +13,7 @@ def cell(v, fmt):
 
 def main(paths):
     print(f"{'run':34} {'size':>4} {'dtype':>5} {'stage 1':>8} {'stage 2':>8} {'stage 3':>8} "
-          f"{'peak 1/2/3 MiB':>18} {'edit s':>7}")
+          f"{'peak 1/2/3 MiB':>18} {'edit s':>7}  {'host 1/2/3 s':>20}")
     for path in paths:
         try:
             r = json.load(open(path))
@@ -22,9 +23,10 @@ def main(paths):
         if "stage1_step_s" not in r:
             continue
         peaks = "/".join(cell(r.get(f"stage{n}_peak_mib"), "{:.0f}") for n in (1, 2, 3))
+        hosts = "/".join(cell(r.get(f"stage{n}_host_s"), "{:.4f}") for n in (1, 2, 3))
         name = os.path.basename(path).removesuffix(".json")
         print(f"{name:34} {r['size']:>4} {r['dtype']:>5} {r['stage1_step_s']:8.4f} {r['stage2_step_s']:8.4f} "
-              f"{r['stage3_step_s']:8.4f} {peaks:>18} {r['projected_edit_s']:7.1f}")
+              f"{r['stage3_step_s']:8.4f} {peaks:>18} {r['projected_edit_s']:7.1f}  {hosts:>20}")
 
 
 if __name__ == "__main__":

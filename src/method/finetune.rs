@@ -20,7 +20,7 @@
 
 use super::adam::{Adam, AdamParams};
 use super::optimize::{
-    check_finite, check_layers, check_lr, entry, finite_loss, layer_batch, layer_terms_of, losses_from, losses_tensor,
+    check_finite, check_layers, check_lr, entry, finite_step, layer_batch, layer_terms_of, losses_from, losses_tensor,
     master_dtype, noisy_step, object_term_of, prefixed, snapshot, step_tensor, unprefixed, NoisyStep, STAGE2_STREAM,
 };
 use super::{FinetuneMode, LayeredLatents, StepLoss};
@@ -325,21 +325,19 @@ impl LayeredFinetune {
         };
         if !self.gradient_checkpointing {
             let loss = loss_of(&self.train_unet.forward_timesteps(&input, &timesteps, &context)?)?;
-            let value = finite_loss(&loss, STAGE2, self.step + 1, fix)?;
             self.adam.backward_step(&loss)?;
-            return Ok(value);
+            return finite_step(&loss, &[], "", STAGE2, self.step + 1, fix);
         }
         let mut tape = Tape::new(&self.unet);
         let (x, t, c) = (tape.input(&input, false), tape.input(&timesteps, false), tape.input(&context, false));
         let out = self.unet.forward_segments(&mut tape, x, t, c)?;
         let pred = Var::from_tensor(tape.value(out))?;
         let loss = loss_of(pred.as_tensor())?;
-        let value = finite_loss(&loss, STAGE2, self.step + 1, fix)?;
         let grad = loss.backward()?.get(pred.as_tensor()).cloned();
         let grad = grad.ok_or_else(|| candle_core::Error::Msg("the loss does not depend on the prediction".into()))?;
         let adam = &mut self.adam;
         tape.backward(&self.train_unet, vec![(out, grad)], |grads| adam.step(grads))?;
-        Ok(value)
+        finite_step(&loss, &[], "", STAGE2, self.step + 1, fix)
     }
 
     /// The fine-tuned UNet to sample from (stage 3): frozen weights sharing storage with the

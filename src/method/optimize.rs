@@ -163,24 +163,44 @@ pub fn layered_optimization(
     Ok((object + background)?)
 }
 
-/// The loss as a finite number, or the one-line error of a diverged stage.
-pub(crate) fn finite_loss(loss: &Tensor, stage: &str, step: usize, fix: &str) -> Result<f64> {
-    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    if !value.is_finite() {
-        return Err(bad_input(stage, format!("the loss became {value} at step {step}"), fix));
+/// The step's loss as a finite number, or the one-line error of a diverged stage, also when one
+/// of `tensors` (named `what`) holds an inf or a NaN; read from the device in one transfer.
+///
+/// Call it once the step's work is all issued: a read waits for the device to finish everything
+/// before it, and a read between the forward and the backward would leave a GPU idle while the
+/// host issues the backward (a training step on a GPU is mostly the host's cost per op).
+pub(crate) fn finite_step(loss: &Tensor, tensors: &[&Tensor], what: &str, stage: &str, step: usize, fix: &str) -> Result<f64> {
+    let mut values = vec![loss.to_dtype(DType::F64)?.reshape(1)?];
+    for t in tensors {
+        values.push(abs_sum(t)?.reshape(1)?);
     }
-    Ok(value)
+    let values = Tensor::cat(&values, 0)?.to_vec1::<f64>()?;
+    if !values[0].is_finite() {
+        return Err(bad_input(stage, format!("the loss became {} at step {step}", values[0]), fix));
+    }
+    if let Some(sum) = values[1..].iter().find(|v| !v.is_finite()) {
+        return Err(diverged(*sum, stage, what, step, fix));
+    }
+    Ok(values[0])
 }
 
 /// The error of a diverged stage when `t` holds an inf or a NaN.
 pub(crate) fn check_finite(t: &Tensor, stage: &str, what: &str, step: usize, fix: &str) -> Result<()> {
-    // A sum, not a max: NaN propagates through sums but compares false in a max.
-    let sum = t.to_dtype(DType::F64)?.abs()?.sum_all()?.to_scalar::<f64>()?;
+    let sum = abs_sum(t)?.to_scalar::<f64>()?;
     if !sum.is_finite() {
-        let kind = if sum.is_nan() { "NaN" } else { "infinite" };
-        return Err(bad_input(stage, format!("{what} became {kind} at step {step}"), fix));
+        return Err(diverged(sum, stage, what, step, fix));
     }
     Ok(())
+}
+
+/// `sum |t|` in f64: a sum, not a max, as NaN propagates through sums but compares false in a max.
+fn abs_sum(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F64)?.abs()?.sum_all()?)
+}
+
+fn diverged(sum: f64, stage: &str, what: &str, step: usize, fix: &str) -> crate::error::Error {
+    let kind = if sum.is_nan() { "NaN" } else { "infinite" };
+    bad_input(stage, format!("{what} became {kind} at step {step}"), fix)
 }
 
 /// The step count as an i64 scalar on the CPU.
@@ -320,16 +340,14 @@ impl LayeredOptimization {
             } else {
                 layered_optimization(unet, &e_o, &e_b, &noisy, data)?
             };
-            let value = finite_loss(&loss, STAGE1, self.step + 1, &fix)?;
             self.adam.backward_step(&loss)?;
             if self.dtype != self.e_o.dtype() {
                 self.object = self.e_o.as_tensor().detach().to_dtype(self.dtype)?;
                 self.background = self.e_b.as_tensor().detach().to_dtype(self.dtype)?;
             }
             // A step can also blow the embeddings up without a bad loss yet: say so at this step.
-            for e in [self.e_o.as_tensor(), self.e_b.as_tensor()] {
-                check_finite(e, STAGE1, "the embeddings", self.step + 1, &fix)?;
-            }
+            let embeddings = [self.e_o.as_tensor(), self.e_b.as_tensor()];
+            let value = finite_step(&loss, &embeddings, "the embeddings", STAGE1, self.step + 1, &fix)?;
             let step_loss = StepLoss { step: self.step, loss: value };
             self.step += 1;
             self.losses.push(step_loss);
