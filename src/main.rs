@@ -274,6 +274,10 @@ struct BenchArgs {
     /// With --stages: the tiny test UNet instead of SD v1.4's (tests; the numbers mean nothing).
     #[arg(long, hide = true, requires = "stages")]
     tiny: bool,
+    /// With --stages: a diffusers UNet config.json to time instead of SD v1.4's (SD 2.1's, say),
+    /// with random weights; `tools/bench_stages_ref.py --unet-config` builds the same in PyTorch.
+    #[arg(long, requires = "stages", conflicts_with = "tiny")]
+    unet_config: Option<PathBuf>,
     /// Time Segment Anything instead, at its full size (1024 px input): one image embedding and
     /// one click's decoding.
     #[arg(long, value_enum, conflicts_with_all = ["stages", "size"])]
@@ -956,14 +960,25 @@ fn numbered(out: &Path, i: usize, n: usize) -> PathBuf {
     out.with_file_name(format!("{stem}-{i}.{ext}"))
 }
 
-fn tiny_model(args: TinyModelArgs) -> Result<()> {
-    let overrides = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
-            Some(serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--config {}: not JSON ({e})", path.display()))?)
+/// The JSON file a flag names, or a one-line error naming the flag and the file.
+fn read_json_arg(flag: &str, path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?;
+    Ok(serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{flag} {}: not JSON ({e})", path.display()))?)
+}
+
+/// `bench --unet-config`: the JSON, checked here so that an error names the flag and the file.
+fn read_unet_config(path: &Path) -> Result<serde_json::Value> {
+    let cfg = read_json_arg("--unet-config", path)?;
+    match layerdiff::models::unet_2d::UNet2DConditionModelConfig::from_json(&cfg) {
+        Err(layerdiff::error::Error::BadInput { problem, fix, .. }) => {
+            Err(layerdiff::error::bad_input(format!("--unet-config {}", path.display()), problem, fix).into())
         }
-        None => None,
-    };
+        other => other.map(|_| cfg).map_err(Into::into),
+    }
+}
+
+fn tiny_model(args: TinyModelArgs) -> Result<()> {
+    let overrides = args.config.as_deref().map(|path| read_json_arg("--config", path)).transpose()?;
     let sam = |file: &str, cfg: layerdiff::models::sam::SamConfig| -> Result<()> {
         if overrides.is_some() {
             anyhow::bail!("--config: only for --kind sd");
@@ -1016,7 +1031,10 @@ fn bench(args: BenchArgs) -> Result<()> {
             finetune: args.finetune,
             steps: args.steps,
             gradient_checkpointing: args.gradient_checkpointing,
-            unet_config: args.tiny.then(|| layerdiff::tiny::default_configs()["unet"].clone()),
+            unet_config: match &args.unet_config {
+                Some(path) => Some(read_unet_config(path)?),
+                None => args.tiny.then(|| layerdiff::tiny::default_configs()["unet"].clone()),
+            },
         };
         let report = layerdiff::bench::bench_stages(&device, &opts, &mut |stage| {
             eprintln!("{stage}: a warm-up step and {} timed", opts.steps.max(1));

@@ -149,3 +149,43 @@ fn pytorch_reference_writes_the_same_keys() {
         assert!(script.contains(&format!("\"{key}\": ")), "tools/bench_stages_ref.py lacks \"{key}\"");
     }
 }
+
+/// `--unet-config` times the UNet a diffusers config.json describes: here the tiny one with one
+/// layer per block and a wider text context, which must change the parameter count as it does.
+#[test]
+fn stages_take_a_unet_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = layerdiff::tiny::default_configs()["unet"].clone();
+    cfg["layers_per_block"] = 1.into();
+    cfg["cross_attention_dim"] = 48.into();
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let run = |args: &[&str]| -> Value {
+        let mut all = vec!["bench", "--stages", "--cpu", "--size", "32", "--steps", "1", "--finetune", "lora"];
+        all.extend_from_slice(args);
+        let out = layerdiff(&all);
+        assert!(out.status.success(), "{all:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let custom = run(&["--unet-config", path.to_str().unwrap()]);
+    let tiny = run(&["--tiny"]);
+    assert_eq!(custom["unet"], "custom");
+    assert_eq!(tiny["unet"], "tiny");
+    // A layer per block fewer: fewer weights, and fewer attentions to adapt.
+    assert!(f(&custom, "parameters") < f(&tiny, "parameters"), "{custom} {tiny}");
+    assert!(f(&custom, "stage2_trained_parameters") < f(&tiny, "stage2_trained_parameters"));
+
+    // A config the UNet cannot take, a file that is not JSON, a missing file: one line naming
+    // the flag and the file.
+    std::fs::write(&path, r#"{"block_out_channels": "wide"}"#).unwrap();
+    let not_json = dir.path().join("notes.txt");
+    std::fs::write(&not_json, "wide blocks").unwrap();
+    let missing = dir.path().join("missing.json");
+    for bad in [&path, &not_json, &missing] {
+        let out = layerdiff(&["bench", "--stages", "--cpu", "--unet-config", bad.to_str().unwrap()]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let line = format!("--unet-config {}", bad.display());
+        assert!(stderr.contains(&line) && stderr.trim().lines().count() == 1, "{stderr}");
+    }
+}

@@ -4,19 +4,19 @@ diffusers' UNet2DConditionModel with the SD v1.4 config (seeded random init, no 
 the same way, printed as the same JSON (keys documented at `StageBench` in src/bench.rs).
 
     ~/venv-ref/bin/python tools/bench_stages_ref.py [--device cpu|cuda] [--dtype f32|f16|bf16]
-        [--size 256] [--finetune full|lora] [--steps 3] [--json PATH] [--tiny]
+        [--size 256] [--finetune full|lora] [--steps 3] [--json PATH] [--tiny | --unet-config PATH]
 
 The workloads follow src/method/optimize.rs and src/method/finetune.rs step for step:
 
 * stage 1 (`LayeredOptimization::run`): per step, a timestep t ~ U{0..999} and the noise of both
   layers drawn on the CPU, `z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps`; both layers in ONE UNet
   call of batch 2 (latents `[z_s,t; z_b,t]`, contexts `[e_o; e_b]`); the loss
-  `||M_s (.) (eps_s - pred_s)||^2 + ||(1 - M_b) (.) (eps_b - pred_b)||^2` (means, in f32); the loss
-  read back and checked finite; backward to the two embeddings only (UNet weights frozen); Adam
-  (lr 1e-3) on the embeddings; the embeddings checked finite.
+  `||M_s (.) (eps_s - pred_s)||^2 + ||(1 - M_b) (.) (eps_b - pred_b)||^2` (means, in f32);
+  backward to the two embeddings only (UNet weights frozen); Adam (lr 1e-3) on the embeddings;
+  then the loss and the embeddings read back in one transfer and checked finite.
 * stage 2 (`LayeredFinetune::run`): the same batched call with `e_bar` frozen for both layers,
-  loss `2 L_o + 1 L_b`, the loss read back and checked finite, backward to the trained tensors,
-  Adam (lr 2e-6). `--finetune full`: every UNet weight. `--finetune lora`: rank-4 LoRA on to_q,
+  loss `2 L_o + 1 L_b`, backward to the trained tensors, Adam (lr 2e-6), then the loss read back
+  and checked finite. `--finetune full`: every UNet weight. `--finetune lora`: rank-4 LoRA on to_q,
   to_k, to_v and to_out.0 of every attn1/attn2 (A `[r, in]` kaiming-uniform as PEFT's, B `[out, r]`
   zero, scale lora_alpha / r = 1), the base weights frozen; a small wrapper of our own (as PEFT's
   `Linear` without dropout), so that the script needs nothing beyond diffusers.
@@ -41,7 +41,8 @@ Peak memory per stage: on the CPU the process's peak RSS (VmHWM, reset through
 The projected edit is 500 x stage 1 + 250 x stage 2 + 50 x stage 3 (EditSettings::default()).
 
 --tiny uses the tiny test UNet (src/tiny.rs `default_configs()["unet"]`) to check the script in
-seconds; its numbers mean nothing.
+seconds; its numbers mean nothing. --unet-config PATH builds the UNet from a diffusers
+config.json instead (as `layerdiff bench --stages --unet-config`).
 """
 
 import argparse
@@ -237,7 +238,9 @@ def main():
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="stage 2 with diffusers' unet.enable_gradient_checkpointing() (in train mode)")
     ap.add_argument("--json", help="also write the JSON here")
-    ap.add_argument("--tiny", action="store_true", help="the tiny test UNet (checks the script; numbers mean nothing)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--tiny", action="store_true", help="the tiny test UNet (checks the script; numbers mean nothing)")
+    which.add_argument("--unet-config", help="a diffusers UNet config.json instead of SD v1.4's (random weights)")
     args = ap.parse_args()
     if args.size <= 0 or args.size % 8:
         ap.error(f"--size {args.size} is not a positive multiple of 8")
@@ -249,17 +252,20 @@ def main():
     steps = max(args.steps, 1)
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    cfg = TINY_UNET_CONFIG if args.tiny else SD14_UNET_CONFIG
+    cfg, unet_name = (TINY_UNET_CONFIG, "tiny") if args.tiny else (SD14_UNET_CONFIG, "sd-v1.4")
+    if args.unet_config:
+        with open(args.unet_config) as f:
+            cfg, unet_name = json.load(f), "custom"
     # Built on the device (seconds rather than a minute of CPU init at full size; timings do not
     # depend on the random values). torch's own Module.to: diffusers' override warns about modules
     # to keep in f32 (there are none).
     with device:
-        unet = torch.nn.Module.to(UNet2DConditionModel(**cfg), device=device, dtype=dtype)
+        unet = torch.nn.Module.to(UNet2DConditionModel.from_config(cfg), device=device, dtype=dtype)
     unet.train(False)  # no dropout (there is none with the SD config; as ours)
     unet.requires_grad_(False)
     parameters = sum(p.numel() for p in unet.parameters())
     meter = PeakMeter(device)
-    print(f"built {'tiny' if args.tiny else 'SD v1.4'} UNet: {parameters} parameters; attention: "
+    print(f"built the {unet_name} UNet: {parameters} parameters; attention: "
           f"{type(unet.attn_processors[next(iter(unet.attn_processors))]).__name__}", file=sys.stderr)
 
     # The data of an edit: two layers of latents, half-covering masks, one text embedding.
@@ -270,12 +276,12 @@ def main():
         return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
 
     data = {
-        "subject": randn(1, cfg["in_channels"], hw, hw),
+        "subject": randn(1, unet.config.in_channels, hw, hw),
         "subject_mask": (randn(1, 1, hw, hw) >= 0).to(dtype),
-        "background": randn(1, cfg["in_channels"], hw, hw),
+        "background": randn(1, unet.config.in_channels, hw, hw),
         "background_mask": (randn(1, 1, hw, hw) >= 0).to(dtype),
     }
-    context = randn(1, 77, cfg["cross_attention_dim"])
+    context = randn(1, 77, unet.config.cross_attention_dim)
     alphas = [1.0 - (i + 1.0) * 9e-4 for i in range(1000)]
     noise_gen = torch.Generator().manual_seed(0)
 
@@ -290,18 +296,20 @@ def main():
         noisy = noisy_step(noise_gen, alphas, data, device, dtype)
         obj, bg = layer_terms(unet, noisy, data, e_o.to(dtype), e_b.to(dtype))
         loss = obj + bg
-        check_finite(loss.item(), "stage 1 loss")
         loss.backward()
         adam1.step()
         adam1.zero_grad(set_to_none=True)
-        check_finite(float(e_o.detach().abs().sum() + e_b.detach().abs().sum()), "the embeddings")
+        sums = torch.stack([loss.detach().double(), e_o.detach().double().abs().sum(), e_b.detach().double().abs().sum()])
+        value, *embeddings = sums.tolist()
+        check_finite(value, "stage 1 loss")
+        check_finite(sum(embeddings), "the embeddings")
 
     stage1_s, stage1_host, stage1_peak = meter.time_median(steps, stage1_step)
     del e_o, e_b, adam1
 
     # 2. stage 3: one classifier-free-guided call
     print(f"stage 3: a warm-up step and {steps} timed", file=sys.stderr)
-    latents = randn(1, cfg["in_channels"], hw, hw)
+    latents = randn(1, unet.config.in_channels, hw, hw)
     t500 = torch.tensor(500.0, device=device)
 
     def stage3_step():
@@ -331,15 +339,15 @@ def main():
         noisy = noisy_step(noise_gen, alphas, data, device, dtype)
         obj, bg = layer_terms(unet, noisy, data, e_bar, e_bar)
         loss = obj * LAMBDA_OBJECT + bg * LAMBDA_BACKGROUND
-        check_finite(loss.item(), "stage 2 loss")
         loss.backward()
         adam2.step()
+        check_finite(loss.item(), "stage 2 loss")
 
     stage2_s, stage2_host, stage2_peak = meter.time_median(steps, stage2_step)
 
     report = {
         "framework": f"torch {torch.__version__}, diffusers {diffusers.__version__}",
-        "unet": "tiny" if args.tiny else "sd-v1.4",
+        "unet": unet_name,
         "parameters": parameters,
         "device": "cpu" if device.type == "cpu" else f"{device.type}:{device.index}",
         "dtype": args.dtype,
