@@ -4,16 +4,18 @@
 #   scripts/gpu-check.sh prepare      here, on the CPU machine (no GPU needed): builds the `cuda`
 #                                     binary and the parity test binary with tools/build-cuda.sh,
 #                                     and downloads the wheels the GPU machine lacks (diffusers),
-#                                     all into gpu-bundle/ (git-ignored; carry it; about 16 MB).
+#                                     all into gpu-bundle/ (git-ignored; carry it; about 18 MB).
 #   scripts/gpu-check.sh run          there, from the repo root (no network): the tiny-model
 #                                     parity tests on CUDA (also with LAYERDIFF_HTOD_CACHE=0), a
 #                                     demo edit, then `layerdiff bench --stages` and
 #                                     tools/bench_stages_ref.py at 512x512 in bf16 and f32, LoRA and
 #                                     full (bf16), full with gradient checkpointing in bf16, the
 #                                     variants (the host-side settings off, 128 px), a table of
-#                                     all (tools/bench_table.py), and Nsight Compute's kernel times
-#                                     (tools/ncu_summary.py); every log and JSON packed into
-#                                     $OUT/gpu-check.tgz, plus summary.txt and the two tables.
+#                                     all (tools/bench_table.py), stacks of the host's thread
+#                                     sampled with cuda-gdb (tools/host_samples.sh), and Nsight
+#                                     Compute's kernel times (tools/ncu_summary.py); every log and
+#                                     JSON packed into $OUT/gpu-check.tgz, plus summary.txt, the
+#                                     two tables and the host's samples.
 #
 # With the device tool: run(command="STEPS=5 scripts/gpu-check.sh run", carry=["gpu-bundle"],
 # timeout_s=480). The run half took 6.3 minutes on an H200 (378 s of device time, plus about 40 s
@@ -38,7 +40,9 @@ prepare() {
   # `cargo build --release --features cuda --bin layerdiff --test models_parity`, with nvcc and
   # link stubs; cargo's JSON names the executables (the test binary's file name has a hash).
   rm -rf "$BUNDLE" /tmp/gpu-check-bins && mkdir -p "$BUNDLE/wheels" /tmp/gpu-check-bins
-  CARGO_TARGET_DIR=target/cuda tools/build-cuda.sh --features cuda --bin layerdiff --test models_parity \
+  # Symbols kept (`strip = false`), for the host-side samples of `run`.
+  CARGO_PROFILE_RELEASE_STRIP=false CARGO_TARGET_DIR=target/cuda \
+    tools/build-cuda.sh --features cuda --bin layerdiff --test models_parity \
     --message-format=json-render-diagnostics >/tmp/gpu-check-bins/build.json
   python3 -c 'import json, shutil
 for m in map(json.loads, open("/tmp/gpu-check-bins/build.json")):
@@ -129,7 +133,16 @@ run() {
   ref torch-bf16-lora-small --size $((SIZE / 4)) --dtype bf16 --finetune lora --steps "$STEPS"
   "$PY" tools/bench_table.py "$WORK"/*.json | tee "$WORK/table.txt"
   cp "$WORK/table.txt" "$OUT/"
-  # 3. where our GPU time goes: each kernel's time, summed by kernel (Nsight Compute), over the
+  # 3. where the host's time goes in a stage-1 step (the GPU waits on it): stacks of the main
+  #    thread sampled with cuda-gdb (there is no perf there), summed by function.
+  if [ "$DEVICE" = cuda ] && [ -n "${PROFILE:-1}" ]; then
+    local gdb
+    gdb=$(command -v cuda-gdb || ls /usr/local/cuda*/bin/cuda-gdb 2>/dev/null | head -1)
+    step host-samples 180 env GDB="$gdb" WAIT=25 SAMPLES="${HOST_SAMPLES:-40}" tools/host_samples.sh "$WORK/host" \
+      "$BIN" bench --stages --device cuda --size "$SIZE" --dtype bf16 --finetune lora --steps 400
+    cp "$WORK/host-samples.log" "$OUT/host-samples.txt"
+  fi
+  # 4. where our GPU time goes: each kernel's time, summed by kernel (Nsight Compute), over the
   #    plain bench's forward + backward (after its forwards); last, as it may run out of time.
   if [ "$DEVICE" = cuda ] && [ -n "${PROFILE:-1}" ]; then
     local ncu

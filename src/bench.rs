@@ -229,14 +229,15 @@ impl std::fmt::Display for StageBench {
             Some(other) => other,
             None => "not measured",
         };
-        writeln!(f, "{:<38}{:>10}{:>10}{:>12}{:>10}", "stage step", "step s", "peak MiB", "edit steps", "edit s")?;
+        let secs = |s: Option<f64>| s.map_or("-".to_string(), |s| format!("{s:.3}"));
+        writeln!(f, "{:<38}{:>10}{:>10}{:>10}{:>12}{:>10}", "stage step", "step s", "host s", "peak MiB", "edit steps", "edit s")?;
         let rows = [
-            ("1: embeddings (batch 2, Adam)".to_string(), self.stage1_step_s, self.stage1_peak_mib, self.stage1_edit_steps),
-            (format!("2: fine-tune {mode} (batch 2, Adam)"), self.stage2_step_s, self.stage2_peak_mib, self.stage2_edit_steps),
-            ("3: guided sampling (batch 2)".to_string(), self.stage3_step_s, self.stage3_peak_mib, self.stage3_edit_steps),
+            ("1: embeddings (batch 2, Adam)".to_string(), self.stage1_step_s, self.stage1_host_s, self.stage1_peak_mib, self.stage1_edit_steps),
+            (format!("2: fine-tune {mode} (batch 2, Adam)"), self.stage2_step_s, self.stage2_host_s, self.stage2_peak_mib, self.stage2_edit_steps),
+            ("3: guided sampling (batch 2)".to_string(), self.stage3_step_s, self.stage3_host_s, self.stage3_peak_mib, self.stage3_edit_steps),
         ];
-        for (name, s, peak, n) in rows {
-            writeln!(f, "{name:<38}{s:>10.3}{:>10}{n:>12}{:>10.0}", mib(peak), n as f64 * s)?;
+        for (name, s, host, peak, n) in rows {
+            writeln!(f, "{name:<38}{s:>10.3}{:>10}{:>10}{n:>12}{:>10.0}", secs(host), mib(peak), n as f64 * s)?;
         }
         write!(
             f,

@@ -107,6 +107,7 @@ fn stages_lora_reports_every_key_and_the_projection() {
     assert_eq!(json["stage2_trained_parameters"], 33280);
     assert!(stderr.contains("2: fine-tune lora r4"), "{stderr}");
     assert!(stderr.contains("projected default edit"), "{stderr}");
+    assert!(stderr.contains("host s"), "{stderr}");
 }
 
 #[test]
