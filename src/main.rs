@@ -963,7 +963,7 @@ fn numbered(out: &Path, i: usize, n: usize) -> PathBuf {
 /// The JSON file a flag names, or a one-line error naming the flag and the file.
 fn read_json_arg(flag: &str, path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?;
-    Ok(serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{flag} {}: not JSON ({e})", path.display()))?)
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{flag} {}: not JSON ({e})", path.display()))
 }
 
 /// `bench --unet-config`: the JSON, checked here so that an error names the flag and the file.
