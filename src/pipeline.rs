@@ -138,7 +138,8 @@ pub struct Guidance<'a> {
 /// `0` turns its own off, for comparison (`scripts/gpu-check.sh`, README):
 /// - `LAYERDIFF_HTOD_CACHE`: candle uploads the shape and strides of each strided kernel launch
 ///   from pageable host memory; its CUDA-graph upload cache keeps each distinct upload on the
-///   device and reuses it (small host tensors too, as a device-to-device copy). Measured on an
+///   device and reuses it (host tensors of at most 4 KiB too, as a device-to-device copy; it
+///   never forgets, which at real sizes holds shapes, strides and timesteps). Measured on an
 ///   H200: a bf16 LoRA edit 214 s without it, 196 s with both.
 /// - `LAYERDIFF_SINGLE_STREAM`: no CUDA events per allocation (cudarc's cross-stream tracking):
 ///   218 s without it.
