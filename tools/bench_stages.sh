@@ -4,7 +4,7 @@
 # optimizer) in one go, one after the other; prints per stage both medians, the ratio Rust/PyTorch
 # and both peak memories, then both projected times of a default edit. Random weights, no download.
 # usage: tools/bench_stages.sh [PYTHON] [--size N] [--device D] [--dtype T] [--finetune M] [--steps N]
-#          [--gradient-checkpointing]
+#          [--gradient-checkpointing] [--unet-config PATH]
 #   PYTHON: a venv with tools/requirements.txt (default ~/venv-ref/bin/python); the flags go to both
 #   sides (defaults: --size 256 --device cpu --dtype f32 --finetune full --steps 3).
 #   OUT=DIR keeps the JSON there (default target/bench); BIN=PATH uses that layerdiff binary
@@ -20,7 +20,7 @@ if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then
   shift
 fi
 SIZE=256 DEVICE=cpu DTYPE=f32 FINETUNE=full STEPS=3
-TINY=() CKPT=()
+TINY=() CKPT=() UNET=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --tiny) TINY=(--tiny); shift; continue ;;  # the tiny test UNet: checks this script in seconds
@@ -30,7 +30,8 @@ while [ $# -gt 0 ]; do
     --dtype) DTYPE=$2 ;;
     --finetune) FINETUNE=$2 ;;
     --steps) STEPS=$2 ;;
-    *) echo "usage: tools/bench_stages.sh [PYTHON] [--size N] [--device D] [--dtype T] [--finetune M] [--steps N] [--gradient-checkpointing]" >&2; exit 2 ;;
+    --unet-config) UNET=(--unet-config "$2") ;;
+    *) echo "usage: tools/bench_stages.sh [PYTHON] [--size N] [--device D] [--dtype T] [--finetune M] [--steps N] [--gradient-checkpointing] [--unet-config PATH]" >&2; exit 2 ;;
   esac
   shift 2
 done
@@ -40,8 +41,8 @@ if [ -z "${BIN:-}" ]; then
   cargo build --release -q
   BIN=target/release/layerdiff
 fi
-NAME=stages-$DEVICE-$DTYPE-$SIZE-$FINETUNE${CKPT:+-ckpt}${TINY:+-tiny}
-FLAGS=(--size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --finetune "$FINETUNE" --steps "$STEPS" "${CKPT[@]}" "${TINY[@]}")
+NAME=stages-$DEVICE-$DTYPE-$SIZE-$FINETUNE${CKPT:+-ckpt}${TINY:+-tiny}${UNET:+-custom}
+FLAGS=(--size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --finetune "$FINETUNE" --steps "$STEPS" "${CKPT[@]}" "${TINY[@]}" "${UNET[@]}")
 echo "== layerdiff bench --stages ${FLAGS[*]}" >&2
 "$BIN" bench --stages "${FLAGS[@]}" --json "$OUT/$NAME-rust.json" >/dev/null
 echo "== tools/bench_stages_ref.py ${FLAGS[*]}" >&2
