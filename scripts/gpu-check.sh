@@ -141,10 +141,8 @@ run() {
     step host-samples 180 env GDB="$gdb" WAIT=25 SAMPLES="${HOST_SAMPLES:-40}" tools/host_samples.sh "$WORK/host" \
       "$BIN" bench --stages --device cuda --size "$SIZE" --dtype bf16 --finetune lora --steps 400
     cp "$WORK/host-samples.log" "$OUT/host-samples.txt"
-  fi
-  # 4. where our GPU time goes: each kernel's time, summed by kernel (Nsight Compute), over the
-  #    plain bench's forward + backward (after its forwards); last, as it may run out of time.
-  if [ "$DEVICE" = cuda ] && [ -n "${PROFILE:-1}" ]; then
+    # 4. where our GPU time goes: each kernel's time, summed by kernel (Nsight Compute), over the
+    #    plain bench's forward + backward (after its forwards); last, as it may run out of time.
     local ncu
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     step plain-bf16 60 "$BIN" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1

@@ -116,9 +116,7 @@ impl GeGlu {
     pub fn new(vb: VarBuilder, dim_in: usize, dim_out: usize) -> Result<Self> {
         Ok(Self { proj: linear(dim_in, dim_out * 2, vb.pp("proj"))? })
     }
-}
 
-impl GeGlu {
     /// `[h, gate]`, the projection GEGLU gates (see [`Linear::forward_geglu`]).
     fn project(&self, xs: &Tensor) -> Result<Tensor> {
         self.proj.forward(xs)

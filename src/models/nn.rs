@@ -343,10 +343,8 @@ fn matmul_rows(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     match xs.rank() {
         // A 2-D matmul on the flattened rows is much faster than a batched one on CPU.
         3 | 4 => {
-            let dims = xs.dims().to_vec();
-            let rows: usize = dims[..dims.len() - 1].iter().product();
-            let ys = xs.reshape((rows, dims[dims.len() - 1]))?.matmul(&w)?;
-            let mut out_dims = dims;
+            let ys = flatten_rows(xs)?.matmul(&w)?;
+            let mut out_dims = xs.dims().to_vec();
             *out_dims.last_mut().expect("rank >= 3") = weight.dim(0)?;
             ys.reshape(out_dims)
         }
