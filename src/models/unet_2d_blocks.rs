@@ -5,7 +5,7 @@
 
 use super::attention::{AttentionBlock, AttentionBlockConfig, Transformer2DModel, Transformer2DModelConfig};
 use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
-use crate::models::nn::{conv2d, Conv2d, Conv2dConfig};
+use crate::models::nn::{conv2d, upsample_nearest, Conv2d, Conv2dConfig};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -51,10 +51,7 @@ impl Upsample2D {
     /// `size`: the output height and width when not twice the input's (odd sizes in the UNet).
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let xs = match size {
-            None => {
-                let (_, _, h, w) = xs.dims4()?;
-                xs.upsample_nearest2d(2 * h, 2 * w)?
-            }
+            None => upsample_nearest(xs, 2)?,
             Some((h, w)) => upsample_nearest2d(xs, h, w)?,
         };
         self.conv.forward(&xs)
@@ -62,12 +59,12 @@ impl Upsample2D {
 }
 
 /// Nearest-neighbour resize to `(h, w)`, as torch's `F.interpolate(size=(h, w), mode="nearest")`:
-/// source index `min(floor(i * (in / out)), in - 1)` in f32. candle's own op only has a backward
-/// for equal integer factors; other sizes gather rows and columns (`index_select`, differentiable).
+/// source index `min(floor(i * (in / out)), in - 1)` in f32. Equal integer factors are
+/// [`upsample_nearest`]; other sizes gather rows and columns (`index_select`, differentiable).
 fn upsample_nearest2d(xs: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (_, _, in_h, in_w) = xs.dims4()?;
     if h.is_multiple_of(in_h) && w.is_multiple_of(in_w) && h / in_h == w / in_w {
-        return xs.upsample_nearest2d(h, w);
+        return upsample_nearest(xs, h / in_h);
     }
     let indices = |input: usize, output: usize| -> Result<Tensor> {
         let scale = input as f32 / output as f32;
