@@ -256,7 +256,7 @@ fn stage2_with(mode: FinetuneMode, lr: f64, steps: usize, checkpointing: bool) -
 /// 1e-2 and the changes in total to 2 % (0.4 % here).
 #[test]
 fn stage2_gradient_checkpointing_takes_the_same_steps() -> Result<()> {
-    for (dtype, tol, loss_tol) in [(DType::F64, 1e-9, 1e-12), (DType::F32, 0.1, 1e-5), (DType::F16, 0.02, 1e-2)] {
+    for (dtype, tol, loss_tol) in [(DType::F64, 1e-9, 1e-12), (DType::F32, 1e-3, 1e-5), (DType::F16, 0.02, 1e-2)] {
         let d = data()?;
         let d = LayeredLatents {
             subject: d.subject.to_dtype(dtype)?,
@@ -296,9 +296,11 @@ fn stage2_gradient_checkpointing_takes_the_same_steps() -> Result<()> {
                  {:.3e} of the changes' total",
                 diff_sum / change_sum
             );
-            // In f16 the gradients' rounding flips the sign of some near-zero ones, and with it
-            // Adam's step: there the total, not the largest difference, is what a bug would move.
-            let (err, scale) = if dtype == DType::F16 { (diff_sum, change_sum) } else { (worst, largest) };
+            // In f16, and now and then in f32, the gradients' rounding flips the sign of a
+            // near-zero one, and with it Adam's whole step for that weight (lr, the largest change
+            // there is): there the total, not the largest difference, is what a bug would move.
+            // f64 holds the largest difference to 1e-9 of the largest change.
+            let (err, scale) = if dtype == DType::F64 { (worst, largest) } else { (diff_sum, change_sum) };
             assert!(largest > 0.0 && err <= tol * scale, "{dtype:?} {mode:?}: {err:e} against {scale:e}");
             for (a, b) in plain.losses.iter().zip(&checkpointed.losses) {
                 assert!((a.loss - b.loss).abs() <= loss_tol * a.loss.abs(), "{dtype:?} {mode:?} step {}: loss {} vs {}", a.step, a.loss, b.loss);

@@ -23,40 +23,55 @@ use std::sync::Mutex;
 /// Forward: hands out `value`, computed beforehand off the graph. Backward: the closure `F`, with
 /// one signature for one argument ([`attach_backward`]) and another for two ([`attach_backward2`]).
 struct WithBackward<F> {
-    value: Mutex<Option<Tensor>>,
+    value: Mutex<Option<Value>>,
     backward: F,
+}
+
+/// A value to hand out: its buffer, when nothing else holds it (so the op's output is that buffer),
+/// or the tensor, which the op copies.
+enum Value {
+    Owned(Storage, Shape),
+    Shared(Tensor),
 }
 
 impl<F> WithBackward<F> {
     fn new(value: Tensor, backward: F) -> Result<Self> {
-        // `try_clone` copies the whole buffer, so hand it a tensor that owns exactly its elements.
+        // A buffer is handed out whole, so hand out one that holds exactly the value's elements.
         let owns_its_buffer = {
             let (_, layout) = value.storage_and_layout();
             layout.is_contiguous() && layout.start_offset() == 0
         };
         let value = if owns_its_buffer { value } else { value.copy()? };
+        let value = match value.try_into_storage() {
+            Ok((storage, layout)) => Value::Owned(storage, layout.shape().clone()),
+            Err(value) => Value::Shared(value),
+        };
         Ok(Self { value: Mutex::new(Some(value)), backward })
     }
 
-    fn take(&self) -> Result<Tensor> {
+    fn take(&self) -> Result<Value> {
         let value = self.value.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?.take();
         value.ok_or_else(|| candle_core::Error::Msg("with-backward op applied twice".into()))
     }
 
     fn cpu_value(&self) -> Result<(CpuStorage, Shape)> {
-        let value = self.take()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+        match self.take()? {
+            Value::Owned(Storage::Cpu(s), shape) => Ok((s, shape)),
+            Value::Shared(value) => match &*value.storage_and_layout().0 {
+                Storage::Cpu(s) => Ok((s.try_clone(value.layout())?, value.shape().clone())),
+                _ => candle_core::bail!("with-backward: value and argument on different devices"),
+            },
             _ => candle_core::bail!("with-backward: value and argument on different devices"),
         }
     }
 
     fn cuda_value(&self) -> Result<(CudaStorage, Shape)> {
-        let value = self.take()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+        match self.take()? {
+            Value::Owned(Storage::Cuda(s), shape) => Ok((s, shape)),
+            Value::Shared(value) => match &*value.storage_and_layout().0 {
+                Storage::Cuda(s) => Ok((s.try_clone(value.layout())?, value.shape().clone())),
+                _ => candle_core::bail!("with-backward: value and argument on different devices"),
+            },
             _ => candle_core::bail!("with-backward: value and argument on different devices"),
         }
     }
@@ -125,7 +140,8 @@ impl<F: Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send
 }
 
 /// Puts `value` (a function of `arg` computed off the graph) back on the graph as a child of `arg`,
-/// with `backward(arg, value, grad_value) -> grad_arg`. Costs one copy of `value`.
+/// with `backward(arg, value, grad_value) -> grad_arg`. Costs no copy of `value` when the caller
+/// hands over the only reference to it (the usual case), one copy otherwise.
 pub fn attach_backward(
     arg: &Tensor,
     value: Tensor,
@@ -1017,6 +1033,29 @@ mod tests {
     #[test]
     fn softmax_gradient_matches_finite_differences() -> Result<()> {
         check_grad(&randn(&[2, 3, 5])?, &|x| softmax_last_dim(x))
+    }
+
+    /// The op's output is the value's own buffer when the caller hands over the only reference to
+    /// it, a copy when something else still holds it; the gradient is the same either way.
+    #[test]
+    fn attach_backward_hands_out_the_values_buffer() -> Result<()> {
+        let address = |t: &Tensor| match &*t.storage_and_layout().0 {
+            Storage::Cpu(CpuStorage::F64(v)) => v.as_ptr() as usize,
+            _ => unreachable!("a CPU f64 tensor"),
+        };
+        let x = Var::from_tensor(&randn(&[2, 3])?)?;
+        let value = (x.as_tensor().detach() * 3.0)?;
+        let before = address(&value);
+        let y = attach_backward(x.as_tensor(), value, |_, _, g| g * 3.0)?;
+        assert_eq!(address(&y), before);
+        let value = (x.as_tensor().detach() * 3.0)?;
+        let kept = value.clone();
+        let y2 = attach_backward(x.as_tensor(), value, |_, _, g| g * 3.0)?;
+        assert_ne!(address(&y2), address(&kept));
+        assert_eq!(y.to_vec2::<f64>()?, y2.to_vec2::<f64>()?);
+        let grads = (y + y2)?.sum_all()?.backward()?;
+        assert_eq!(grads.get(x.as_tensor()).unwrap().to_vec2::<f64>()?, vec![vec![6.0; 3]; 2]);
+        Ok(())
     }
 
     #[test]

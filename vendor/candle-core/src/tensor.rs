@@ -2781,6 +2781,20 @@ impl Tensor {
         (storage, &self.layout)
     }
 
+    /// Takes this tensor's storage, with its layout, when nothing else refers to either: no clone
+    /// of the tensor and no other tensor on the same storage (a view, a reshape). Otherwise gives
+    /// the tensor back. Lets a custom op hand out a buffer it computed without copying it.
+    pub fn try_into_storage(self) -> std::result::Result<(Storage, Layout), Tensor> {
+        let inner = Arc::try_unwrap(self.0).map_err(Tensor)?;
+        let Tensor_ { id, storage, layout, op, is_variable, dtype, device } = inner;
+        match Arc::try_unwrap(storage) {
+            Ok(storage) => Ok((storage.into_inner(), layout)),
+            Err(storage) => {
+                Err(Tensor(Arc::new(Tensor_ { id, storage, layout, op, is_variable, dtype, device })))
+            }
+        }
+    }
+
     /// Unique key for this tensor's storage. Equal keys mean the tensors share the same allocation.
     #[inline]
     pub(crate) fn storage_key(&self) -> usize {
