@@ -515,7 +515,7 @@ mod tests {
             let (mut a, mut b) = (slot()?, slot()?);
             for t in 1..=4 {
                 let g = (Tensor::randn(0f32, 1.0, 40_000, &dev)? * 10f64.powi(t - 3))?;
-let s = StepScalars::new(params, t as u64);
+                let s = StepScalars::new(params, t as u64);
                 a.step_composed(&g, &s)?;
                 b.step_in_place(&g, &s)?;
                 for (x, y) in [(&a.m, &b.m), (&a.v, &b.v), (a.var.as_tensor(), b.var.as_tensor())] {

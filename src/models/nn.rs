@@ -204,7 +204,7 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 /// backward is one reduction: each input pixel's gradient is the sum of its `factor x factor`
 /// block, in f32 for half-precision tensors on a GPU (candle's small-reduction kernel), as
 /// PyTorch's. candle's own rule is a grouped convolution with a kernel of ones, which it runs as
-/// one convolution per channel: at SD's three upsamplers 3 200 each way, every one an im2col, a
+/// one convolution per channel: at SD's three upsamplers 3 200 in every backward, each an im2col, a
 /// product and a copy, half of all the kernels a UNet forward and backward launched.
 pub fn upsample_nearest(xs: &Tensor, factor: usize) -> Result<Tensor> {
     let (_, _, h, w) = xs.dims4()?;
