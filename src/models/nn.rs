@@ -729,23 +729,31 @@ fn conv2d_input_grad_flipped(grad: &Tensor, weight: &Tensor, c: Conv2dConfig) ->
 }
 
 /// `w` `[c_out, c_in, k_h, k_w]` as `[c_in, c_out, k_h, k_w]`, flipped in both kernel
-/// dimensions: on the CPU in one pass ([`cpu_kernels::FlipTransposeKernel`]).
+/// dimensions: on the CPU in one pass ([`cpu_kernels::FlipTransposeKernel`]); elsewhere the
+/// transpose, then one gather that reverses the `k_h k_w` kernel positions (flipping both
+/// dimensions reverses their row-major order), where flipping each dimension in turn took a copy
+/// per row and per column.
 fn flipped_transposed_kernel(w: &Tensor) -> Result<Tensor> {
     if w.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::F64) {
         return w.contiguous()?.apply_op1_no_bwd(&cpu_kernels::FlipTransposeKernel);
     }
-    flip(&flip(&w.transpose(0, 1)?.contiguous()?, 2)?, 3)
+    let (c_out, c_in, k_h, k_w) = w.dims4()?;
+    let positions = w.transpose(0, 1)?.contiguous()?.reshape((c_in, c_out, k_h * k_w))?;
+    positions.index_select(&reversed_indices(k_h * k_w, w.device())?, 2)?.reshape((c_in, c_out, k_h, k_w))
 }
 
-/// `t` reversed along `dim`, from narrow views: candle's `flip` uploads an index tensor per
-/// dimension, and on a GPU an upload from the host waits for the stream to drain. For a
-/// contiguous `t`, `cat` joins the views with 2-D copies that need no upload.
-fn flip(t: &Tensor, dim: usize) -> Result<Tensor> {
-    let n = t.dim(dim)?;
-    if n == 1 {
+/// `[n - 1, ..., 1, 0]` on `device`, made once per device and length: an upload from the host on
+/// every call would cost driver calls and, with candle's upload cache off, a wait for the stream
+/// to drain.
+fn reversed_indices(n: usize, device: &candle_core::Device) -> Result<Tensor> {
+    static MADE: Mutex<Vec<Tensor>> = Mutex::new(Vec::new());
+    let mut made = MADE.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+    if let Some(t) = made.iter().find(|t| t.elem_count() == n && t.device().same_device(device)) {
         return Ok(t.clone());
     }
-    Tensor::cat(&(0..n).rev().map(|i| t.narrow(dim, i, 1)).collect::<Result<Vec<_>>>()?, dim)
+    let t = Tensor::from_vec((0..n as u32).rev().collect::<Vec<_>>(), n, device)?;
+    made.push(t.clone());
+    Ok(t)
 }
 
 /// A convolution's kernel gradient as one matrix product: `dW[o, (i, kh, kw)] = sum over (b, y, x)
@@ -1055,6 +1063,21 @@ mod tests {
         assert_eq!(y.to_vec2::<f64>()?, y2.to_vec2::<f64>()?);
         let grads = (y + y2)?.sum_all()?.backward()?;
         assert_eq!(grads.get(x.as_tensor()).unwrap().to_vec2::<f64>()?, vec![vec![6.0; 3]; 2]);
+        Ok(())
+    }
+
+    /// The flipped, transposed kernel off the CPU's f32/f64 op (half precision here, the GPU's
+    /// path): one gather of the reversed kernel positions, as candle's `flip` of both dimensions.
+    #[test]
+    fn flipped_kernel_by_one_gather_is_candles_flip() -> Result<()> {
+        for (k_h, k_w) in [(3, 3), (2, 3), (1, 1)] {
+            let w = randn(&[4, 5, k_h, k_w])?.to_dtype(DType::F16)?;
+            let ours = flipped_transposed_kernel(&w)?;
+            let theirs = w.transpose(0, 1)?.contiguous()?.flip(&[2, 3])?;
+            assert_eq!(ours.dims(), theirs.dims());
+            let diff = (ours.to_dtype(DType::F64)? - theirs.to_dtype(DType::F64)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert_eq!(diff, 0.0, "{k_h}x{k_w}");
+        }
         Ok(())
     }
 
