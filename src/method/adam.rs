@@ -222,12 +222,15 @@ impl Adam {
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
             let Some(grad) = grads.get(slot.model.as_ref().unwrap_or(&slot.var).as_tensor()) else { continue };
-            let g = grad.detach().to_dtype(slot.m.dtype())?;
+            let g = grad.detach();
             slot.step += 1;
-            if [&g, &slot.m, &slot.v, slot.var.as_tensor()].into_iter().all(crate::models::cpu_kernels::applies) {
-                slot.step_in_place(&g, &StepScalars::new(self.params, slot.step))?;
-                slot.update_model()?;
-                continue;
+            if [&slot.m, &slot.v, slot.var.as_tensor()].into_iter().all(crate::models::cpu_kernels::applies) {
+                let g = g.to_dtype(slot.m.dtype())?;
+                if crate::models::cpu_kernels::applies(&g) {
+                    slot.step_in_place(&g, &StepScalars::new(self.params, slot.step))?;
+                    slot.update_model()?;
+                    continue;
+                }
             }
             let slots = &self.slots;
             match batches.iter_mut().find(|b| slots[b[0].0].steps_with(&slots[i])) {
@@ -242,17 +245,17 @@ impl Adam {
         Ok(())
     }
 
-    /// The composed step of the slots in `batch` (indices, with their gradients): for several,
-    /// laid end to end as one flat tensor each, so that a step is one set of kernels instead of
-    /// one per variable (on a GPU, LoRA's 256 adapters took 4 000 launches a step, half of a
-    /// stage-2 step's). The moments stay flat from one step to the next (`previous`, the last
-    /// step's), so only the gradients and the variables are gathered, and the variables and
-    /// their model copies written back, a copy each.
+    /// The composed step of the slots in `batch` (indices, with their gradients as the backward
+    /// gave them): for several, laid end to end as one flat tensor each, so that a step is one
+    /// set of kernels instead of one per variable (on a GPU, LoRA's 256 adapters took 4 000
+    /// launches a step, half of a stage-2 step's). The moments stay flat from one step to the
+    /// next (`previous`, the last step's), so only the gradients and the variables are gathered,
+    /// and the variables and their model copies written back, a copy each.
     fn step_batch(&mut self, batch: Vec<(usize, Tensor)>, previous: &HashMap<Vec<usize>, (Tensor, Tensor)>) -> Result<()> {
         let s = StepScalars::new(self.params, self.slots[batch[0].0].step);
         if let [(i, g)] = &batch[..] {
             let slot = &mut self.slots[*i];
-            slot.step_composed(g, &s)?;
+            slot.step_composed(&g.to_dtype(slot.m.dtype())?, &s)?;
             return slot.update_model();
         }
         let indices: Vec<usize> = batch.iter().map(|(i, _)| *i).collect();
@@ -266,7 +269,8 @@ impl Adam {
                 flat(indices.iter().map(|&i| self.slots[i].v.clone()).collect())?,
             ),
         };
-        let g = flat(batch.into_iter().map(|(_, g)| g).collect())?;
+        // The gradients in the model's dtype, cast to the moments' once, laid end to end.
+        let g = flat(batch.into_iter().map(|(_, g)| g).collect())?.to_dtype(m.dtype())?;
         let p = flat(indices.iter().map(|&i| self.slots[i].var.as_tensor().detach()).collect())?;
         let (p, m, v) = composed_step(&p, &g, &m, &v, &s)?;
         let first = &self.slots[indices[0]];
