@@ -739,21 +739,7 @@ fn flipped_transposed_kernel(w: &Tensor) -> Result<Tensor> {
     }
     let (c_out, c_in, k_h, k_w) = w.dims4()?;
     let positions = w.transpose(0, 1)?.contiguous()?.reshape((c_in, c_out, k_h * k_w))?;
-    positions.index_select(&reversed_indices(k_h * k_w, w.device())?, 2)?.reshape((c_in, c_out, k_h, k_w))
-}
-
-/// `[n - 1, ..., 1, 0]` on `device`, made once per device and length: an upload from the host on
-/// every call would cost driver calls and, with candle's upload cache off, a wait for the stream
-/// to drain.
-fn reversed_indices(n: usize, device: &candle_core::Device) -> Result<Tensor> {
-    static MADE: Mutex<Vec<Tensor>> = Mutex::new(Vec::new());
-    let mut made = MADE.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
-    if let Some(t) = made.iter().find(|t| t.elem_count() == n && t.device().same_device(device)) {
-        return Ok(t.clone());
-    }
-    let t = Tensor::from_vec((0..n as u32).rev().collect::<Vec<_>>(), n, device)?;
-    made.push(t.clone());
-    Ok(t)
+    positions.index_select(&constant(Constant::Reversed, k_h * k_w, DType::U32, w.device())?, 2)?.reshape((c_in, c_out, k_h, k_w))
 }
 
 /// A convolution's kernel gradient as one matrix product: `dW[o, (i, kh, kw)] = sum over (b, y, x)
@@ -823,18 +809,9 @@ impl Module for LayerNorm {
         };
         let (weight, eps) = (self.weight.clone(), self.eps);
         attach_backward(xs, ys, move |arg, _, grad| {
-            // dx = (g' - mean(g') - x̂ mean(g' x̂)) / σ with g' = g w and x̂ the normalized input.
-            let dtype = arg.dtype();
-            let x = arg.to_dtype(internal_dtype(dtype))?;
-            let g = grad.to_dtype(x.dtype())?.broadcast_mul(&weight.to_dtype(x.dtype())?)?;
-            let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-            let std = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
-            let x_hat = centered.broadcast_div(&std)?;
-            let dx = g
-                .broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
-                .sub(&x_hat.broadcast_mul(&(&g * &x_hat)?.mean_keepdim(D::Minus1)?)?)?
-                .broadcast_div(&std)?;
-            dx.to_dtype(dtype)
+            let (x_hat, std) = normalize_rows(arg, eps)?;
+            let g = grad.to_dtype(x_hat.dtype())?.broadcast_mul(&weight.to_dtype(x_hat.dtype())?)?;
+            normalized_rows_input_grad(&x_hat, &std, &g)?.to_dtype(arg.dtype())
         })
     }
 }
@@ -879,19 +856,12 @@ impl GroupNorm {
         if x.device().is_cuda() {
             // candle's layer norm kernel (float sums) over each group; unit scale, no shift.
             let n = rows.dim(2)?;
-            let (one, zero) = (Tensor::ones(n, x.dtype(), x.device())?, Tensor::zeros(n, x.dtype(), x.device())?);
+            let one = constant(Constant::Ones, n, x.dtype(), x.device())?;
+            let zero = constant(Constant::Zeros, n, x.dtype(), x.device())?;
             return candle_nn::ops::layer_norm(&rows.contiguous()?, &one, &zero, self.eps as f32);
         }
-        let (x_hat, _) = self.normalized_internal(&rows)?;
+        let (x_hat, _) = normalize_rows(&rows, self.eps)?;
         x_hat.to_dtype(x.dtype())
-    }
-
-    /// For grouped rows: the normalized rows and the standard deviations, in f32 at least, two-pass.
-    fn normalized_internal(&self, rows: &Tensor) -> Result<(Tensor, Tensor)> {
-        let rows = rows.to_dtype(internal_dtype(rows.dtype()))?;
-        let centered = rows.broadcast_sub(&rows.mean_keepdim(D::Minus1)?)?;
-        let std = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
-        Ok((centered.broadcast_div(&std)?, std))
     }
 
     /// `x_hat w + b` per channel, for `x_hat` shaped as `x`.
@@ -917,7 +887,7 @@ impl GroupNorm {
     /// The gradients of the input, the weight and the bias (those that train) from the output's.
     fn backward(&self, x: &Tensor, w: &Tensor, b: &Tensor, grad: &Tensor) -> Result<Grads3> {
         // x_hat = (x - mean) / std per group; dw = sum g x_hat, db = sum g over all but the
-        // channel; dx = (g' - mean(g') - x_hat mean(g' x_hat)) / std with g' = g w.
+        // channel; dx from g' = g w ([`normalized_rows_input_grad`]).
         let (w_trained, b_trained) = (trainable(w), trainable(b));
         if x.track_op() && self.on_cpu(x) && !w_trained && !b_trained {
             let op = cpu_kernels::GroupNormInputGrad { groups: self.groups, eps: self.eps };
@@ -925,17 +895,14 @@ impl GroupNorm {
         }
         let dtype = x.dtype();
         let (rows, (batch, c, rest)) = self.grouped(x)?;
-        let (x_hat, std) = self.normalized_internal(&rows)?;
+        let (x_hat, std) = normalize_rows(&rows, self.eps)?;
         let g = grad.to_dtype(x_hat.dtype())?;
         let per_channel_sum = |t: &Tensor| t.reshape((batch, c, rest))?.sum(2)?.sum(0);
         let d_w = if w_trained { Some(per_channel_sum(&(&g * x_hat.reshape(g.shape())?)?)?.to_dtype(w.dtype())?) } else { None };
         let d_b = if b_trained { Some(per_channel_sum(&g)?.to_dtype(w.dtype())?) } else { None };
         let d_x = if x.track_op() {
             let g = self.grouped(&per_channel(&g, &w.to_dtype(g.dtype())?, Tensor::broadcast_mul)?)?.0;
-            let d = g
-                .broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
-                .sub(&x_hat.broadcast_mul(&(&g * &x_hat)?.mean_keepdim(D::Minus1)?)?)?
-                .broadcast_div(&std)?;
+            let d = normalized_rows_input_grad(&x_hat, &std, &g)?;
             Some(d.reshape(x.shape())?.to_dtype(dtype)?)
         } else {
             None
@@ -973,6 +940,56 @@ impl Module for GroupNorm {
 /// `nn.GroupNorm` from `vb`: `weight` and `bias`.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
     GroupNorm::new(vb.get(channels, "weight")?, vb.get(channels, "bias")?, groups, eps)
+}
+
+/// Rows normalized over the last dimension and their standard deviations, in f32 at least,
+/// two-pass: `((x - mean) / std, std)` with `std = sqrt(var + eps)`, the variance's `1 / n` and
+/// `eps` in one op.
+fn normalize_rows(rows: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let rows = rows.to_dtype(internal_dtype(rows.dtype()))?;
+    let n = rows.dim(D::Minus1)? as f64;
+    let centered = rows.broadcast_sub(&rows.mean_keepdim(D::Minus1)?)?;
+    let std = centered.sqr()?.sum_keepdim(D::Minus1)?.affine(1.0 / n, eps)?.sqrt()?;
+    Ok((centered.broadcast_div(&std)?, std))
+}
+
+/// The input gradient of rows normalized over their last dimension ([`normalize_rows`]), from
+/// `g`, the gradient of the normalized rows (times the norm's scale): `(g - mean(g) - x_hat
+/// mean(g x_hat)) / std`, written `(g - (sum(g) + x_hat sum(g x_hat)) / n) / std` so that both
+/// means take one `1 / n`: on a GPU, where a norm's backward is some twenty kernels, one fewer.
+fn normalized_rows_input_grad(x_hat: &Tensor, std: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let n = x_hat.dim(D::Minus1)? as f64;
+    let sums = x_hat.broadcast_mul(&(g * x_hat)?.sum_keepdim(D::Minus1)?)?.broadcast_add(&g.sum_keepdim(D::Minus1)?)?;
+    (g - sums.affine(1.0 / n, 0.0)?)?.broadcast_div(std)
+}
+
+/// Small constant tensors that ops read ([`constant`]).
+#[derive(Clone, Copy, PartialEq)]
+enum Constant {
+    Zeros,
+    Ones,
+    /// `[n - 1, ..., 1, 0]` (u32; the dtype is ignored).
+    Reversed,
+}
+
+/// A constant tensor of length `n`, made once per device and dtype and kept for the process: on a
+/// GPU, making it on every call costs kernels or an upload from the host (which, with candle's
+/// upload cache off, waits for the stream to drain).
+fn constant(kind: Constant, n: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    static MADE: Mutex<Vec<(Constant, Tensor)>> = Mutex::new(Vec::new());
+    let dtype = if kind == Constant::Reversed { DType::U32 } else { dtype };
+    let mut made = MADE.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+    let same = |(k, t): &&(Constant, Tensor)| *k == kind && t.elem_count() == n && t.dtype() == dtype && t.device().same_device(device);
+    if let Some((_, t)) = made.iter().find(same) {
+        return Ok(t.clone());
+    }
+    let t = match kind {
+        Constant::Zeros => Tensor::zeros(n, dtype, device)?,
+        Constant::Ones => Tensor::ones(n, dtype, device)?,
+        Constant::Reversed => Tensor::from_vec((0..n as u32).rev().collect::<Vec<_>>(), n, device)?,
+    };
+    made.push((kind, t.clone()));
+    Ok(t)
 }
 
 /// Reductions in half precision lose too much; do them in f32 (f64 stays f64).
