@@ -222,10 +222,10 @@ impl Adam {
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
             let Some(grad) = grads.get(slot.model.as_ref().unwrap_or(&slot.var).as_tensor()) else { continue };
-            let g = grad.detach();
+            let mut g = grad.detach();
             slot.step += 1;
             if [&slot.m, &slot.v, slot.var.as_tensor()].into_iter().all(crate::models::cpu_kernels::applies) {
-                let g = g.to_dtype(slot.m.dtype())?;
+                g = g.to_dtype(slot.m.dtype())?;
                 if crate::models::cpu_kernels::applies(&g) {
                     slot.step_in_place(&g, &StepScalars::new(self.params, slot.step))?;
                     slot.update_model()?;

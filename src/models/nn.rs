@@ -1098,6 +1098,29 @@ mod tests {
         Ok(())
     }
 
+    /// Each constant holds its values, and a second request for the same one is the same tensor
+    /// (its storage), not a new one; another dtype or length is another tensor.
+    #[test]
+    fn constants_are_made_once_and_hold_their_values() -> Result<()> {
+        let dev = Device::Cpu;
+        let ones = constant(Constant::Ones, 5, DType::F32, &dev)?;
+        let zeros = constant(Constant::Zeros, 5, DType::F32, &dev)?;
+        let reversed = constant(Constant::Reversed, 4, DType::U32, &dev)?;
+        assert_eq!(ones.to_vec1::<f32>()?, vec![1.0; 5]);
+        assert_eq!(zeros.to_vec1::<f32>()?, vec![0.0; 5]);
+        assert_eq!(reversed.to_vec1::<u32>()?, vec![3, 2, 1, 0]);
+        let address = |t: &Tensor| match &*t.storage_and_layout().0 {
+            Storage::Cpu(CpuStorage::F32(v)) => v.as_ptr() as usize,
+            Storage::Cpu(CpuStorage::F64(v)) => v.as_ptr() as usize,
+            _ => unreachable!("f32 or f64"),
+        };
+        assert_eq!(address(&constant(Constant::Ones, 5, DType::F32, &dev)?), address(&ones));
+        assert_ne!(address(&constant(Constant::Ones, 6, DType::F32, &dev)?), address(&ones));
+        let ones64 = constant(Constant::Ones, 5, DType::F64, &dev)?;
+        assert_eq!(ones64.to_vec1::<f64>()?, vec![1.0; 5]);
+        Ok(())
+    }
+
     #[test]
     fn upsample_gradient_matches_finite_differences_and_candles_rule() -> Result<()> {
         for factor in [2, 3] {
