@@ -126,19 +126,22 @@ run() {
   ours ours-bf16-full-ckpt -- --size "$SIZE" --dtype bf16 --finetune full --gradient-checkpointing --steps "$STEPS"
   ref torch-bf16-full-ckpt --size "$SIZE" --dtype bf16 --finetune full --gradient-checkpointing --steps "$STEPS"
   # each of the host-side settings of src/pipeline.rs (configure_cuda) turned off, then both
-  ours ours-bf16-lora-no-htod-cache LAYERDIFF_HTOD_CACHE=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
-  ours ours-bf16-lora-events LAYERDIFF_SINGLE_STREAM=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
-  ours ours-bf16-lora-candle LAYERDIFF_HTOD_CACHE=0 LAYERDIFF_SINGLE_STREAM=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
+  # (VARIANTS= skips them)
+  if [ -n "${VARIANTS-1}" ]; then
+    ours ours-bf16-lora-no-htod-cache LAYERDIFF_HTOD_CACHE=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
+    ours ours-bf16-lora-events LAYERDIFF_SINGLE_STREAM=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
+    ours ours-bf16-lora-candle LAYERDIFF_HTOD_CACHE=0 LAYERDIFF_SINGLE_STREAM=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
+  fi
   ours ours-bf16-lora-small -- --size $((SIZE / 4)) --dtype bf16 --finetune lora --steps "$STEPS"
   ref torch-bf16-lora-small --size $((SIZE / 4)) --dtype bf16 --finetune lora --steps "$STEPS"
   "$PY" tools/bench_table.py "$WORK"/*.json | tee "$WORK/table.txt"
   cp "$WORK/table.txt" "$OUT/"
   # 3. where the host's time goes in a stage-1 step (the GPU waits on it): stacks of the main
   #    thread sampled with cuda-gdb (there is no perf there), summed by function.
-  if [ "$DEVICE" = cuda ] && [ -n "${PROFILE:-1}" ]; then
+  if [ "$DEVICE" = cuda ] && [ -n "${PROFILE-1}" ]; then
     local gdb
     gdb=$(command -v cuda-gdb || ls /usr/local/cuda*/bin/cuda-gdb 2>/dev/null | head -1)
-    step host-samples 180 env GDB="$gdb" WAIT=25 SAMPLES="${HOST_SAMPLES:-40}" tools/host_samples.sh "$WORK/host" \
+    step host-samples "${HOST_LIMIT:-180}" env GDB="$gdb" WAIT=25 SAMPLES="${HOST_SAMPLES:-40}" tools/host_samples.sh "$WORK/host" \
       "$BIN" bench --stages --device cuda --size "$SIZE" --dtype bf16 --finetune lora --steps 400
     cp "$WORK/host-samples.log" "$OUT/host-samples.txt"
     # 4. where our GPU time goes: each kernel's time, summed by kernel (Nsight Compute), over the
