@@ -18,7 +18,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, DType, Layout, Module, Result, Shape, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 use super::cpu_kernels;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Forward: hands out `value`, computed beforehand off the graph. Backward: the closure `F`, with
 /// one signature for one argument ([`attach_backward`]) and another for two ([`attach_backward2`]).
@@ -558,11 +558,17 @@ pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     cfg: Conv2dConfig,
+    /// A frozen weight's [`flipped_transposed_kernel`] off the CPU, made at the first backward
+    /// and kept: stage 1 and LoRA's stage 2 differentiate through the same frozen convolutions
+    /// every step, and making it took a transpose and a gather per convolution and backward
+    /// (5 % of a UNet backward's GPU time in bf16), for a copy of the 3x3 kernels kept (1 GB
+    /// in bf16 at SD's size). Not on the CPU, where memory is the scarcer.
+    input_grad_kernel: Arc<OnceLock<Tensor>>,
 }
 
 impl Conv2d {
     pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Self {
-        Self { weight, bias, cfg }
+        Self { weight, bias, cfg, input_grad_kernel: Arc::default() }
     }
 
     fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
@@ -611,7 +617,8 @@ impl Module for Conv2d {
         if frozen && xs.track_op() {
             let ys = self.forward_plain(&xs.detach())?;
             let (weight, c) = (self.weight.clone(), self.cfg);
-            return attach_backward(xs, ys, move |arg, _, grad| conv2d_input_grad(grad, &weight, c, arg.dim(2)?));
+            let cache = (!xs.device().is_cpu()).then(|| self.input_grad_kernel.clone());
+            return attach_backward(xs, ys, move |arg, _, grad| conv2d_input_grad(grad, &weight, c, arg.dim(2)?, cache.as_deref()));
         }
         if trainable(&self.weight) {
             // candle's own backward computes the kernel gradient as a convolution whose kernel is
@@ -621,7 +628,7 @@ impl Module for Conv2d {
             let c = self.cfg;
             let ys = conv2d_forward(&xs.detach(), &self.weight.detach(), c)?;
             let ys = attach_backward2(xs, &self.weight, ys, move |arg, weight, _, grad| {
-                Ok((Some(conv2d_input_grad(grad, weight, c, arg.dim(2)?)?), Some(conv2d_kernel_grad(arg, weight, grad, c)?)))
+                Ok((Some(conv2d_input_grad(grad, weight, c, arg.dim(2)?, None)?), Some(conv2d_kernel_grad(arg, weight, grad, c)?)))
             })?;
             return match &self.bias {
                 Some(b) => per_channel(&ys, b, Tensor::broadcast_add),
@@ -698,34 +705,67 @@ fn im2col(xs: &Tensor, k_h: usize, k_w: usize, out_h: usize, out_w: usize, c: Co
     Tensor::stack(&windows, 2)?.permute((1, 2, 0, 3, 4))?.reshape(shape)
 }
 
-/// Whether [`conv2d_input_grad`] takes the flipped-kernel convolution: for stride 1, on a GPU
-/// and on the CPU. candle's `conv_transpose2d` is a direct loop (on the CPU one dot product per
-/// output pixel, its kernel gathered across strides each time), its CUDA `conv2d` im2col and a
-/// cuBLAS product, and ours on the CPU im2col and one matmul: at 64x64, batch 2 and 320 channels
-/// 0.22 s against 0.30 s, at 16x16 and 1280 channels 0.14 s against 0.28 s, a tie at 4x4.
-fn flip_for_input_grad(device: &candle_core::Device, c: Conv2dConfig) -> bool {
-    c.stride == 1 && (device.is_cuda() || device.is_cpu())
-}
-
 /// The input gradient of a convolution with an input `input_h` rows high: the transposed
 /// convolution of the output gradient, padded back to the input's size (as candle's own conv2d
-/// backward), or, where [`flip_for_input_grad`] says so, the same as a stride-1 convolution with
-/// the kernel transposed and flipped.
-fn conv2d_input_grad(grad: &Tensor, weight: &Tensor, c: Conv2dConfig, input_h: usize) -> Result<Tensor> {
+/// backward, the same `output_padding` for height and width), as a stride-1 convolution with the
+/// kernel transposed and flipped (`kernel` keeps that kernel of a frozen weight):
+/// - at stride 1, on a GPU and on the CPU. candle's `conv_transpose2d` is a direct loop (on the
+///   CPU one dot product per output pixel, its kernel gathered across strides each time), its CUDA
+///   `conv2d` im2col and a cuBLAS product, and ours on the CPU im2col and one matmul: at 64x64,
+///   batch 2 and 320 channels 0.22 s against 0.30 s, at 16x16 and 1280 channels 0.14 s against
+///   0.28 s, a tie at 4x4;
+/// - strided, on a GPU, over the output gradient spread out by the stride
+///   ([`conv2d_input_grad_spread`]): candle's CUDA loop took 2.2 ms per SD downsampler in bf16 on
+///   an H200, 7 % of a UNet backward's GPU time (on the CPU, where it is a fifth to a third
+///   slower at SD's downsamplers than the loop, the loop stays).
+fn conv2d_input_grad(grad: &Tensor, weight: &Tensor, c: Conv2dConfig, input_h: usize, kernel: Option<&OnceLock<Tensor>>) -> Result<Tensor> {
     let k_h = weight.dim(2)?;
-    if flip_for_input_grad(grad.device(), c) && c.dilation * (k_h - 1) >= c.padding {
-        return conv2d_input_grad_flipped(grad, weight, c);
+    let span = c.dilation * (k_h - 1);
+    let out_size = (grad.dim(2)? - 1) * c.stride + span + 1 - 2 * c.padding;
+    let flipped = || match kernel {
+        Some(kept) => kept_flipped_kernel(weight, kept),
+        None => flipped_transposed_kernel(weight),
+    };
+    let device = grad.device();
+    if span >= c.padding && c.stride == 1 && (device.is_cuda() || device.is_cpu()) {
+        return conv2d_forward(grad, &flipped()?, Conv2dConfig { padding: span - c.padding, stride: 1, dilation: c.dilation });
     }
-    let out_size = (grad.dim(2)? - 1) * c.stride + c.dilation * (k_h - 1) + 1 - 2 * c.padding;
+    if span >= c.padding && device.is_cuda() {
+        return conv2d_input_grad_spread(grad, &flipped()?, c, input_h - out_size);
+    }
     grad.conv_transpose2d(weight, c.padding, input_h - out_size, c.stride, c.dilation)
 }
 
-/// A stride-1 convolution's input gradient as a convolution: `dx = conv(g, flip(w^T))` with
-/// padding `dilation (k - 1) - padding` on each side.
-fn conv2d_input_grad_flipped(grad: &Tensor, weight: &Tensor, c: Conv2dConfig) -> Result<Tensor> {
-    let k_h = weight.dim(2)?;
-    let flipped = flipped_transposed_kernel(weight)?;
-    conv2d_forward(grad, &flipped, Conv2dConfig { padding: c.dilation * (k_h - 1) - c.padding, stride: 1, dilation: c.dilation })
+/// A strided convolution's transposed convolution (`conv_transpose2d(grad, w, padding,
+/// output_padding, stride, dilation)`) as a stride-1 one: each pixel of `grad` followed by
+/// `stride - 1` zeros in both dimensions, the result padded by `dilation (k - 1) - padding`
+/// before and that plus `output_padding` after, convolved with `flipped`
+/// ([`flipped_transposed_kernel`]).
+fn conv2d_input_grad_spread(grad: &Tensor, flipped: &Tensor, c: Conv2dConfig, output_padding: usize) -> Result<Tensor> {
+    let (b, channels, h, w) = grad.dims4()?;
+    let s = c.stride;
+    let spread = grad
+        .reshape((b, channels, h, 1, w, 1))?
+        .pad_with_zeros(3, 0, s - 1)?
+        .pad_with_zeros(5, 0, s - 1)?
+        .reshape((b, channels, h * s, w * s))?;
+    let span = c.dilation * (flipped.dim(2)? - 1);
+    let (before, after) = (span - c.padding, span - c.padding + output_padding);
+    // `stride - 1` zeros already follow the last pixel.
+    let pad = |t: Tensor, dim: usize| match after.checked_sub(s - 1) {
+        Some(more) => t.pad_with_zeros(dim, before, more),
+        None => t.narrow(dim, 0, t.dim(dim)? + after + 1 - s)?.pad_with_zeros(dim, before, 0),
+    };
+    conv2d_forward(&pad(pad(spread, 2)?, 3)?, flipped, Conv2dConfig { padding: 0, stride: 1, dilation: c.dilation })
+}
+
+/// [`flipped_transposed_kernel`] of a frozen `w`, made once into `kept`.
+fn kept_flipped_kernel(w: &Tensor, kept: &OnceLock<Tensor>) -> Result<Tensor> {
+    if let Some(k) = kept.get() {
+        return Ok(k.clone());
+    }
+    let k = flipped_transposed_kernel(w)?;
+    Ok(kept.get_or_init(|| k).clone())
 }
 
 /// `w` `[c_out, c_in, k_h, k_w]` as `[c_in, c_out, k_h, k_w]`, flipped in both kernel
@@ -1221,6 +1261,42 @@ mod tests {
     }
 
     #[test]
+    fn strided_input_gradient_by_spreading_matches_candles_transposed_convolution() -> Result<()> {
+        // SD's downsamplers (3x3, stride 2, padding 1, even and odd sizes), a wider stride (with
+        // fewer zeros after the last pixel than the stride leaves), no padding, a dilated kernel,
+        // a 4x4 one.
+        for (k, stride, padding, dilation, side) in [(3, 2, 1, 1, 16), (3, 2, 1, 1, 15), (3, 3, 1, 1, 11), (3, 3, 1, 1, 10), (3, 2, 0, 1, 9), (3, 2, 2, 2, 12), (4, 2, 1, 1, 10)] {
+            let w = randn(&[4, 3, k, k])?;
+            let c = Conv2dConfig { padding, stride, dilation };
+            let out = (side + 2 * padding - dilation * (k - 1) - 1) / stride + 1;
+            let output_padding = side - ((out - 1) * stride + dilation * (k - 1) + 1 - 2 * padding);
+            let g = randn(&[2, 4, out, out])?;
+            let ours = conv2d_input_grad_spread(&g, &flipped_transposed_kernel(&w)?, c, output_padding)?;
+            let theirs = g.conv_transpose2d(&w, padding, output_padding, stride, dilation)?;
+            assert_eq!(ours.dims(), [2, 3, side, side]);
+            let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-10, "k {k}, stride {stride}, padding {padding}, dilation {dilation}, {side}x{side}: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_frozen_kernel_is_flipped_once_and_kept_off_the_cpu_only() -> Result<()> {
+        let w = randn(&[4, 3, 3, 3])?;
+        let kept = OnceLock::new();
+        let (first, second) = (kept_flipped_kernel(&w, &kept)?, kept_flipped_kernel(&w, &kept)?);
+        assert_eq!(first.id(), second.id());
+        let diff = (first - flipped_transposed_kernel(&w)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert_eq!(diff, 0.0);
+        // On the CPU a frozen convolution's backward keeps nothing.
+        let conv = Conv2d::new(w, None, Conv2dConfig { padding: 1, stride: 1, dilation: 1 });
+        let x = Var::from_tensor(&randn(&[1, 3, 5, 5])?)?;
+        conv.forward(x.as_tensor())?.sum_all()?.backward()?;
+        assert!(conv.input_grad_kernel.get().is_none());
+        Ok(())
+    }
+
+    #[test]
     fn conv_gradient_with_unread_border_matches_finite_differences() -> Result<()> {
         // At stride 2 and padding 1, 5 rows are tiled exactly by the windows but 4 columns are not:
         // frozen and trainable weights.
@@ -1417,7 +1493,7 @@ mod tests {
             let dw = conv2d_kernel_grad(x.as_tensor(), w.as_tensor(), &g, c)?;
             let mut pairs = vec![(dw, grads.get(w.as_tensor()))];
             if stride == 1 {
-                pairs.push((conv2d_input_grad_flipped(&g, w.as_tensor(), c)?, grads.get(x.as_tensor())));
+                pairs.push((conv2d_input_grad(&g, w.as_tensor(), c, 7, None)?, grads.get(x.as_tensor())));
             }
             for (ours, theirs) in pairs {
                 let theirs = theirs.expect("candle's gradient");
