@@ -18,9 +18,11 @@
 #                                     two tables and the host's samples.
 #
 # With the device tool: run(command="STEPS=5 scripts/gpu-check.sh run", carry=["gpu-bundle"],
-# timeout_s=480). The run half took 6.3 minutes on an H200 (378 s of device time, plus about 40 s
-# to start the machine); results in docs/bench/h200-2026-11-27b. PROFILE= (empty) skips the last
-# step, Nsight Compute (about 70 s).
+# timeout_s=480). The run half took 5.8 minutes on an H200 (350 s of device time, plus about 40 s
+# to start the machine); results in docs/bench/h200-2026-11-28. To fit a smaller budget:
+# VARIANTS= skips the host-side settings' variants (about 40 s), HOST_SAMPLES=0 the host's stack
+# samples (about 45 s), PROFILE= (empty) both of the last two steps, the samples and Nsight
+# Compute (about 60 s).
 # The tree that travels must stay under 64 MiB with the bundle: move the fixtures it does not read
 # (tests/fixtures/{grads.safetensors,sam,eval,mobile-sam,tiny-sd/tokenizer}, assets/clip-tokenizer,
 # assets/toy-sd) out of the checkout for the call and back after.
@@ -122,6 +124,8 @@ run() {
       ref "torch-$dtype-$mode" --size "$SIZE" --dtype "$dtype" --finetune "$mode" --steps "$STEPS"
     done
   done
+  # the fused CUDA kernels (src/models/cuda_kernels.rs) off
+  ours ours-bf16-lora-unfused LAYERDIFF_FUSED=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
   # full fine-tuning with gradient checkpointing (the 16 GB target), ours and diffusers'
   ours ours-bf16-full-ckpt -- --size "$SIZE" --dtype bf16 --finetune full --gradient-checkpointing --steps "$STEPS"
   ref torch-bf16-full-ckpt --size "$SIZE" --dtype bf16 --finetune full --gradient-checkpointing --steps "$STEPS"
@@ -141,9 +145,11 @@ run() {
   if [ "$DEVICE" = cuda ] && [ -n "${PROFILE-1}" ]; then
     local gdb
     gdb=$(command -v cuda-gdb || ls /usr/local/cuda*/bin/cuda-gdb 2>/dev/null | head -1)
-    step host-samples "${HOST_LIMIT:-180}" env GDB="$gdb" WAIT=25 SAMPLES="${HOST_SAMPLES:-40}" tools/host_samples.sh "$WORK/host" \
-      "$BIN" bench --stages --device cuda --size "$SIZE" --dtype bf16 --finetune lora --steps 400
-    cp "$WORK/host-samples.log" "$OUT/host-samples.txt"
+    if [ "${HOST_SAMPLES:-40}" != 0 ]; then
+      step host-samples "${HOST_LIMIT:-180}" env GDB="$gdb" WAIT=25 SAMPLES="${HOST_SAMPLES:-40}" tools/host_samples.sh "$WORK/host" \
+        "$BIN" bench --stages --device cuda --size "$SIZE" --dtype bf16 --finetune lora --steps 400
+      cp "$WORK/host-samples.log" "$OUT/host-samples.txt"
+    fi
     # 4. where our GPU time goes: each kernel's time, summed by kernel (Nsight Compute), over the
     #    plain bench's forward + backward (after its forwards); last, as it may run out of time.
     local ncu

@@ -89,39 +89,41 @@ fn unet_sliced_attention_matches_unsliced() -> Result<()> {
     Ok(())
 }
 
-/// The tiny UNet on `device` in f32 with its weights frozen, or each a variable (returned by name).
-fn unet_on(device: &Device, trainable: bool) -> Result<(UNet2DConditionModel, Vec<(String, Var)>)> {
+/// The tiny UNet on `device` in `dtype` with its weights frozen, or each a variable (returned by
+/// name).
+fn unet_on(device: &Device, dtype: DType, trainable: bool) -> Result<(UNet2DConditionModel, Vec<(String, Var)>)> {
     let cfg = UNet2DConditionModelConfig::from_json(&read_json("tiny-sd/unet/config.json")?)?;
     let path = fixture("tiny-sd/unet/diffusion_pytorch_model.safetensors");
     let weights = candle_core::safetensors::load(path, device)?;
-    let weights: HashMap<String, Tensor> = weights.into_iter().map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?))).collect::<Result<_>>()?;
+    let weights: HashMap<String, Tensor> = weights.into_iter().map(|(k, v)| Ok((k, v.to_dtype(dtype)?))).collect::<Result<_>>()?;
     if !trainable {
-        return Ok((UNet2DConditionModel::new(VarBuilder::from_tensors(weights, DType::F32, device), cfg)?, Vec::new()));
+        return Ok((UNet2DConditionModel::new(VarBuilder::from_tensors(weights, dtype, device), cfg)?, Vec::new()));
     }
     let mut vars: Vec<(String, Var)> = weights.into_iter().map(|(k, v)| Ok((k, Var::from_tensor(&v)?))).collect::<Result<_>>()?;
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let tensors = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-    Ok((UNet2DConditionModel::new(VarBuilder::from_tensors(tensors, DType::F32, device), cfg)?, vars))
+    Ok((UNet2DConditionModel::new(VarBuilder::from_tensors(tensors, dtype, device), cfg)?, vars))
 }
 
 /// Gradients on the test device equal the CPU's (which tests/gradients.rs holds to PyTorch's):
 /// the context's through frozen weights (stage 1's backward, twice, as the second reads the
-/// flipped kernels the first kept) and every weight's when all train (full fine-tuning). For
+/// flipped kernels the first kept) and every weight's when all train (full fine-tuning), in f32;
+/// off the CPU also the context's in bf16 (against the CPU's f32, to bf16's precision). For
 /// `LAYERDIFF_TEST_DEVICE=cuda`: the device's own backward paths (strided convolutions' input
-/// gradients, kept kernels, the reductions of the norms and the upsampling); on the CPU both sides
-/// are the CPU.
+/// gradients, kept kernels, the fused kernels of the norms and the attention scores, the
+/// upsampling's reduction); on the CPU both sides are the CPU.
 #[test]
 fn unet_gradients_match_the_cpus() -> Result<()> {
     let fx = candle_core::safetensors::load(fixture("unet.safetensors"), &Device::Cpu)?;
     let rel = |ours: &Tensor, cpu: &Tensor| -> Result<f32> { Ok(max_abs_diff(&ours.to_device(&Device::Cpu)?, cpu)? / max_abs_diff(cpu, &cpu.zeros_like()?)?) };
-    let backward = |device: &Device, trainable: bool| -> Result<(Tensor, Vec<(String, Tensor)>)> {
-        let (unet, vars) = unet_on(device, trainable)?;
-        let context = Var::from_tensor(&fx["a.context"].to_device(device)?)?;
+    let backward = |device: &Device, dtype: DType, trainable: bool| -> Result<(Tensor, Vec<(String, Tensor)>)> {
+        let (unet, vars) = unet_on(device, dtype, trainable)?;
+        let context = Var::from_tensor(&fx["a.context"].to_device(device)?.to_dtype(dtype)?)?;
         let mut context_grads = Vec::new();
         let mut grads = None;
         for _ in 0..if trainable { 1 } else { 2 } {
-            let out = unet.forward(&fx["a.sample"].to_device(device)?, 981., context.as_tensor())?;
-            let g = out.sqr()?.mean_all()?.backward()?;
+            let out = unet.forward(&fx["a.sample"].to_device(device)?.to_dtype(dtype)?, 981., context.as_tensor())?;
+            let g = out.to_dtype(DType::F32)?.sqr()?.mean_all()?.backward()?;
             context_grads.push(g.get(context.as_tensor()).ok_or("no context gradient")?.clone());
             grads = Some(g);
         }
@@ -133,8 +135,12 @@ fn unet_gradients_match_the_cpus() -> Result<()> {
         Ok((context_grads.remove(0), weights))
     };
     let device = device()?;
-    for trainable in [false, true] {
-        let ((context, weights), (cpu_context, cpu_weights)) = (backward(&device, trainable)?, backward(&Device::Cpu, trainable)?);
+    let mut cases = vec![(DType::F32, false, 1e-3), (DType::F32, true, 1e-3)];
+    if !device.is_cpu() {
+        cases.push((DType::BF16, false, 5e-2));
+    }
+    for (dtype, trainable, tol) in cases {
+        let ((context, weights), (cpu_context, cpu_weights)) = (backward(&device, dtype, trainable)?, backward(&Device::Cpu, DType::F32, trainable)?);
         let mut worst = (rel(&context, &cpu_context)?, "context".to_string());
         for ((name, ours), (cpu_name, cpu)) in weights.iter().zip(&cpu_weights) {
             assert_eq!(name, cpu_name);
@@ -143,8 +149,8 @@ fn unet_gradients_match_the_cpus() -> Result<()> {
                 worst = (err, name.clone());
             }
         }
-        eprintln!("{device:?}, trainable {trainable}: gradients' worst relative error to the CPU's {:.3e} ({})", worst.0, worst.1);
-        assert!(worst.0 <= 1e-3, "{}: relative error {:e}", worst.1, worst.0);
+        eprintln!("{device:?}, {dtype:?}, trainable {trainable}: gradients' worst relative error to the CPU's {:.3e} ({})", worst.0, worst.1);
+        assert!(worst.0 <= tol, "{dtype:?}, trainable {trainable}: {}: relative error {:e}", worst.1, worst.0);
     }
     Ok(())
 }

@@ -17,7 +17,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, DType, Layout, Module, Result, Shape, Storage, Tensor, D};
 use candle_nn::VarBuilder;
-use super::cpu_kernels;
+use super::{cpu_kernels, cuda_kernels};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Forward: hands out `value`, computed beforehand off the graph. Backward: the closure `F`, with
@@ -194,10 +194,16 @@ fn frozen(weight: &Tensor, bias: Option<&Tensor>) -> bool {
 /// Softmax over the last dimension: candle's fused kernel forward, `y * (g - sum(g * y))` backward.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     let ys = candle_nn::ops::softmax_last_dim(&xs.detach())?;
-    attach_backward(xs, ys, |_, ys, grad| {
-        let dot = (grad * ys)?.sum_keepdim(D::Minus1)?;
-        ys * grad.broadcast_sub(&dot)?
-    })
+    attach_backward(xs, ys, |_, ys, grad| softmax_input_grad(ys, grad, &(grad * ys)?.sum_keepdim(D::Minus1)?))
+}
+
+/// `p (dp - dot)`, a softmax's input gradient from its output `p`, the output's gradient `dp` and
+/// `dot = rowsum(dp p)`: on a GPU one fused pass ([`cuda_kernels::softmax_input_grad`]).
+fn softmax_input_grad(p: &Tensor, dp: &Tensor, dot: &Tensor) -> Result<Tensor> {
+    match cuda_kernels::softmax_input_grad(p, dp, dot)? {
+        Some(ds) => Ok(ds),
+        None => p * dp.broadcast_sub(dot)?,
+    }
 }
 
 /// Nearest-neighbour upsampling by an integer `factor` (candle's `upsample_nearest2d`), whose
@@ -250,8 +256,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<u
             let p = probs(&q, &k)?;
             let d_v = p.t()?.matmul(&g)?;
             let d_p = g.matmul(&v.t()?)?;
-            let dot = (&g * &o)?.sum_keepdim(D::Minus1)?;
-            let d_s = (p * d_p.broadcast_sub(&dot)?)?;
+            let d_s = softmax_input_grad(&p, &d_p, &(&g * &o)?.sum_keepdim(D::Minus1)?)?;
             Ok([(d_s.matmul(&k)? * scale)?, (d_s.t()?.matmul(&q)? * scale)?, d_v])
         })?;
         let cat = |i: usize| Tensor::cat(&parts.iter().map(|p| &p[i]).collect::<Vec<_>>(), 0).map(Some);
@@ -849,6 +854,11 @@ impl Module for LayerNorm {
         };
         let (weight, eps) = (self.weight.clone(), self.eps);
         attach_backward(xs, ys, move |arg, _, grad| {
+            let n = arg.dim(D::Minus1)?;
+            let rows = |t: &Tensor| t.reshape((t.elem_count() / n, n));
+            if let Some(d) = cuda_kernels::norm_input_grad(&rows(arg)?, &rows(grad)?, &weight, 1, 1, eps)? {
+                return d.reshape(arg.shape());
+            }
             let (x_hat, std) = normalize_rows(arg, eps)?;
             let g = grad.to_dtype(x_hat.dtype())?.broadcast_mul(&weight.to_dtype(x_hat.dtype())?)?;
             normalized_rows_input_grad(&x_hat, &std, &g)?.to_dtype(arg.dtype())
@@ -932,6 +942,13 @@ impl GroupNorm {
         if x.track_op() && self.on_cpu(x) && !w_trained && !b_trained {
             let op = cpu_kernels::GroupNormInputGrad { groups: self.groups, eps: self.eps };
             return Ok((Some(x.apply_op3_no_bwd(&w.detach(), &grad.contiguous()?, &op)?), None, None));
+        }
+        if x.track_op() && !w_trained && !b_trained {
+            let (rows, (_, _, rest)) = self.grouped(x)?;
+            let (rows, g) = (rows.flatten_to(1)?, self.grouped(grad)?.0.flatten_to(1)?);
+            if let Some(d) = cuda_kernels::norm_input_grad(&rows, &g, w, self.groups, rest, self.eps)? {
+                return Ok((Some(d.reshape(x.shape())?), None, None));
+            }
         }
         let dtype = x.dtype();
         let (rows, (batch, c, rest)) = self.grouped(x)?;

@@ -362,3 +362,18 @@ int curandGenerateUniformDouble(void *g, double *out, size_t n) { CALL(8 * n); r
 int curandGenerateNormal(void *g, float *out, size_t n, float mean, float std) { CALL(4 * n); return 0; }
 int curandGenerateNormalDouble(void *g, double *out, size_t n, double mean, double std) { CALL(8 * n); return 0; }
 #endif
+
+#ifdef LIB_NVRTC
+// ---------------------------------------------------------------------------------------------
+// NVRTC: every program compiles, to an empty PTX (cuModuleLoadData takes anything).
+
+static int a_program;
+int nvrtcCreateProgram(void **p, const char *src, const char *name, int n, const char *const *headers,
+                       const char *const *names) { CALL(0); *p = &a_program; return 0; }
+int nvrtcCompileProgram(void *p, int n, const char *const *options) { CALL(0); return 0; }
+int nvrtcGetPTXSize(void *p, size_t *size) { *size = 1; return 0; }
+int nvrtcGetPTX(void *p, char *ptx) { ptx[0] = 0; return 0; }
+int nvrtcGetProgramLogSize(void *p, size_t *size) { *size = 1; return 0; }
+int nvrtcGetProgramLog(void *p, char *log) { log[0] = 0; return 0; }
+int nvrtcDestroyProgram(void **p) { return 0; }
+#endif
