@@ -285,6 +285,8 @@ impl LayeredFinetune {
         }
         let e_bar = e_bar.detach();
         let fix = format!("lower --finetune-lr (now {})", self.adam.params().lr);
+        // The frozen convolutions' flipped kernels (LoRA's: all of them), made once for the loop.
+        let _kept = crate::models::nn::keep_flipped_kernels()?;
         let start = self.step;
         while self.step < until {
             let noisy = noisy_step(schedule, data, seed, STAGE2_STREAM, self.step)?;

@@ -330,6 +330,8 @@ impl LayeredOptimization {
         on_step: &mut dyn FnMut(StepLoss),
     ) -> Result<()> {
         check_layers(data)?;
+        // The frozen UNet's flipped kernels, made once for the loop (on a GPU).
+        let _kept = crate::models::nn::keep_flipped_kernels()?;
         let fix = format!("lower --embedding-lr (now {})", self.adam.params().lr);
         while self.step < until {
             let noisy = noisy_step(schedule, data, seed, STAGE1_STREAM, self.step)?;

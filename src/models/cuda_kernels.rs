@@ -4,9 +4,14 @@
 //! (README, Performance): a norm's input gradient took some eighteen kernels, the attention
 //! scores' gradient two passes over a `seq x seq` matrix where one does.
 //!
-//! Each function returns `Ok(None)` where its kernel does not apply (not CUDA, another dtype,
-//! `LAYERDIFF_FUSED=0`, or the kernels could not be built, which is logged once); the caller then
-//! composes the same formula from candle ops.
+//! Off unless `LAYERDIFF_FUSED=1`: they have not yet run on a GPU (no device was lent since they
+//! were written). The device check (scripts/gpu-check.sh) runs the parity tests with them, whose
+//! UNet gradients on the GPU are held to the CPU's in f32 and bf16, and times a step with and
+//! without them; they become the default once that passes.
+//!
+//! Each function returns `Ok(None)` where its kernel does not apply (not CUDA, another dtype, not
+//! turned on, or the kernels could not be built, which is logged once); the caller then composes
+//! the same formula from candle ops.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -96,13 +101,13 @@ KERNELS(F32, f32)
 KERNELS(BF16, bf16)
 "#;
 
-/// Whether the kernels apply to these tensors: all on a GPU, f32 or bf16 alike, and not turned off.
+/// Whether the kernels apply to these tensors: all on a GPU, f32 or bf16 alike, and turned on.
 fn applies(ts: &[&Tensor]) -> bool {
     let dtype = ts[0].dtype();
     cfg!(feature = "cuda")
         && matches!(dtype, DType::F32 | DType::BF16)
         && ts.iter().all(|t| t.device().is_cuda() && t.dtype() == dtype)
-        && std::env::var("LAYERDIFF_FUSED").as_deref() != Ok("0")
+        && std::env::var("LAYERDIFF_FUSED").as_deref() == Ok("1")
 }
 
 /// The softmax's input gradient from its output `p`, the output's gradient `dp` and

@@ -18,7 +18,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, DType, Layout, Module, Result, Shape, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 use super::{cpu_kernels, cuda_kernels};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
 
 /// Forward: hands out `value`, computed beforehand off the graph. Backward: the closure `F`, with
 /// one signature for one argument ([`attach_backward`]) and another for two ([`attach_backward2`]).
@@ -563,17 +564,11 @@ pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     cfg: Conv2dConfig,
-    /// A frozen weight's [`flipped_transposed_kernel`] off the CPU, made at the first backward
-    /// and kept: stage 1 and LoRA's stage 2 differentiate through the same frozen convolutions
-    /// every step, and making it took a transpose and a gather per convolution and backward
-    /// (5 % of a UNet backward's GPU time in bf16), for a copy of the 3x3 kernels kept (1 GB
-    /// in bf16 at SD's size). Not on the CPU, where memory is the scarcer.
-    input_grad_kernel: Arc<OnceLock<Tensor>>,
 }
 
 impl Conv2d {
     pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Self {
-        Self { weight, bias, cfg, input_grad_kernel: Arc::default() }
+        Self { weight, bias, cfg }
     }
 
     fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
@@ -622,8 +617,9 @@ impl Module for Conv2d {
         if frozen && xs.track_op() {
             let ys = self.forward_plain(&xs.detach())?;
             let (weight, c) = (self.weight.clone(), self.cfg);
-            let cache = (!xs.device().is_cpu()).then(|| self.input_grad_kernel.clone());
-            return attach_backward(xs, ys, move |arg, _, grad| conv2d_input_grad(grad, &weight, c, arg.dim(2)?, cache.as_deref()));
+            // Off the CPU, where memory is the scarcer, its flipped kernel may be kept.
+            let keep = !xs.device().is_cpu();
+            return attach_backward(xs, ys, move |arg, _, grad| conv2d_input_grad(grad, &weight, c, arg.dim(2)?, keep));
         }
         if trainable(&self.weight) {
             // candle's own backward computes the kernel gradient as a convolution whose kernel is
@@ -633,7 +629,7 @@ impl Module for Conv2d {
             let c = self.cfg;
             let ys = conv2d_forward(&xs.detach(), &self.weight.detach(), c)?;
             let ys = attach_backward2(xs, &self.weight, ys, move |arg, weight, _, grad| {
-                Ok((Some(conv2d_input_grad(grad, weight, c, arg.dim(2)?, None)?), Some(conv2d_kernel_grad(arg, weight, grad, c)?)))
+                Ok((Some(conv2d_input_grad(grad, weight, c, arg.dim(2)?, false)?), Some(conv2d_kernel_grad(arg, weight, grad, c)?)))
             })?;
             return match &self.bias {
                 Some(b) => per_channel(&ys, b, Tensor::broadcast_add),
@@ -713,7 +709,8 @@ fn im2col(xs: &Tensor, k_h: usize, k_w: usize, out_h: usize, out_w: usize, c: Co
 /// The input gradient of a convolution with an input `input_h` rows high: the transposed
 /// convolution of the output gradient, padded back to the input's size (as candle's own conv2d
 /// backward, the same `output_padding` for height and width), as a stride-1 convolution with the
-/// kernel transposed and flipped (`kernel` keeps that kernel of a frozen weight):
+/// kernel transposed and flipped (`keep`: a frozen weight's, kept while a training loop keeps
+/// them, [`keep_flipped_kernels`]):
 /// - at stride 1, on a GPU and on the CPU. candle's `conv_transpose2d` is a direct loop (on the
 ///   CPU one dot product per output pixel, its kernel gathered across strides each time), its CUDA
 ///   `conv2d` im2col and a cuBLAS product, and ours on the CPU im2col and one matmul: at 64x64,
@@ -723,14 +720,11 @@ fn im2col(xs: &Tensor, k_h: usize, k_w: usize, out_h: usize, out_w: usize, c: Co
 ///   ([`conv2d_input_grad_spread`]): candle's CUDA loop took 2.2 ms per SD downsampler in bf16 on
 ///   an H200, 7 % of a UNet backward's GPU time (on the CPU, where it is a fifth to a third
 ///   slower at SD's downsamplers than the loop, the loop stays).
-fn conv2d_input_grad(grad: &Tensor, weight: &Tensor, c: Conv2dConfig, input_h: usize, kernel: Option<&OnceLock<Tensor>>) -> Result<Tensor> {
+fn conv2d_input_grad(grad: &Tensor, weight: &Tensor, c: Conv2dConfig, input_h: usize, keep: bool) -> Result<Tensor> {
     let k_h = weight.dim(2)?;
     let span = c.dilation * (k_h - 1);
     let out_size = (grad.dim(2)? - 1) * c.stride + span + 1 - 2 * c.padding;
-    let flipped = || match kernel {
-        Some(kept) => kept_flipped_kernel(weight, kept),
-        None => flipped_transposed_kernel(weight),
-    };
+    let flipped = || if keep { kept_flipped_kernel(weight) } else { flipped_transposed_kernel(weight) };
     let device = grad.device();
     if span >= c.padding && c.stride == 1 && (device.is_cuda() || device.is_cpu()) {
         return conv2d_forward(grad, &flipped()?, Conv2dConfig { padding: span - c.padding, stride: 1, dilation: c.dilation });
@@ -764,13 +758,56 @@ fn conv2d_input_grad_spread(grad: &Tensor, flipped: &Tensor, c: Conv2dConfig, ou
     conv2d_forward(&pad(pad(spread, 2)?, 3)?, flipped, Conv2dConfig { padding: 0, stride: 1, dilation: c.dilation })
 }
 
-/// [`flipped_transposed_kernel`] of a frozen `w`, made once into `kept`.
-fn kept_flipped_kernel(w: &Tensor, kept: &OnceLock<Tensor>) -> Result<Tensor> {
-    if let Some(k) = kept.get() {
+/// Frozen weights' flipped kernels by weight, while training loops keep them.
+#[derive(Default)]
+struct KeptKernels {
+    /// Loops keeping them ([`KeepFlippedKernels`] alive).
+    loops: usize,
+    kernels: HashMap<candle_core::TensorId, Tensor>,
+}
+
+static KEPT_KERNELS: LazyLock<Mutex<KeptKernels>> = LazyLock::new(Mutex::default);
+
+fn kept_kernels() -> Result<std::sync::MutexGuard<'static, KeptKernels>> {
+    KEPT_KERNELS.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))
+}
+
+/// While this lives, a frozen convolution's backward off the CPU makes its weight's flipped
+/// kernel once and keeps it; when the last one is dropped, they are freed. Stage 1 and LoRA's
+/// stage 2 differentiate through the same frozen convolutions every step, and making the kernel
+/// took a transpose and a gather per convolution and backward (5 % of a UNet backward's GPU time
+/// in bf16, on an H200); kept, they cost a copy of the 3x3 kernels (1.1 GB in bf16 at SD's size)
+/// for as long as the loop runs, and not after it (sampling needs none).
+pub struct KeepFlippedKernels(());
+
+pub fn keep_flipped_kernels() -> Result<KeepFlippedKernels> {
+    kept_kernels()?.loops += 1;
+    Ok(KeepFlippedKernels(()))
+}
+
+impl Drop for KeepFlippedKernels {
+    fn drop(&mut self) {
+        if let Ok(mut kept) = KEPT_KERNELS.lock() {
+            kept.loops -= 1;
+            if kept.loops == 0 {
+                kept.kernels.clear();
+            }
+        }
+    }
+}
+
+/// [`flipped_transposed_kernel`] of a frozen `w`: the one kept, or made (and kept if a loop keeps
+/// them).
+fn kept_flipped_kernel(w: &Tensor) -> Result<Tensor> {
+    if let Some(k) = kept_kernels()?.kernels.get(&w.id()) {
         return Ok(k.clone());
     }
     let k = flipped_transposed_kernel(w)?;
-    Ok(kept.get_or_init(|| k).clone())
+    let mut kept = kept_kernels()?;
+    if kept.loops > 0 {
+        kept.kernels.insert(w.id(), k.clone());
+    }
+    Ok(k)
 }
 
 /// `w` `[c_out, c_in, k_h, k_w]` as `[c_in, c_out, k_h, k_w]`, flipped in both kernel
@@ -1298,18 +1335,20 @@ mod tests {
     }
 
     #[test]
-    fn a_frozen_kernel_is_flipped_once_and_kept_off_the_cpu_only() -> Result<()> {
+    fn a_frozen_kernel_is_flipped_once_while_kept_and_not_kept_on_the_cpu() -> Result<()> {
         let w = randn(&[4, 3, 3, 3])?;
-        let kept = OnceLock::new();
-        let (first, second) = (kept_flipped_kernel(&w, &kept)?, kept_flipped_kernel(&w, &kept)?);
+        let keeping = keep_flipped_kernels()?;
+        let (first, second) = (kept_flipped_kernel(&w)?, kept_flipped_kernel(&w)?);
         assert_eq!(first.id(), second.id());
         let diff = (first - flipped_transposed_kernel(&w)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert_eq!(diff, 0.0);
         // On the CPU a frozen convolution's backward keeps nothing.
-        let conv = Conv2d::new(w, None, Conv2dConfig { padding: 1, stride: 1, dilation: 1 });
+        let w2 = randn(&[4, 3, 3, 3])?;
+        let conv = Conv2d::new(w2.clone(), None, Conv2dConfig { padding: 1, stride: 1, dilation: 1 });
         let x = Var::from_tensor(&randn(&[1, 3, 5, 5])?)?;
         conv.forward(x.as_tensor())?.sum_all()?.backward()?;
-        assert!(conv.input_grad_kernel.get().is_none());
+        assert!(!kept_kernels()?.kernels.contains_key(&w2.id()));
+        drop(keeping);
         Ok(())
     }
 
@@ -1510,7 +1549,7 @@ mod tests {
             let dw = conv2d_kernel_grad(x.as_tensor(), w.as_tensor(), &g, c)?;
             let mut pairs = vec![(dw, grads.get(w.as_tensor()))];
             if stride == 1 {
-                pairs.push((conv2d_input_grad(&g, w.as_tensor(), c, 7, None)?, grads.get(x.as_tensor())));
+                pairs.push((conv2d_input_grad(&g, w.as_tensor(), c, 7, false)?, grads.get(x.as_tensor())));
             }
             for (ours, theirs) in pairs {
                 let theirs = theirs.expect("candle's gradient");
