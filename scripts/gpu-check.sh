@@ -6,12 +6,14 @@
 #                                     and downloads the wheels the GPU machine lacks (diffusers),
 #                                     all into gpu-bundle/ (git-ignored; carry it; about 18 MB).
 #   scripts/gpu-check.sh run          there, from the repo root (no network): the tiny-model
-#                                     parity tests on CUDA (also with LAYERDIFF_HTOD_CACHE=0), a
-#                                     demo edit, then `layerdiff bench --stages` and
+#                                     parity tests on CUDA (also with LAYERDIFF_HTOD_CACHE=0,
+#                                     and with the fused kernels, LAYERDIFF_FUSED=1), a demo
+#                                     edit, then `layerdiff bench --stages` and
 #                                     tools/bench_stages_ref.py at 512x512 in bf16 and f32, LoRA and
 #                                     full (bf16), full with gradient checkpointing in bf16, the
-#                                     variants (the host-side settings off, 128 px), a table of
-#                                     all (tools/bench_table.py), stacks of the host's thread
+#                                     variants (the fused kernels on, the host-side settings off,
+#                                     128 px), a table of all (tools/bench_table.py), stacks of
+#                                     the host's thread
 #                                     sampled with cuda-gdb (tools/host_samples.sh), and Nsight
 #                                     Compute's kernel times (tools/ncu_summary.py); every log and
 #                                     JSON packed into $OUT/gpu-check.tgz, plus summary.txt, the
@@ -110,6 +112,7 @@ run() {
     # 1. correctness on the device
     step parity 90 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity --test-threads 1
     step parity-no-htod-cache 90 env LAYERDIFF_TEST_DEVICE=cuda LAYERDIFF_HTOD_CACHE=0 /tmp/gpu-check/models_parity --test-threads 1
+    step parity-fused 90 env LAYERDIFF_TEST_DEVICE=cuda LAYERDIFF_FUSED=1 /tmp/gpu-check/models_parity --test-threads 1
   fi
   step demo-edit 60 "$BIN" edit --device "$DEVICE" --model assets/tiny-sd --image assets/demo/dog.png \
     --mask assets/demo/dog-mask.png --object "a jumping dog" --background "a dense forest" --size 64 \
@@ -124,8 +127,9 @@ run() {
       ref "torch-$dtype-$mode" --size "$SIZE" --dtype "$dtype" --finetune "$mode" --steps "$STEPS"
     done
   done
-  # the fused CUDA kernels (src/models/cuda_kernels.rs) off
-  ours ours-bf16-lora-unfused LAYERDIFF_FUSED=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
+  # the fused CUDA kernels (src/models/cuda_kernels.rs, opt-in until they pass parity-fused) on
+  ours ours-bf16-lora-fused LAYERDIFF_FUSED=1 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
+  ours ours-bf16-full-fused LAYERDIFF_FUSED=1 -- --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
   # full fine-tuning with gradient checkpointing (the 16 GB target), ours and diffusers'
   ours ours-bf16-full-ckpt -- --size "$SIZE" --dtype bf16 --finetune full --gradient-checkpointing --steps "$STEPS"
   ref torch-bf16-full-ckpt --size "$SIZE" --dtype bf16 --finetune full --gradient-checkpointing --steps "$STEPS"
