@@ -5,9 +5,11 @@
 //! scores' gradient two passes over a `seq x seq` matrix where one does.
 //!
 //! Off unless `LAYERDIFF_FUSED=1`: they have not yet run on a GPU (no device was lent since they
-//! were written). The device check (scripts/gpu-check.sh) runs the parity tests with them, whose
-//! UNet gradients on the GPU are held to the CPU's in f32 and bf16, and times a step with and
-//! without them; they become the default once that passes.
+//! were written). Their source (`cuda_kernels.cu`) runs on the CPU in the tests below, a host
+//! thread per CUDA thread, against the composed formulas; the device check
+//! (scripts/gpu-check.sh) runs the parity tests with them, whose UNet gradients on the GPU are held
+//! to the CPU's in f32 and bf16, and times a step with and without them. They become the default
+//! once that passes.
 //!
 //! Each function returns `Ok(None)` where its kernel does not apply (not CUDA, another dtype, not
 //! turned on, or the kernels could not be built, which is logged once); the caller then composes
@@ -15,91 +17,9 @@
 
 use candle_core::{DType, Result, Tensor};
 
-/// The CUDA C source: `T` is `float` or bf16 as its bits (`unsigned short`, converted by hand so
-/// that NVRTC needs no headers); all arithmetic in f32.
+/// The CUDA C source (`cuda_kernels.cu`).
 #[cfg(feature = "cuda")]
-const SOURCE: &str = r#"
-struct F32 {
-    typedef float T;
-    static __device__ __forceinline__ float load(float v) { return v; }
-    static __device__ __forceinline__ float store(float v) { return v; }
-};
-struct BF16 {
-    typedef unsigned short T;
-    static __device__ __forceinline__ float load(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
-    // Round to nearest even, NaN kept NaN.
-    static __device__ __forceinline__ unsigned short store(float f) {
-        unsigned int u = __float_as_uint(f);
-        if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
-        u += 0x7fffu + ((u >> 16) & 1u);
-        return (unsigned short)(u >> 16);
-    }
-};
-
-// The sum of `v` over the block, in every thread (blockDim.x a multiple of 32, at most 1024).
-__device__ float block_sum(float v, float *partials) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();  // the last call's partials are read
-    if (lane == 0) partials[warp] = v;
-    __syncthreads();
-    v = lane < (blockDim.x + 31) / 32 ? partials[lane] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// ds = p (dp - dot[row]) over rows of `cols` (n < 2^31: 32-bit indices and divisions).
-template <typename D>
-__device__ void softmax_input_grad(const typename D::T *p, const typename D::T *dp, const typename D::T *dot,
-                                   typename D::T *ds, unsigned int n, unsigned int cols) {
-    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
-        ds[i] = D::store(D::load(p[i]) * (D::load(dp[i]) - D::load(dot[i / cols])));
-    }
-}
-
-// One block per row of `n` elements of a norm's input `x`, `g` the gradient of its output, `w` its
-// scale: element j of row r has the scale of channel (r % groups) (n / rest) + j / rest (a layer
-// norm: groups = rest = 1). dx = (g' - (sum g' + x_hat sum g' x_hat) / n) / std with g' = g w,
-// x_hat = (x - mean) / std, std = sqrt(var + eps), the variance two-pass.
-template <typename D>
-__device__ void norm_input_grad(const typename D::T *x, const typename D::T *g, const typename D::T *w,
-                                typename D::T *dx, unsigned int n, unsigned int groups, unsigned int rest, float eps) {
-    __shared__ float partials[32];
-    unsigned long long row = blockIdx.x;
-    x += row * n;
-    g += row * n;
-    dx += row * n;
-    w += (row % groups) * (n / rest);
-    float s = 0.0f;
-    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) s += D::load(x[j]);
-    float mean = block_sum(s, partials) / n;
-    s = 0.0f;
-    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) { float d = D::load(x[j]) - mean; s += d * d; }
-    float std = sqrtf(block_sum(s, partials) / n + eps);
-    float s1 = 0.0f, s2 = 0.0f;
-    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
-        float gw = D::load(g[j]) * D::load(w[j / rest]);
-        s1 += gw;
-        s2 += gw * (D::load(x[j]) - mean) / std;
-    }
-    s1 = block_sum(s1, partials);
-    s2 = block_sum(s2, partials);
-    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
-        float gw = D::load(g[j]) * D::load(w[j / rest]);
-        float x_hat = (D::load(x[j]) - mean) / std;
-        dx[j] = D::store((gw - (s1 + x_hat * s2) / n) / std);
-    }
-}
-
-#define KERNELS(D, name)                                                                                   \
-extern "C" __global__ void softmax_input_grad_##name(const D::T *p, const D::T *dp, const D::T *dot,       \
-        D::T *ds, unsigned int n, unsigned int cols) { softmax_input_grad<D>(p, dp, dot, ds, n, cols); } \
-extern "C" __global__ void norm_input_grad_##name(const D::T *x, const D::T *g, const D::T *w, D::T *dx,    \
-        unsigned int n, unsigned int groups, unsigned int rest, float eps) {                               \
-    norm_input_grad<D>(x, g, w, dx, n, groups, rest, eps); }
-KERNELS(F32, f32)
-KERNELS(BF16, bf16)
-"#;
+const SOURCE: &str = include_str!("cuda_kernels.cu");
 
 /// Whether the kernels apply to these tensors: all on a GPU, f32 or bf16 alike, and turned on.
 fn applies(ts: &[&Tensor]) -> bool {
@@ -266,5 +186,107 @@ mod imp {
             return Ok(None);
         }
         a.apply_op3_no_bwd(b, c, &Op(kernel)).map(Some)
+    }
+}
+
+/// The kernels' source run on the CPU (`cuda_kernels_on_cpu.cpp`, built with the system's C++20
+/// compiler, `CXX` or `c++`), against the composed formulas the GPU falls back to: f32 to
+/// rounding, bf16 to its precision. What only a GPU can check (NVRTC, the launch's arguments)
+/// the device check's `parity-fused` does.
+#[cfg(test)]
+mod tests {
+    use super::super::nn::{normalize_rows, normalized_rows_input_grad};
+    use candle_core::{DType, Device, Result, Tensor};
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+
+    fn harness() -> PathBuf {
+        static BUILT: OnceLock<PathBuf> = OnceLock::new();
+        BUILT
+            .get_or_init(|| {
+                let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/models");
+                let out = std::env::temp_dir().join(format!("layerdiff-cuda-kernels-on-cpu-{}", std::process::id()));
+                let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+                let status = Command::new(&cxx)
+                    .args(["-std=c++20", "-O1", "-pthread", "-I"])
+                    .arg(&dir)
+                    .arg("-o")
+                    .arg(&out)
+                    .arg(dir.join("cuda_kernels_on_cpu.cpp"))
+                    .status()
+                    .unwrap_or_else(|e| panic!("{cxx}: {e} (these tests need a C++20 compiler, e.g. g++ 12)"));
+                assert!(status.success(), "{cxx} failed on cuda_kernels_on_cpu.cpp");
+                out
+            })
+            .clone()
+    }
+
+    /// The harness's output for `args` (its operation, dtype and sizes) on `inputs`, laid end to end.
+    fn run(args: &[String], inputs: &[&Tensor]) -> Result<Vec<f32>> {
+        static CALLS: AtomicUsize = AtomicUsize::new(0);
+        let base = std::env::temp_dir().join(format!("layerdiff-ck-{}-{}", std::process::id(), CALLS.fetch_add(1, Ordering::SeqCst)));
+        let (input, output) = (base.with_extension("in"), base.with_extension("out"));
+        let mut bytes = Vec::new();
+        for t in inputs {
+            bytes.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        std::fs::write(&input, bytes)?;
+        let status = Command::new(harness()).args(args).arg(&input).arg(&output).status()?;
+        assert!(status.success(), "harness {args:?} failed");
+        let out = std::fs::read(&output)?;
+        let _ = (std::fs::remove_file(&input), std::fs::remove_file(&output));
+        Ok(out.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    }
+
+    /// Random values that `dtype` holds exactly, as f32.
+    fn randn(shape: &[usize], dtype: DType) -> Result<Tensor> {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?.to_dtype(dtype)?.to_dtype(DType::F32)
+    }
+
+    fn relative_error(ours: &[f32], reference: &Tensor) -> Result<f32> {
+        let reference = reference.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(ours.len(), reference.len());
+        let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+        Ok(ours.iter().zip(&reference).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale)
+    }
+
+    #[test]
+    fn norm_input_grad_kernel_matches_the_composed_backward() -> Result<()> {
+        // (rows, n, groups, rest): a layer norm's rows (37 wide: not a whole warp), a group norm's
+        // (4 groups of 3 channels of 6 pixels, batch 2), and rows longer than a block of 1024.
+        for (rows, n, groups, rest) in [(3, 37, 1, 1), (8, 18, 4, 6), (2, 3000, 1, 1), (4, 3000, 2, 1000)] {
+            for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+                let eps = 1e-5;
+                let (x, g, w) = (randn(&[rows, n], dtype)?, randn(&[rows, n], dtype)?, randn(&[groups * (n / rest)], dtype)?);
+                let sizes = [rows, n, groups, rest].map(|v| v.to_string());
+                let args = [&["norm".into(), dtype.as_str().into()], &sizes[..], &[eps.to_string()]].concat();
+                let ours = run(&args, &[&x, &g, &w])?;
+                // The composed backward, with each element's scale.
+                let index: Vec<u32> = (0..rows * n).map(|i| ((i / n % groups) * (n / rest) + i % n / rest) as u32).collect();
+                let w_each = w.index_select(&Tensor::new(index, &Device::Cpu)?, 0)?.reshape((rows, n))?;
+                let (x_hat, std) = normalize_rows(&x, eps)?;
+                let reference = normalized_rows_input_grad(&x_hat, &std, &(g * w_each)?)?;
+                let err = relative_error(&ours, &reference)?;
+                assert!(err < tol, "{dtype:?}, rows {rows}, n {n}, groups {groups}, rest {rest}: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_input_grad_kernel_matches_the_composed_formula() -> Result<()> {
+        // One block, and three (a grid-stride loop over 1024-thread blocks).
+        for (rows, cols) in [(7, 45), (30, 100)] {
+            for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
+                let (p, dp, dot) = (randn(&[rows, cols], dtype)?, randn(&[rows, cols], dtype)?, randn(&[rows, 1], dtype)?);
+                let args = ["softmax".into(), dtype.as_str().into(), rows.to_string(), cols.to_string()];
+                let ours = run(&args, &[&p, &dp, &dot])?;
+                let err = relative_error(&ours, &(&p * dp.broadcast_sub(&dot)?)?)?;
+                assert!(err < tol, "{dtype:?}, {rows}x{cols}: {err}");
+            }
+        }
+        Ok(())
     }
 }

@@ -1039,7 +1039,7 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
 /// Rows normalized over the last dimension and their standard deviations, in f32 at least,
 /// two-pass: `((x - mean) / std, std)` with `std = sqrt(var + eps)`, the variance's `1 / n` and
 /// `eps` in one op.
-fn normalize_rows(rows: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+pub(super) fn normalize_rows(rows: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let rows = rows.to_dtype(internal_dtype(rows.dtype()))?;
     let n = rows.dim(D::Minus1)? as f64;
     let centered = rows.broadcast_sub(&rows.mean_keepdim(D::Minus1)?)?;
@@ -1051,7 +1051,7 @@ fn normalize_rows(rows: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
 /// `g`, the gradient of the normalized rows (times the norm's scale): `(g - mean(g) - x_hat
 /// mean(g x_hat)) / std`, written `(g - (sum(g) + x_hat sum(g x_hat)) / n) / std` so that both
 /// means take one `1 / n`: on a GPU, where a norm's backward is some twenty kernels, one fewer.
-fn normalized_rows_input_grad(x_hat: &Tensor, std: &Tensor, g: &Tensor) -> Result<Tensor> {
+pub(super) fn normalized_rows_input_grad(x_hat: &Tensor, std: &Tensor, g: &Tensor) -> Result<Tensor> {
     let n = x_hat.dim(D::Minus1)? as f64;
     let sums = x_hat.broadcast_mul(&(g * x_hat)?.sum_keepdim(D::Minus1)?)?.broadcast_add(&g.sum_keepdim(D::Minus1)?)?;
     (g - sums.affine(1.0 / n, 0.0)?)?.broadcast_div(std)

@@ -1,0 +1,84 @@
+// The fused CUDA kernels of cuda_kernels.rs, compiled with NVRTC at their first use. `T` is
+// `float` or bf16 as its bits (`unsigned short`, converted by hand so that NVRTC needs no
+// headers); all arithmetic in f32. The tests run this file on the CPU too
+// (cuda_kernels_on_cpu.cpp: a host thread per CUDA thread).
+struct F32 {
+    typedef float T;
+    static __device__ __forceinline__ float load(float v) { return v; }
+    static __device__ __forceinline__ float store(float v) { return v; }
+};
+struct BF16 {
+    typedef unsigned short T;
+    static __device__ __forceinline__ float load(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
+    // Round to nearest even, NaN kept NaN.
+    static __device__ __forceinline__ unsigned short store(float f) {
+        unsigned int u = __float_as_uint(f);
+        if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+        u += 0x7fffu + ((u >> 16) & 1u);
+        return (unsigned short)(u >> 16);
+    }
+};
+
+// The sum of `v` over the block, in every thread (blockDim.x a multiple of 32, at most 1024).
+__device__ float block_sum(float v, float *partials) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();  // the last call's partials are read
+    if (lane == 0) partials[warp] = v;
+    __syncthreads();
+    v = lane < (blockDim.x + 31) / 32 ? partials[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// ds = p (dp - dot[row]) over rows of `cols` (n < 2^31: 32-bit indices and divisions).
+template <typename D>
+__device__ void softmax_input_grad(const typename D::T *p, const typename D::T *dp, const typename D::T *dot,
+                                   typename D::T *ds, unsigned int n, unsigned int cols) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+        ds[i] = D::store(D::load(p[i]) * (D::load(dp[i]) - D::load(dot[i / cols])));
+    }
+}
+
+// One block per row of `n` elements of a norm's input `x`, `g` the gradient of its output, `w` its
+// scale: element j of row r has the scale of channel (r % groups) (n / rest) + j / rest (a layer
+// norm: groups = rest = 1). dx = (g' - (sum g' + x_hat sum g' x_hat) / n) / std with g' = g w,
+// x_hat = (x - mean) / std, std = sqrt(var + eps), the variance two-pass.
+template <typename D>
+__device__ void norm_input_grad(const typename D::T *x, const typename D::T *g, const typename D::T *w,
+                                typename D::T *dx, unsigned int n, unsigned int groups, unsigned int rest, float eps) {
+    __shared__ float partials[32];
+    unsigned long long row = blockIdx.x;
+    x += row * n;
+    g += row * n;
+    dx += row * n;
+    w += (row % groups) * (n / rest);
+    float s = 0.0f;
+    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) s += D::load(x[j]);
+    float mean = block_sum(s, partials) / n;
+    s = 0.0f;
+    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) { float d = D::load(x[j]) - mean; s += d * d; }
+    float std = sqrtf(block_sum(s, partials) / n + eps);
+    float s1 = 0.0f, s2 = 0.0f;
+    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
+        float gw = D::load(g[j]) * D::load(w[j / rest]);
+        s1 += gw;
+        s2 += gw * (D::load(x[j]) - mean) / std;
+    }
+    s1 = block_sum(s1, partials);
+    s2 = block_sum(s2, partials);
+    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
+        float gw = D::load(g[j]) * D::load(w[j / rest]);
+        float x_hat = (D::load(x[j]) - mean) / std;
+        dx[j] = D::store((gw - (s1 + x_hat * s2) / n) / std);
+    }
+}
+
+#define KERNELS(D, name)                                                                                   \
+extern "C" __global__ void softmax_input_grad_##name(const D::T *p, const D::T *dp, const D::T *dot,       \
+        D::T *ds, unsigned int n, unsigned int cols) { softmax_input_grad<D>(p, dp, dot, ds, n, cols); } \
+extern "C" __global__ void norm_input_grad_##name(const D::T *x, const D::T *g, const D::T *w, D::T *dx,    \
+        unsigned int n, unsigned int groups, unsigned int rest, float eps) {                               \
+    norm_input_grad<D>(x, g, w, dx, n, groups, rest, eps); }
+KERNELS(F32, f32)
+KERNELS(BF16, bf16)

@@ -1,0 +1,136 @@
+// cuda_kernels.cu on the CPU, for the tests of cuda_kernels.rs (no GPU there): each CUDA thread
+// a host thread, one block at a time, `__shared__` memory a static, `__syncthreads` a barrier,
+// a warp shuffle through one slot per thread between two barriers (every thread of the block
+// calls it, as in block_sum). The launches are the ones cuda_kernels.rs makes.
+//
+//   harness norm f32|bf16 ROWS N GROUPS REST EPS IN OUT     IN: x, g (ROWS x N), w (GROUPS x N / REST)
+//   harness softmax f32|bf16 ROWS COLS IN OUT               IN: p, dp (ROWS x COLS), dot (ROWS)
+// as little-endian f32 (bf16 inputs: values bf16 holds exactly); OUT: the result as f32.
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+struct Dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+};
+static thread_local Dim3 threadIdx, blockIdx;
+static Dim3 blockDim, gridDim;
+static std::barrier<> *block_barrier;
+static std::vector<float> shuffle_slots;
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+
+static void __syncthreads() { block_barrier->arrive_and_wait(); }
+static float __shfl_xor_sync(unsigned int, float v, int offset) {
+    shuffle_slots[threadIdx.x] = v;
+    __syncthreads();
+    float other = shuffle_slots[threadIdx.x ^ offset];
+    __syncthreads();
+    return other;
+}
+static float __uint_as_float(unsigned int u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+static unsigned int __float_as_uint(float f) {
+    unsigned int u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+#include "cuda_kernels.cu"
+
+template <typename F>
+static void launch(unsigned int grid, unsigned int block, F kernel) {
+    gridDim.x = grid;
+    blockDim.x = block;
+    shuffle_slots.assign(block, 0.0f);
+    for (unsigned int b = 0; b < grid; b++) {
+        std::barrier<> barrier(block);
+        block_barrier = &barrier;
+        std::vector<std::thread> threads;
+        for (unsigned int t = 0; t < block; t++)
+            threads.emplace_back([&, b, t] {
+                blockIdx.x = b;
+                threadIdx.x = t;
+                kernel();
+            });
+        for (auto &thread : threads) thread.join();
+    }
+}
+
+static std::vector<float> read_floats(const char *path, size_t n) {
+    std::vector<float> v(n);
+    FILE *f = std::fopen(path, "rb");
+    if (!f || std::fread(v.data(), 4, n, f) != n) {
+        std::fprintf(stderr, "cannot read %zu floats from %s\n", n, path);
+        std::exit(2);
+    }
+    std::fclose(f);
+    return v;
+}
+
+static void write_floats(const char *path, const std::vector<float> &v) {
+    FILE *f = std::fopen(path, "wb");
+    if (!f || std::fwrite(v.data(), 4, v.size(), f) != v.size()) {
+        std::fprintf(stderr, "cannot write %s\n", path);
+        std::exit(2);
+    }
+    std::fclose(f);
+}
+
+// The kernel on D's element type: inputs stored as D::T, the output read back as f32.
+template <typename D>
+static std::vector<float> run(int argc, char **argv) {
+    std::string op = argv[1];
+    auto stored = [](const std::vector<float> &v, size_t from, size_t n) {
+        std::vector<typename D::T> t(n);
+        for (size_t i = 0; i < n; i++) t[i] = D::store(v[from + i]);
+        return t;
+    };
+    if (op == "norm" && argc == 10) {
+        unsigned int rows = std::atoi(argv[3]), n = std::atoi(argv[4]), groups = std::atoi(argv[5]), rest = std::atoi(argv[6]);
+        float eps = std::atof(argv[7]);
+        size_t size = (size_t)rows * n, channels = (size_t)groups * (n / rest);
+        std::vector<float> in = read_floats(argv[8], 2 * size + channels);
+        auto x = stored(in, 0, size), g = stored(in, size, size), w = stored(in, 2 * size, channels);
+        std::vector<typename D::T> dx(size);
+        // As cuda_kernels.rs: a block per row, the row's length in warps, 32 to 1024 threads.
+        unsigned int threads = std::min(1024u, std::max(32u, (n + 31) / 32 * 32));
+        launch(rows, threads, [&] { norm_input_grad<D>(x.data(), g.data(), w.data(), dx.data(), n, groups, rest, eps); });
+        std::vector<float> out(size);
+        for (size_t i = 0; i < size; i++) out[i] = D::load(dx[i]);
+        return out;
+    }
+    if (op == "softmax" && argc == 7) {
+        unsigned int rows = std::atoi(argv[3]), cols = std::atoi(argv[4]);
+        size_t size = (size_t)rows * cols;
+        std::vector<float> in = read_floats(argv[5], 2 * size + rows);
+        auto p = stored(in, 0, size), dp = stored(in, size, size), dot = stored(in, 2 * size, rows);
+        std::vector<typename D::T> ds(size);
+        // As cudarc's LaunchConfig::for_num_elems: blocks of 1024 threads.
+        launch((size + 1023) / 1024, 1024, [&] { softmax_input_grad<D>(p.data(), dp.data(), dot.data(), ds.data(), size, cols); });
+        std::vector<float> out(size);
+        for (size_t i = 0; i < size; i++) out[i] = D::load(ds[i]);
+        return out;
+    }
+    std::fprintf(stderr, "usage: see the head of cuda_kernels_on_cpu.cpp\n");
+    std::exit(2);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) return 2;
+    std::string dtype = argv[2];
+    std::vector<float> out = dtype == "bf16" ? run<BF16>(argc, argv) : run<F32>(argc, argv);
+    write_floats(argv[argc - 1], out);
+    return 0;
+}
