@@ -77,7 +77,7 @@ mod imp {
     use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor};
     use std::sync::{Arc, Mutex, OnceLock};
 
-    /// The PTX, compiled once per process (`Err`: why not, said once).
+    /// The PTX for `arch` (`Err`: why not).
     fn ptx(arch: Option<&'static str>) -> std::result::Result<Ptx, String> {
         let opts = CompileOptions { arch, name: Some("layerdiff_fused.cu".into()), ..Default::default() };
         compile_ptx_with_opts(SOURCE, opts).map_err(|e| format!("{e:?}"))
@@ -116,7 +116,8 @@ mod imp {
         m
     }
 
-    struct Op(Kernel);
+    /// The kernel and the module it is in, on the arguments' device.
+    struct Op(Kernel, Arc<CudaModule>);
 
     impl candle_core::CustomOp3 for Op {
         fn name(&self) -> &'static str {
@@ -129,10 +130,9 @@ mod imp {
 
         fn cuda_fwd(&self, a: &CudaStorage, a_l: &Layout, b: &CudaStorage, b_l: &Layout, c: &CudaStorage, c_l: &Layout) -> Result<(CudaStorage, Shape)> {
             let dev = a.device();
-            let module = module(dev).ok_or_else(|| candle_core::Error::Msg("no fused kernels".into()))?;
             let storage = match a.dtype() {
-                DType::F32 => launch::<f32>(self.0, &module, dev, (a, a_l), (b, b_l), (c, c_l), "f32")?,
-                DType::BF16 => launch::<half::bf16>(self.0, &module, dev, (a, a_l), (b, b_l), (c, c_l), "bf16")?,
+                DType::F32 => launch::<f32>(self.0, &self.1, dev, (a, a_l), (b, b_l), (c, c_l), "f32")?,
+                DType::BF16 => launch::<half::bf16>(self.0, &self.1, dev, (a, a_l), (b, b_l), (c, c_l), "bf16")?,
                 d => candle_core::bail!("fused CUDA kernel in {d:?}"),
             };
             Ok((storage, a_l.shape().clone()))
@@ -182,10 +182,8 @@ mod imp {
 
     pub(super) fn apply3(a: &Tensor, b: &Tensor, c: &Tensor, kernel: Kernel) -> Result<Option<Tensor>> {
         let Ok(dev) = a.device().as_cuda_device() else { return Ok(None) };
-        if module(dev).is_none() {
-            return Ok(None);
-        }
-        a.apply_op3_no_bwd(b, c, &Op(kernel)).map(Some)
+        let Some(module) = module(dev) else { return Ok(None) };
+        a.apply_op3_no_bwd(b, c, &Op(kernel, module)).map(Some)
     }
 }
 
