@@ -19,16 +19,69 @@ struct BF16 {
     }
 };
 
-// The sum of `v` over the block, in every thread (blockDim.x a multiple of 32, at most 1024).
-__device__ float block_sum(float v, float *partials) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+// The sum (or with MAX, the maximum) of `v` over the block, in every thread (blockDim.x a
+// multiple of 32, at most 1024).
+template <bool MAX>
+__device__ float block_reduce(float v, float *partials) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float other = __shfl_xor_sync(0xffffffffu, v, o);
+        v = MAX ? fmaxf(v, other) : v + other;
+    }
     unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     __syncthreads();  // the last call's partials are read
     if (lane == 0) partials[warp] = v;
     __syncthreads();
-    v = lane < (blockDim.x + 31) / 32 ? partials[lane] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    // The lanes past the block's warps hold the reduction's identity.
+    v = lane < (blockDim.x + 31) / 32 ? partials[lane] : (MAX ? __uint_as_float(0xff800000u) : 0.0f);
+    for (int o = 16; o > 0; o >>= 1) {
+        float other = __shfl_xor_sync(0xffffffffu, v, o);
+        v = MAX ? fmaxf(v, other) : v + other;
+    }
     return v;
+}
+
+__device__ float block_sum(float v, float *partials) { return block_reduce<false>(v, partials); }
+
+// One block per row of `cols`: y = exp(x - max) / sum(exp(x - max)), in f32, each element read
+// three times (the row stays in the cache after the first) and written once. candle's kernel runs
+// a warp per row in the element type and passes over the output twice more.
+template <typename D>
+__device__ void softmax_rows(const typename D::T *x, typename D::T *y, unsigned int cols) {
+    __shared__ float partials[32];
+    unsigned long long row = blockIdx.x;
+    x += row * cols;
+    y += row * cols;
+    float m = __uint_as_float(0xff800000u);
+    for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, D::load(x[j]));
+    m = block_reduce<true>(m, partials);
+    float s = 0.0f;
+    for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) s += expf(D::load(x[j]) - m);
+    float inv = 1.0f / block_sum(s, partials);
+    for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) y[j] = D::store(expf(D::load(x[j]) - m) * inv);
+}
+
+// A convolution's input windows as columns, for one product per image with the kernel:
+// cols[b][c][kh][kw][oy][ox] = x[b][c][oy stride + kh dilation - padding][ox stride + ...] (zero
+// outside), `n` = b c kh kw oh ow < 2^31, x contiguous [b, c, h, w]. Consecutive threads take
+// consecutive output pixels, so reads and writes coalesce (candle's im2col orders its columns by
+// pixel first and its threads read across channels, with 64-bit divisions per element).
+template <typename D>
+__device__ void im2col_per_image(const typename D::T *x, typename D::T *cols, unsigned int n, unsigned int h, unsigned int w,
+                       unsigned int kh, unsigned int kw, unsigned int oh, unsigned int ow, unsigned int stride,
+                       unsigned int padding, unsigned int dilation) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+        unsigned int ox = i % ow, t = i / ow;
+        unsigned int oy = t % oh;
+        t /= oh;
+        unsigned int kx = t % kw;
+        t /= kw;
+        unsigned int ky = t % kh;
+        t /= kh;  // the image and channel, b c
+        int y = (int)(oy * stride + ky * dilation) - (int)padding;
+        int xx = (int)(ox * stride + kx * dilation) - (int)padding;
+        bool inside = y >= 0 && y < (int)h && xx >= 0 && xx < (int)w;
+        cols[i] = inside ? x[((unsigned long long)t * h + y) * w + xx] : D::store(0.0f);
+    }
 }
 
 // ds = p (dp - dot[row]) over rows of `cols` (n < 2^31: 32-bit indices and divisions).
@@ -79,6 +132,12 @@ extern "C" __global__ void softmax_input_grad_##name(const D::T *p, const D::T *
         D::T *ds, unsigned int n, unsigned int cols) { softmax_input_grad<D>(p, dp, dot, ds, n, cols); } \
 extern "C" __global__ void norm_input_grad_##name(const D::T *x, const D::T *g, const D::T *w, D::T *dx,    \
         unsigned int n, unsigned int groups, unsigned int rest, float eps) {                               \
-    norm_input_grad<D>(x, g, w, dx, n, groups, rest, eps); }
+    norm_input_grad<D>(x, g, w, dx, n, groups, rest, eps); }                                               \
+extern "C" __global__ void softmax_rows_##name(const D::T *x, D::T *y, unsigned int cols) {                \
+    softmax_rows<D>(x, y, cols); }                                                                         \
+extern "C" __global__ void im2col_per_image_##name(const D::T *x, D::T *cols, unsigned int n,              \
+        unsigned int h, unsigned int w, unsigned int kh, unsigned int kw, unsigned int oh, unsigned int ow,\
+        unsigned int stride, unsigned int padding, unsigned int dilation) {                                \
+    im2col_per_image<D>(x, cols, n, h, w, kh, kw, oh, ow, stride, padding, dilation); }
 KERNELS(F32, f32)
 KERNELS(BF16, bf16)

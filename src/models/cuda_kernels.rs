@@ -1,19 +1,25 @@
-//! Fused CUDA kernels for the backward passes that candle composes out of many: compiled from the
-//! source below with NVRTC at their first use (no build step, no nvcc at run time), in f32 and
-//! bf16, for contiguous tensors. On a GPU a step's time was mostly these elementwise passes
-//! (README, Performance): a norm's input gradient took some eighteen kernels, the attention
-//! scores' gradient two passes over a `seq x seq` matrix where one does.
+//! Our own CUDA kernels where candle's cost a step most of its GPU time: compiled from the source
+//! below with NVRTC at their first use (no build step, no nvcc at run time), in f32 and bf16, for
+//! contiguous tensors. The H200 check's profile (README, Performance) had a step's time mostly in
+//! elementwise passes and copies, not in the matrix products:
+//! - a norm's input gradient, one kernel where candle composed some eighteen;
+//! - the attention scores' gradient `p (dp - dot)`, one pass over the `seq x seq` matrix, not two;
+//! - the softmax, a block per row in f32 (candle's runs a warp per row and passes over its output
+//!   three times);
+//! - im2col in the order of one product per image (candle's reads across channels with 64-bit
+//!   divisions per element, and its convolution then copies the output into channels-first order).
 //!
 //! Off unless `LAYERDIFF_FUSED=1`: they have not yet run on a GPU (no device was lent since they
 //! were written). Their source (`cuda_kernels.cu`) runs on the CPU in the tests below, a host
-//! thread per CUDA thread, against the composed formulas; the device check
+//! thread per CUDA thread, against the composed formulas; `.ci/run` compiles it with NVIDIA's
+//! NVRTC for every architecture named below (`tools/nvrtc-check.py`); the device check
 //! (scripts/gpu-check.sh) runs the parity tests with them, whose UNet gradients on the GPU are held
 //! to the CPU's in f32 and bf16, and times a step with and without them. They become the default
 //! once that passes.
 //!
 //! Each function returns `Ok(None)` where its kernel does not apply (not CUDA, another dtype, not
 //! turned on, or the kernels could not be built, which is logged once); the caller then composes
-//! the same formula from candle ops.
+//! the same result from candle ops.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -30,13 +36,21 @@ fn applies(ts: &[&Tensor]) -> bool {
         && std::env::var("LAYERDIFF_FUSED").as_deref() == Ok("1")
 }
 
+/// The softmax over the last dimension, one block per row, in f32 whatever the dtype.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Option<Tensor>> {
+    if !applies(&[xs]) || xs.rank() == 0 || xs.elem_count() >= 1 << 31 {
+        return Ok(None);
+    }
+    imp::apply(&[&xs.contiguous()?], Kernel::SoftmaxRows)
+}
+
 /// The softmax's input gradient from its output `p`, the output's gradient `dp` and
 /// `dot = rowsum(dp p)` (or its equal, as attention computes it): `p (dp - dot)`, one pass.
 pub fn softmax_input_grad(p: &Tensor, dp: &Tensor, dot: &Tensor) -> Result<Option<Tensor>> {
     if !applies(&[p, dp, dot]) || p.elem_count() >= 1 << 31 {
         return Ok(None);
     }
-    imp::apply3(&p.contiguous()?, &dp.contiguous()?, &dot.contiguous()?, Kernel::SoftmaxInputGrad)
+    imp::apply(&[&p.contiguous()?, &dp.contiguous()?, &dot.contiguous()?], Kernel::SoftmaxInputGrad)
 }
 
 /// A norm's input gradient from its input `x` `[rows, n]` and the output's gradient `g` (same
@@ -47,22 +61,48 @@ pub fn norm_input_grad(x: &Tensor, g: &Tensor, w: &Tensor, groups: usize, rest: 
         return Ok(None);
     }
     let kernel = Kernel::NormInputGrad { groups, rest, eps: eps as f32 };
-    imp::apply3(&x.contiguous()?, &g.contiguous()?, &w.contiguous()?, kernel)
+    imp::apply(&[&x.contiguous()?, &g.contiguous()?, &w.contiguous()?], kernel)
+}
+
+/// A convolution's geometry: the kernel's and the output's sizes, stride, padding, dilation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Windows {
+    pub k_h: usize,
+    pub k_w: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+}
+
+/// The input windows of a convolution over `xs` `[b, c, h, w]` as `[b, c k_h k_w, out_h out_w]`
+/// columns: the kernel `[c_out, c k_h k_w]` times each image's columns is its output, already in
+/// `[c_out, out_h out_w]` order.
+pub fn im2col(xs: &Tensor, windows: Windows) -> Result<Option<Tensor>> {
+    let Windows { k_h, k_w, out_h, out_w, .. } = windows;
+    let (b, c, _, _) = xs.dims4()?;
+    if !applies(&[xs]) || xs.elem_count() >= 1 << 31 || b * c * k_h * k_w * out_h * out_w >= 1 << 31 {
+        return Ok(None);
+    }
+    imp::apply(&[&xs.contiguous()?], Kernel::Im2Col(windows))
 }
 
 /// The kernel to run, with its scalars.
 #[derive(Clone, Copy)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 enum Kernel {
+    SoftmaxRows,
     SoftmaxInputGrad,
     NormInputGrad { groups: usize, rest: usize, eps: f32 },
+    Im2Col(Windows),
 }
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
     use candle_core::{Result, Tensor};
 
-    pub(super) fn apply3(_: &Tensor, _: &Tensor, _: &Tensor, _: super::Kernel) -> Result<Option<Tensor>> {
+    pub(super) fn apply(_: &[&Tensor], _: super::Kernel) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }
@@ -119,6 +159,31 @@ mod imp {
     /// The kernel and the module it is in, on the arguments' device.
     struct Op(Kernel, Arc<CudaModule>);
 
+    impl Op {
+        fn run(&self, args: &[(&CudaStorage, &Layout)]) -> Result<(CudaStorage, Shape)> {
+            let dev = args[0].0.device();
+            match args[0].0.dtype() {
+                DType::F32 => launch::<f32>(self.0, &self.1, dev, args, "f32"),
+                DType::BF16 => launch::<half::bf16>(self.0, &self.1, dev, args, "bf16"),
+                d => candle_core::bail!("fused CUDA kernel in {d:?}"),
+            }
+        }
+    }
+
+    impl candle_core::CustomOp1 for Op {
+        fn name(&self) -> &'static str {
+            "fused-cuda"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("fused CUDA kernel on the CPU")
+        }
+
+        fn cuda_fwd(&self, a: &CudaStorage, a_l: &Layout) -> Result<(CudaStorage, Shape)> {
+            self.run(&[(a, a_l)])
+        }
+    }
+
     impl candle_core::CustomOp3 for Op {
         fn name(&self) -> &'static str {
             "fused-cuda"
@@ -129,61 +194,91 @@ mod imp {
         }
 
         fn cuda_fwd(&self, a: &CudaStorage, a_l: &Layout, b: &CudaStorage, b_l: &Layout, c: &CudaStorage, c_l: &Layout) -> Result<(CudaStorage, Shape)> {
-            let dev = a.device();
-            let storage = match a.dtype() {
-                DType::F32 => launch::<f32>(self.0, &self.1, dev, (a, a_l), (b, b_l), (c, c_l), "f32")?,
-                DType::BF16 => launch::<half::bf16>(self.0, &self.1, dev, (a, a_l), (b, b_l), (c, c_l), "bf16")?,
-                d => candle_core::bail!("fused CUDA kernel in {d:?}"),
-            };
-            Ok((storage, a_l.shape().clone()))
+            self.run(&[(a, a_l), (b, b_l), (c, c_l)])
         }
+    }
+
+    /// One block per row of `cols`: the row's length in warps, 32 to 1024 threads.
+    fn per_row(rows: usize, cols: usize) -> LaunchConfig {
+        let threads = (cols.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
     }
 
     fn launch<T: CudaDType + DeviceRepr>(
         kernel: Kernel,
         module: &Arc<CudaModule>,
         dev: &CudaDevice,
-        a: (&CudaStorage, &Layout),
-        b: (&CudaStorage, &Layout),
-        c: (&CudaStorage, &Layout),
+        args: &[(&CudaStorage, &Layout)],
         suffix: &str,
-    ) -> Result<CudaStorage> {
-        let n = a.1.shape().elem_count();
-        let cols = *a.1.shape().dims().last().unwrap_or(&1);
+    ) -> Result<(CudaStorage, Shape)> {
+        let shape = args[0].1.shape();
+        let n = shape.elem_count();
+        let cols = *shape.dims().last().unwrap_or(&1);
+        let rows = n / cols.max(1);
+        let out_shape = match kernel {
+            Kernel::Im2Col(w) => {
+                let (b, c, _, _) = shape.dims4()?;
+                Shape::from((b, c * w.k_h * w.k_w, w.out_h * w.out_w))
+            }
+            _ => shape.clone(),
+        };
         // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<T>(n)? };
+        let out = unsafe { dev.alloc::<T>(out_shape.elem_count())? };
         let stream = dev.cuda_stream();
         // The arguments are contiguous: each a view from its offset.
-        let (a_s, b_s, c_s) = (a.0.as_cuda_slice::<T>()?, b.0.as_cuda_slice::<T>()?, c.0.as_cuda_slice::<T>()?);
-        let (a_v, b_v, c_v) = (a_s.slice(a.1.start_offset()..), b_s.slice(b.1.start_offset()..), c_s.slice(c.1.start_offset()..));
+        let views =
+            args.iter().map(|(s, l)| Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))).collect::<Result<Vec<_>>>()?;
+        let func = |name: &str| module.load_function(&format!("{name}_{suffix}")).w();
         match kernel {
+            Kernel::SoftmaxRows => {
+                let func = func("softmax_rows")?;
+                let cols = cols as u32;
+                let mut builder = stream.launch_builder(&func);
+                builder.arg(&views[0]).arg(&out).arg(&cols);
+                // SAFETY: the kernel's signature is the arguments pushed.
+                unsafe { builder.launch(per_row(rows, cols as usize)) }.w()?;
+            }
             Kernel::SoftmaxInputGrad => {
-                let func = module.load_function(&format!("softmax_input_grad_{suffix}")).w()?;
+                let func = func("softmax_input_grad")?;
                 let (n, cols) = (n as u32, cols as u32);
                 let mut builder = stream.launch_builder(&func);
-                builder.arg(&a_v).arg(&b_v).arg(&c_v).arg(&out).arg(&n).arg(&cols);
+                builder.arg(&views[0]).arg(&views[1]).arg(&views[2]).arg(&out).arg(&n).arg(&cols);
                 // SAFETY: the kernel's signature is the arguments pushed.
                 unsafe { builder.launch(LaunchConfig::for_num_elems(n.min(1 << 30))) }.w()?;
             }
             Kernel::NormInputGrad { groups, rest, eps } => {
-                let func = module.load_function(&format!("norm_input_grad_{suffix}")).w()?;
-                let rows = (n / cols.max(1)) as u32;
-                let threads = (cols.div_ceil(32) * 32).clamp(32, 1024) as u32;
-                let (cols, groups, rest) = (cols as u32, groups as u32, rest as u32);
+                let func = func("norm_input_grad")?;
+                let (cols_u32, groups, rest) = (cols as u32, groups as u32, rest as u32);
                 let mut builder = stream.launch_builder(&func);
-                builder.arg(&a_v).arg(&b_v).arg(&c_v).arg(&out).arg(&cols).arg(&groups).arg(&rest).arg(&eps);
-                let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+                builder.arg(&views[0]).arg(&views[1]).arg(&views[2]).arg(&out).arg(&cols_u32).arg(&groups).arg(&rest).arg(&eps);
                 // SAFETY: the kernel's signature is the arguments pushed.
-                unsafe { builder.launch(cfg) }.w()?;
+                unsafe { builder.launch(per_row(rows, cols)) }.w()?;
+            }
+            Kernel::Im2Col(w) => {
+                let func = func("im2col_per_image")?;
+                let (_, _, h, wd) = shape.dims4()?;
+                let n = out_shape.elem_count() as u32;
+                let [h, wd, k_h, k_w, out_h, out_w, stride, padding, dilation] =
+                    [h, wd, w.k_h, w.k_w, w.out_h, w.out_w, w.stride, w.padding, w.dilation].map(|v| v as u32);
+                let mut builder = stream.launch_builder(&func);
+                builder.arg(&views[0]).arg(&out).arg(&n).arg(&h).arg(&wd).arg(&k_h).arg(&k_w);
+                builder.arg(&out_h).arg(&out_w).arg(&stride).arg(&padding).arg(&dilation);
+                // SAFETY: the kernel's signature is the arguments pushed.
+                unsafe { builder.launch(LaunchConfig::for_num_elems(n)) }.w()?;
             }
         }
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), out_shape))
     }
 
-    pub(super) fn apply3(a: &Tensor, b: &Tensor, c: &Tensor, kernel: Kernel) -> Result<Option<Tensor>> {
-        let Ok(dev) = a.device().as_cuda_device() else { return Ok(None) };
+    pub(super) fn apply(args: &[&Tensor], kernel: Kernel) -> Result<Option<Tensor>> {
+        let Ok(dev) = args[0].device().as_cuda_device() else { return Ok(None) };
         let Some(module) = module(dev) else { return Ok(None) };
-        a.apply_op3_no_bwd(b, c, &Op(kernel, module)).map(Some)
+        let op = Op(kernel, module);
+        match args {
+            [a] => a.apply_op1_no_bwd(&op).map(Some),
+            [a, b, c] => a.apply_op3_no_bwd(b, c, &op).map(Some),
+            _ => candle_core::bail!("fused CUDA kernel with {} arguments", args.len()),
+        }
     }
 }
 
@@ -283,6 +378,50 @@ mod tests {
                 let ours = run(&args, &[&p, &dp, &dot])?;
                 let err = relative_error(&ours, &(&p * dp.broadcast_sub(&dot)?)?)?;
                 assert!(err < tol, "{dtype:?}, {rows}x{cols}: {err}");
+            }
+        }
+        Ok(())
+    }
+    #[test]
+    fn softmax_rows_kernel_matches_candles_softmax() -> Result<()> {
+        // A row shorter than a warp, one of several warps, and rows longer than a block of 1024.
+        for (rows, cols) in [(3, 7), (5, 77), (2, 3000)] {
+            for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
+                let x = (randn(&[rows, cols], dtype)? * 4.0)?;
+                let args = ["softmax_rows".into(), dtype.as_str().into(), rows.to_string(), cols.to_string()];
+                let ours = run(&args, &[&x])?;
+                let err = relative_error(&ours, &candle_nn::ops::softmax_last_dim(&x)?)?;
+                assert!(err < tol, "{dtype:?}, {rows}x{cols}: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn im2col_kernel_columns_times_the_kernel_are_the_convolution() -> Result<()> {
+        // (b, c, h, w, k_h, k_w, stride, padding, dilation): SD's 3x3 convolutions and downsamplers
+        // (an odd size too), a dilated one, a 4x4 kernel at stride 3 without padding, h != w.
+        let cases = [
+            (2, 3, 6, 6, 3, 3, 1, 1, 1),
+            (1, 2, 7, 7, 3, 3, 2, 1, 1),
+            (2, 2, 9, 8, 3, 3, 1, 2, 2),
+            (1, 3, 10, 11, 4, 4, 3, 0, 1),
+            (2, 1, 5, 9, 3, 2, 2, 1, 1),
+        ];
+        for (b, c, h, w, k_h, k_w, stride, padding, dilation) in cases {
+            for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-5)] {
+                let (x, kernel) = (randn(&[b, c, h, w], dtype)?, randn(&[4, c, k_h, k_w], dtype)?);
+                let sizes = [b, c, h, w, k_h, k_w, stride, padding, dilation].map(|v| v.to_string());
+                let ours = run(&[&["im2col_per_image".into(), dtype.as_str().into()], &sizes[..]].concat(), &[&x])?;
+                let reference = x.conv2d(&kernel, padding, stride, dilation, 1)?;
+                let (_, _, out_h, out_w) = reference.dims4()?;
+                assert_eq!(ours.len(), b * c * k_h * k_w * out_h * out_w);
+                let cols = Tensor::from_vec(ours, (b, c * k_h * k_w, out_h * out_w), &Device::Cpu)?;
+                let w = kernel.reshape((1, 4, c * k_h * k_w))?.broadcast_as((b, 4, c * k_h * k_w))?;
+                let conv = w.matmul(&cols)?.reshape(reference.shape())?;
+                let err = relative_error(&conv.flatten_all()?.to_vec1::<f32>()?, &reference)?;
+                // The columns are copies: only the products' order of summation differs.
+                assert!(err < tol, "{dtype:?}, {:?}: {err}", (b, c, h, w, k_h, k_w, stride, padding, dilation));
             }
         }
         Ok(())

@@ -5,6 +5,8 @@
 //
 //   harness norm f32|bf16 ROWS N GROUPS REST EPS IN OUT     IN: x, g (ROWS x N), w (GROUPS x N / REST)
 //   harness softmax f32|bf16 ROWS COLS IN OUT               IN: p, dp (ROWS x COLS), dot (ROWS)
+//   harness softmax_rows f32|bf16 ROWS COLS IN OUT          IN: x (ROWS x COLS)
+//   harness im2col_per_image f32|bf16 B C H W KH KW STRIDE PADDING DILATION IN OUT    IN: x (B x C x H x W)
 // as little-endian f32 (bf16 inputs: values bf16 holds exactly); OUT: the result as f32.
 #include <barrier>
 #include <cmath>
@@ -121,6 +123,35 @@ static std::vector<float> run(int argc, char **argv) {
         launch((size + 1023) / 1024, 1024, [&] { softmax_input_grad<D>(p.data(), dp.data(), dot.data(), ds.data(), size, cols); });
         std::vector<float> out(size);
         for (size_t i = 0; i < size; i++) out[i] = D::load(ds[i]);
+        return out;
+    }
+    if (op == "softmax_rows" && argc == 7) {
+        unsigned int rows = std::atoi(argv[3]), cols = std::atoi(argv[4]);
+        size_t size = (size_t)rows * cols;
+        auto x = stored(read_floats(argv[5], size), 0, size);
+        std::vector<typename D::T> y(size);
+        // As cuda_kernels.rs: a block per row, the row's length in warps, 32 to 1024 threads.
+        unsigned int threads = std::min(1024u, std::max(32u, (cols + 31) / 32 * 32));
+        launch(rows, threads, [&] { softmax_rows<D>(x.data(), y.data(), cols); });
+        std::vector<float> out(size);
+        for (size_t i = 0; i < size; i++) out[i] = D::load(y[i]);
+        return out;
+    }
+    if (op == "im2col_per_image" && argc == 14) {
+        unsigned int v[9];
+        for (int i = 0; i < 9; i++) v[i] = std::atoi(argv[3 + i]);
+        unsigned int b = v[0], c = v[1], h = v[2], w = v[3], kh = v[4], kw = v[5], stride = v[6], padding = v[7], dilation = v[8];
+        unsigned int oh = (h + 2 * padding - dilation * (kh - 1) - 1) / stride + 1;
+        unsigned int ow = (w + 2 * padding - dilation * (kw - 1) - 1) / stride + 1;
+        size_t size = (size_t)b * c * h * w, n = (size_t)b * c * kh * kw * oh * ow;
+        auto x = stored(read_floats(argv[12], size), 0, size);
+        std::vector<typename D::T> cols(n);
+        // At most 3 blocks of 256 threads, so that the grid-stride loop takes several rounds (the
+        // GPU gets a thread per element, cuda_kernels.rs).
+        launch(std::min<size_t>(3, (n + 255) / 256), 256,
+               [&] { im2col_per_image<D>(x.data(), cols.data(), n, h, w, kh, kw, oh, ow, stride, padding, dilation); });
+        std::vector<float> out(n);
+        for (size_t i = 0; i < n; i++) out[i] = D::load(cols[i]);
         return out;
     }
     std::fprintf(stderr, "usage: see the head of cuda_kernels_on_cpu.cpp\n");

@@ -194,8 +194,17 @@ fn frozen(weight: &Tensor, bias: Option<&Tensor>) -> bool {
 
 /// Softmax over the last dimension: candle's fused kernel forward, `y * (g - sum(g * y))` backward.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    let ys = candle_nn::ops::softmax_last_dim(&xs.detach())?;
+    let ys = softmax_value(&xs.detach())?;
     attach_backward(xs, ys, |_, ys, grad| softmax_input_grad(ys, grad, &(grad * ys)?.sum_keepdim(D::Minus1)?))
+}
+
+/// The softmax over the last dimension, with no backward: on a GPU one fused pass
+/// ([`cuda_kernels::softmax_last_dim`]), else candle's kernel.
+fn softmax_value(xs: &Tensor) -> Result<Tensor> {
+    match cuda_kernels::softmax_last_dim(xs)? {
+        Some(ys) => Ok(ys),
+        None => candle_nn::ops::softmax_last_dim(xs),
+    }
 }
 
 /// `p (dp - dot)`, a softmax's input gradient from its output `p`, the output's gradient `dp` and
@@ -244,7 +253,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<u
     let (n, seq_q, _) = q.dims3()?;
     let fits = (ATTENTION_SCORES_PER_SLICE / (seq_q * k.dim(1)?).max(1)).max(1);
     let size = fits.min(slice.filter(|&s| s > 0).unwrap_or(n));
-    let probs = move |q: &Tensor, k: &Tensor| candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?);
+    let probs = move |q: &Tensor, k: &Tensor| softmax_value(&(q * scale)?.matmul(&k.t()?)?);
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let out = over_slices(n, size, |s, l| probs(&qd.narrow(0, s, l)?, &kd.narrow(0, s, l)?)?.matmul(&vd.narrow(0, s, l)?))?;
     attach_backward3(q, k, v, Tensor::cat(&out, 0)?, move |q, k, v, out, grad| {
@@ -653,20 +662,28 @@ fn per_channel(xs: &Tensor, v: &Tensor, op: fn(&Tensor, &Tensor) -> Result<Tenso
 /// and the output back into channels-first order: at 64x64 and 320 channels 17 ms against 11 ms
 /// on the CPU); on the CPU, kernels over 1x1 as [`im2col`] and one matrix product over all images
 /// (candle's CPU im2col writes its column tiles one element at a time across rows, over a third
-/// of a toy-model training step); elsewhere candle's own.
+/// of a toy-model training step); on a GPU with the fused kernels, their im2col
+/// ([`cuda_kernels::im2col`]) and one product per image; elsewhere candle's own.
 fn conv2d_forward(xs: &Tensor, weight: &Tensor, c: Conv2dConfig) -> Result<Tensor> {
     let (c_out, c_in, k_h, k_w) = weight.dims4()?;
     if k_h * k_w == 1 && c.padding == 0 && c.stride == 1 {
         return conv1x1_as_matmul(xs, weight);
-    }
-    if !xs.device().is_cpu() || k_h * k_w == 1 {
-        return xs.conv2d(weight, c.padding, c.stride, c.dilation, 1);
     }
     let (b, _, h, w) = xs.dims4()?;
     let out = |size: usize, k: usize| (size + 2 * c.padding).checked_sub(c.dilation * (k - 1) + 1).map(|n| n / c.stride + 1);
     let (Some(out_h), Some(out_w)) = (out(h, k_h), out(w, k_w)) else {
         return xs.conv2d(weight, c.padding, c.stride, c.dilation, 1);
     };
+    let windows = cuda_kernels::Windows { k_h, k_w, out_h, out_w, stride: c.stride, padding: c.padding, dilation: c.dilation };
+    if let Some(cols) = cuda_kernels::im2col(xs, windows)? {
+        // Each image's columns times the kernel, broadcast over the batch: the output comes out
+        // in `[b, c_out, out_h out_w]` order, where candle's CUDA conv2d copies it there.
+        let w = weight.reshape((1, c_out, c_in * k_h * k_w))?.broadcast_as((b, c_out, c_in * k_h * k_w))?;
+        return w.matmul(&cols)?.reshape((b, c_out, out_h, out_w));
+    }
+    if !xs.device().is_cpu() || k_h * k_w == 1 {
+        return xs.conv2d(weight, c.padding, c.stride, c.dilation, 1);
+    }
     let cols = im2col(xs, k_h, k_w, out_h, out_w, c)?;
     let ys = weight.reshape((c_out, c_in * k_h * k_w))?.matmul(&cols)?;
     match b {
@@ -826,10 +843,17 @@ fn flipped_transposed_kernel(w: &Tensor) -> Result<Tensor> {
 
 /// A convolution's kernel gradient as one matrix product: `dW[o, (i, kh, kw)] = sum over (b, y, x)
 /// of g[b, o, y, x] x_pad[b, i, y s + kh d, x s + kw d]`, the input's windows gathered (im2col)
-/// by `k_h k_w` strided views.
+/// by `k_h k_w` strided views; on a GPU with the fused kernels, one product per image over
+/// their im2col's columns, summed.
 fn conv2d_kernel_grad(arg: &Tensor, weight: &Tensor, grad: &Tensor, c: Conv2dConfig) -> Result<Tensor> {
     let (c_out, c_in, k_h, k_w) = weight.dims4()?;
     let (b, _, out_h, out_w) = grad.dims4()?;
+    let windows = cuda_kernels::Windows { k_h, k_w, out_h, out_w, stride: c.stride, padding: c.padding, dilation: c.dilation };
+    if let Some(cols) = cuda_kernels::im2col(arg, windows)? {
+        // Per image `g [c_out, out_h out_w]` times its columns transposed, summed over the batch.
+        let g = grad.reshape((b, c_out, out_h * out_w))?;
+        return g.matmul(&cols.t()?)?.sum(0)?.reshape((c_out, c_in, k_h, k_w));
+    }
     let cols = im2col(arg, k_h, k_w, out_h, out_w, c)?;
     let g = grad.permute((1, 0, 2, 3))?.reshape((c_out, b * out_h * out_w))?;
     g.matmul(&cols.t()?)?.reshape((c_out, c_in, k_h, k_w))
