@@ -15,7 +15,8 @@
 #                                     128 px), a table of all (tools/bench_table.py), stacks of
 #                                     the host's thread
 #                                     sampled with cuda-gdb (tools/host_samples.sh), and Nsight
-#                                     Compute's kernel times (tools/ncu_summary.py); every log and
+#                                     Compute's kernel times with the fused kernels
+#                                     (tools/ncu_summary.py); every log and
 #                                     JSON packed into $OUT/gpu-check.tgz, plus summary.txt, the
 #                                     two tables and the host's samples.
 #
@@ -156,14 +157,17 @@ run() {
     fi
     # 4. where our GPU time goes: each kernel's time, summed by kernel (Nsight Compute), over the
     #    plain bench's forward + backward (after its forwards); last, as it may run out of time.
+    #    With the fused kernels (NCU_FUSED=0: without; h200-2026-11-28 has that profile).
     local ncu
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    export LAYERDIFF_FUSED=${NCU_FUSED-1}
     step plain-bf16 60 "$BIN" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
     step ncu-bf16 "${NCU_LIMIT:-120}" "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
       -s "${NCU_SKIP:-3000}" -c "${NCU_KERNELS:-6000}" --print-summary per-kernel --csv \
       "$BIN" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
     "$PY" tools/ncu_summary.py "$WORK/ncu-bf16.log" 30 | tee "$WORK/ncu-kernels.txt"
     cp "$WORK/ncu-kernels.txt" "$OUT/"
+    unset LAYERDIFF_FUSED
   fi
   cat "$WORK/summary.txt"
 }

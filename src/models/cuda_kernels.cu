@@ -84,6 +84,17 @@ __device__ void im2col_per_image(const typename D::T *x, typename D::T *cols, un
     }
 }
 
+// The mean of a block's row of `n` elements and its std = sqrt(var + eps), the variance two-pass.
+template <typename D>
+__device__ void row_stats(const typename D::T *x, unsigned int n, float eps, float *partials, float &mean, float &std) {
+    float s = 0.0f;
+    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) s += D::load(x[j]);
+    mean = block_sum(s, partials) / n;
+    s = 0.0f;
+    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) { float d = D::load(x[j]) - mean; s += d * d; }
+    std = sqrtf(block_sum(s, partials) / n + eps);
+}
+
 // ds = p (dp - dot[row]) over rows of `cols` (n < 2^31: 32-bit indices and divisions).
 template <typename D>
 __device__ void softmax_input_grad(const typename D::T *p, const typename D::T *dp, const typename D::T *dot,
@@ -96,7 +107,7 @@ __device__ void softmax_input_grad(const typename D::T *p, const typename D::T *
 // One block per row of `n` elements of a norm's input `x`, `g` the gradient of its output, `w` its
 // scale: element j of row r has the scale of channel (r % groups) (n / rest) + j / rest (a layer
 // norm: groups = rest = 1). dx = (g' - (sum g' + x_hat sum g' x_hat) / n) / std with g' = g w,
-// x_hat = (x - mean) / std, std = sqrt(var + eps), the variance two-pass.
+// x_hat = (x - mean) / std, std = sqrt(var + eps).
 template <typename D>
 __device__ void norm_input_grad(const typename D::T *x, const typename D::T *g, const typename D::T *w,
                                 typename D::T *dx, unsigned int n, unsigned int groups, unsigned int rest, float eps) {
@@ -106,12 +117,8 @@ __device__ void norm_input_grad(const typename D::T *x, const typename D::T *g, 
     g += row * n;
     dx += row * n;
     w += (row % groups) * (n / rest);
-    float s = 0.0f;
-    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) s += D::load(x[j]);
-    float mean = block_sum(s, partials) / n;
-    s = 0.0f;
-    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) { float d = D::load(x[j]) - mean; s += d * d; }
-    float std = sqrtf(block_sum(s, partials) / n + eps);
+    float mean, std;
+    row_stats<D>(x, n, eps, partials, mean, std);
     float s1 = 0.0f, s2 = 0.0f;
     for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
         float gw = D::load(g[j]) * D::load(w[j / rest]);
@@ -127,6 +134,82 @@ __device__ void norm_input_grad(const typename D::T *x, const typename D::T *g, 
     }
 }
 
+// One block per row of `n` elements of a group norm's input `x` (a group of one image), `w` and
+// `b` its scale and shift: element j of row r has channel (r % groups) (n / rest) + j / rest.
+// y = (x - mean) / std w + b, std = sqrt(var + eps), then SiLU if `silu`; in f32,
+// rounded once. candle's layer-norm kernel and two broadcast ops took three passes and roundings.
+template <typename D>
+__device__ void group_norm_rows(const typename D::T *x, const typename D::T *w, const typename D::T *b,
+                                typename D::T *y, unsigned int n, unsigned int groups, unsigned int rest, float eps,
+                                unsigned int silu) {
+    __shared__ float partials[32];
+    unsigned long long row = blockIdx.x;
+    x += row * n;
+    y += row * n;
+    w += (row % groups) * (n / rest);
+    b += (row % groups) * (n / rest);
+    float mean, std;
+    row_stats<D>(x, n, eps, partials, mean, std);
+    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
+        float v = (D::load(x[j]) - mean) / std * D::load(w[j / rest]) + D::load(b[j / rest]);
+        y[j] = D::store(silu ? v / (1.0f + expf(-v)) : v);
+    }
+}
+
+// y = x + b[channel] over x as `rows x cols`: the channel is r % channels (a convolution's output,
+// `[b c, h w]`) or, with per_row = 0, the column (a linear layer's, `[tokens, channels]`). A 2-D
+// grid, so no element divides its index (candle's broadcast kernels divide it by every dimension,
+// in 64 bits).
+template <typename D>
+__device__ void add_bias(const typename D::T *x, const typename D::T *b, typename D::T *y, unsigned int rows,
+                         unsigned int cols, unsigned int channels, unsigned int per_row) {
+    for (unsigned int r = blockIdx.y; r < rows; r += gridDim.y) {
+        float row_bias = per_row ? D::load(b[r % channels]) : 0.0f;
+        for (unsigned int j = blockIdx.x * blockDim.x + threadIdx.x; j < cols; j += blockDim.x * gridDim.x) {
+            unsigned long long i = (unsigned long long)r * cols + j;
+            y[i] = D::store(D::load(x[i]) + (per_row ? row_bias : D::load(b[j])));
+        }
+    }
+}
+
+// SiLU's input gradient from its input x, output y and the output's gradient g:
+// g (s + y (1 - s)), s = sigmoid(x). candle composes it from five kernels.
+template <typename D>
+__device__ void silu_input_grad(const typename D::T *x, const typename D::T *y, const typename D::T *g,
+                                typename D::T *dx, unsigned int n) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+        float s = 1.0f / (1.0f + expf(-D::load(x[i])));
+        float v = D::load(y[i]);
+        dx[i] = D::store(D::load(g[i]) * (s + v * (1.0f - s)));
+    }
+}
+
+// GEGLU over rows of [h, gate] halves, `half` wide, `n` = rows half outputs: h gelu(gate) with the
+// exact (erf) GELU, gelu(x) = x Phi(x).
+template <typename D>
+__device__ void geglu(const typename D::T *xs, typename D::T *out, unsigned int n, unsigned int half) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+        unsigned long long at = (unsigned long long)(i / half) * 2 * half + i % half;
+        float h = D::load(xs[at]), gate = D::load(xs[at + half]);
+        out[i] = D::store(h * gate * 0.5f * (1.0f + erff(gate * 0.70710678118654752f)));
+    }
+}
+
+// GEGLU's input gradient from its input and its output's gradient g: dh = g gelu(gate),
+// dgate = g h gelu'(gate), gelu'(x) = Phi(x) + x phi(x). candle composes it from about twelve.
+template <typename D>
+__device__ void geglu_input_grad(const typename D::T *xs, const typename D::T *g, typename D::T *dxs, unsigned int n,
+                                 unsigned int half) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+        unsigned long long at = (unsigned long long)(i / half) * 2 * half + i % half;
+        float h = D::load(xs[at]), gate = D::load(xs[at + half]), grad = D::load(g[i]);
+        float cdf = 0.5f * (1.0f + erff(gate * 0.70710678118654752f));
+        float pdf = expf(-0.5f * gate * gate) * 0.39894228040143268f;
+        dxs[at] = D::store(grad * gate * cdf);
+        dxs[at + half] = D::store(grad * h * (cdf + gate * pdf));
+    }
+}
+
 #define KERNELS(D, name)                                                                                   \
 extern "C" __global__ void softmax_input_grad_##name(const D::T *p, const D::T *dp, const D::T *dot,       \
         D::T *ds, unsigned int n, unsigned int cols) { softmax_input_grad<D>(p, dp, dot, ds, n, cols); } \
@@ -138,6 +221,18 @@ extern "C" __global__ void softmax_rows_##name(const D::T *x, D::T *y, unsigned 
 extern "C" __global__ void im2col_per_image_##name(const D::T *x, D::T *cols, unsigned int n,              \
         unsigned int h, unsigned int w, unsigned int kh, unsigned int kw, unsigned int oh, unsigned int ow,\
         unsigned int stride, unsigned int padding, unsigned int dilation) {                                \
-    im2col_per_image<D>(x, cols, n, h, w, kh, kw, oh, ow, stride, padding, dilation); }
+    im2col_per_image<D>(x, cols, n, h, w, kh, kw, oh, ow, stride, padding, dilation); }                    \
+extern "C" __global__ void group_norm_rows_##name(const D::T *x, const D::T *w, const D::T *b, D::T *y,    \
+        unsigned int n, unsigned int groups, unsigned int rest, float eps, unsigned int silu) {            \
+    group_norm_rows<D>(x, w, b, y, n, groups, rest, eps, silu); }                                          \
+extern "C" __global__ void add_bias_##name(const D::T *x, const D::T *b, D::T *y, unsigned int rows,       \
+        unsigned int cols, unsigned int channels, unsigned int per_row) {                                  \
+    add_bias<D>(x, b, y, rows, cols, channels, per_row); }                                                 \
+extern "C" __global__ void silu_input_grad_##name(const D::T *x, const D::T *y, const D::T *g, D::T *dx,   \
+        unsigned int n) { silu_input_grad<D>(x, y, g, dx, n); }                                            \
+extern "C" __global__ void geglu_##name(const D::T *xs, D::T *out, unsigned int n, unsigned int half) {    \
+    geglu<D>(xs, out, n, half); }                                                                          \
+extern "C" __global__ void geglu_input_grad_##name(const D::T *xs, const D::T *g, D::T *dxs, unsigned int n,\
+        unsigned int half) { geglu_input_grad<D>(xs, g, dxs, n, half); }
 KERNELS(F32, f32)
 KERNELS(BF16, bf16)

@@ -21,7 +21,7 @@
 //! turned on, or the kernels could not be built, which is logged once); the caller then composes
 //! the same result from candle ops.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, D};
 
 /// The CUDA C source (`cuda_kernels.cu`).
 #[cfg(feature = "cuda")]
@@ -64,6 +64,59 @@ pub fn norm_input_grad(x: &Tensor, g: &Tensor, w: &Tensor, groups: usize, rest: 
     imp::apply(&[&x.contiguous()?, &g.contiguous()?, &w.contiguous()?], kernel)
 }
 
+/// A group norm's value from its input `x` `[rows, n]` (a row per image and group), `w` and `b`
+/// its scale and shift (channel `(row % groups) (n / rest) + j / rest` for element `j`), with SiLU
+/// after it when `silu`: one block per row, one rounding.
+pub fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, rest: usize, eps: f64, silu: bool) -> Result<Option<Tensor>> {
+    if !applies(&[x, w, b]) || x.rank() != 2 {
+        return Ok(None);
+    }
+    let kernel = Kernel::GroupNorm { groups, rest, eps: eps as f32, silu };
+    imp::apply(&[&x.contiguous()?, &w.contiguous()?, &b.contiguous()?], kernel)
+}
+
+/// `x + b` for a bias `b` over dimension `dim` of `x`: 1 for a convolution's output, the last for
+/// a linear layer's.
+pub fn add_bias(x: &Tensor, b: &Tensor, dim: usize) -> Result<Option<Tensor>> {
+    if !applies(&[x, b]) || x.elem_count() >= 1 << 31 || dim >= x.rank() {
+        return Ok(None);
+    }
+    let channels = x.dim(dim)?;
+    let after: usize = x.dims()[dim + 1..].iter().product();
+    let rows = x.elem_count() / (channels * after).max(1);
+    let kernel = match after {
+        1 => Kernel::AddBias { rows, cols: channels, channels, per_row: false },
+        _ => Kernel::AddBias { rows: rows * channels, cols: after, channels, per_row: true },
+    };
+    imp::apply(&[&x.contiguous()?, &b.contiguous()?], kernel)
+}
+
+/// SiLU's input gradient from its input `x`, output `y` and the output's gradient `g`:
+/// `g (s + y (1 - s))` with `s = sigmoid(x)`, one pass.
+pub fn silu_input_grad(x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+    if !applies(&[x, y, g]) || x.elem_count() >= 1 << 31 {
+        return Ok(None);
+    }
+    imp::apply(&[&x.contiguous()?, &y.contiguous()?, &g.contiguous()?], Kernel::SiluInputGrad)
+}
+
+/// GEGLU, `h gelu(gate)` (the exact GELU) for `[h, gate]` halves of the last dimension.
+pub fn geglu(xs: &Tensor) -> Result<Option<Tensor>> {
+    if !applies(&[xs]) || xs.rank() == 0 || xs.elem_count() >= 1 << 31 || xs.dim(D::Minus1)? % 2 != 0 {
+        return Ok(None);
+    }
+    imp::apply(&[&xs.contiguous()?], Kernel::Geglu)
+}
+
+/// GEGLU's input gradient from its input `xs` and its output's gradient `g`, both halves in one
+/// tensor.
+pub fn geglu_input_grad(xs: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+    if !applies(&[xs, g]) || xs.rank() == 0 || xs.elem_count() >= 1 << 31 || xs.dim(D::Minus1)? % 2 != 0 {
+        return Ok(None);
+    }
+    imp::apply(&[&xs.contiguous()?, &g.contiguous()?], Kernel::GegluInputGrad)
+}
+
 /// A convolution's geometry: the kernel's and the output's sizes, stride, padding, dilation.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Windows {
@@ -96,6 +149,11 @@ enum Kernel {
     SoftmaxInputGrad,
     NormInputGrad { groups: usize, rest: usize, eps: f32 },
     Im2Col(Windows),
+    GroupNorm { groups: usize, rest: usize, eps: f32, silu: bool },
+    AddBias { rows: usize, cols: usize, channels: usize, per_row: bool },
+    SiluInputGrad,
+    Geglu,
+    GegluInputGrad,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -184,6 +242,20 @@ mod imp {
         }
     }
 
+    impl candle_core::CustomOp2 for Op {
+        fn name(&self) -> &'static str {
+            "fused-cuda"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("fused CUDA kernel on the CPU")
+        }
+
+        fn cuda_fwd(&self, a: &CudaStorage, a_l: &Layout, b: &CudaStorage, b_l: &Layout) -> Result<(CudaStorage, Shape)> {
+            self.run(&[(a, a_l), (b, b_l)])
+        }
+    }
+
     impl candle_core::CustomOp3 for Op {
         fn name(&self) -> &'static str {
             "fused-cuda"
@@ -219,6 +291,11 @@ mod imp {
             Kernel::Im2Col(w) => {
                 let (b, c, _, _) = shape.dims4()?;
                 Shape::from((b, c * w.k_h * w.k_w, w.out_h * w.out_w))
+            }
+            Kernel::Geglu => {
+                let mut dims = shape.dims().to_vec();
+                *dims.last_mut().expect("rank >= 1") /= 2;
+                Shape::from(dims)
             }
             _ => shape.clone(),
         };
@@ -266,6 +343,48 @@ mod imp {
                 // SAFETY: the kernel's signature is the arguments pushed.
                 unsafe { builder.launch(LaunchConfig::for_num_elems(n)) }.w()?;
             }
+            Kernel::GroupNorm { groups, rest, eps, silu } => {
+                let func = func("group_norm_rows")?;
+                let (cols_u32, groups, rest, silu) = (cols as u32, groups as u32, rest as u32, silu as u32);
+                let mut builder = stream.launch_builder(&func);
+                builder.arg(&views[0]).arg(&views[1]).arg(&views[2]).arg(&out).arg(&cols_u32).arg(&groups).arg(&rest);
+                builder.arg(&eps).arg(&silu);
+                // SAFETY: the kernel's signature is the arguments pushed.
+                unsafe { builder.launch(per_row(rows, cols)) }.w()?;
+            }
+            Kernel::AddBias { rows, cols, channels, per_row } => {
+                let func = func("add_bias")?;
+                let threads = (cols.div_ceil(32) * 32).min(256);
+                let grid = (cols.div_ceil(threads).min(1 << 16) as u32, rows.min(65_535) as u32, 1);
+                let [rows, cols, channels, per_row] = [rows, cols, channels, per_row as usize].map(|v| v as u32);
+                let mut builder = stream.launch_builder(&func);
+                builder.arg(&views[0]).arg(&views[1]).arg(&out).arg(&rows).arg(&cols).arg(&channels).arg(&per_row);
+                let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: the kernel's signature is the arguments pushed.
+                unsafe { builder.launch(cfg) }.w()?;
+            }
+            Kernel::SiluInputGrad => {
+                let func = func("silu_input_grad")?;
+                let n = n as u32;
+                let mut builder = stream.launch_builder(&func);
+                builder.arg(&views[0]).arg(&views[1]).arg(&views[2]).arg(&out).arg(&n);
+                // SAFETY: the kernel's signature is the arguments pushed.
+                unsafe { builder.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+            }
+            Kernel::Geglu | Kernel::GegluInputGrad => {
+                let grad = matches!(kernel, Kernel::GegluInputGrad);
+                let func = func(if grad { "geglu_input_grad" } else { "geglu" })?;
+                // A thread per output of the forward (per pair of the backward's).
+                let (n, half) = ((n / 2) as u32, (cols / 2) as u32);
+                let mut builder = stream.launch_builder(&func);
+                builder.arg(&views[0]);
+                if grad {
+                    builder.arg(&views[1]);
+                }
+                builder.arg(&out).arg(&n).arg(&half);
+                // SAFETY: the kernel's signature is the arguments pushed.
+                unsafe { builder.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+            }
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), out_shape))
     }
@@ -276,6 +395,7 @@ mod imp {
         let op = Op(kernel, module);
         match args {
             [a] => a.apply_op1_no_bwd(&op).map(Some),
+            [a, b] => a.apply_op2_no_bwd(b, &op).map(Some),
             [a, b, c] => a.apply_op3_no_bwd(b, c, &op).map(Some),
             _ => candle_core::bail!("fused CUDA kernel with {} arguments", args.len()),
         }
@@ -423,6 +543,86 @@ mod tests {
                 // The columns are copies: only the products' order of summation differs.
                 assert!(err < tol, "{dtype:?}, {:?}: {err}", (b, c, h, w, k_h, k_w, stride, padding, dilation));
             }
+        }
+        Ok(())
+    }
+    #[test]
+    fn group_norm_kernel_matches_the_composed_norm() -> Result<()> {
+        // (rows, n, groups, rest): 4 groups of 3 channels of 6 pixels (batch 2), a row longer than
+        // a block, and one shorter than a warp.
+        for (rows, n, groups, rest) in [(8, 18, 4, 6), (4, 3000, 2, 1000), (3, 20, 3, 10)] {
+            for silu in [false, true] {
+                for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+                    let eps = 1e-6;
+                    let channels = groups * (n / rest);
+                    let (x, w, b) = (randn(&[rows, n], dtype)?, randn(&[channels], dtype)?, randn(&[channels], dtype)?);
+                    let sizes = [rows, n, groups, rest].map(|v| v.to_string());
+                    let args = [&["group_norm".into(), dtype.as_str().into()], &sizes[..], &[eps.to_string(), (silu as u8).to_string()]].concat();
+                    let ours = run(&args, &[&x, &w, &b])?;
+                    let index: Vec<u32> = (0..rows * n).map(|i| ((i / n % groups) * (n / rest) + i % n / rest) as u32).collect();
+                    let index = Tensor::new(index, &Device::Cpu)?;
+                    let each = |t: &Tensor| t.index_select(&index, 0)?.reshape((rows, n));
+                    let (x_hat, _) = normalize_rows(&x, eps)?;
+                    let reference = x_hat.mul(&each(&w)?)?.add(&each(&b)?)?;
+                    let reference = if silu { reference.silu()? } else { reference };
+                    let err = relative_error(&ours, &reference)?;
+                    assert!(err < tol, "{dtype:?}, rows {rows}, n {n}, groups {groups}, rest {rest}, silu {silu}: {err}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn add_bias_kernel_adds_each_channels_bias() -> Result<()> {
+        // A convolution's output [b c, h w] (the channel per row) and a linear layer's [tokens,
+        // channels] (per column), each larger than the harness's 3 x 2 blocks of 32 threads.
+        for (rows, cols, channels, per_row) in [(2 * 5, 100, 5, true), (9, 70, 70, false)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let (x, b) = (randn(&[rows, cols], dtype)?, randn(&[channels], dtype)?);
+                let sizes = [rows, cols, channels, per_row as usize].map(|v| v.to_string());
+                let ours = run(&[&["add_bias".into(), dtype.as_str().into()], &sizes[..]].concat(), &[&x, &b])?;
+                let reference = match per_row {
+                    true => x.reshape((rows / channels, channels, cols))?.broadcast_add(&b.reshape((1, channels, 1))?)?,
+                    false => x.broadcast_add(&b)?,
+                };
+                // One addition, rounded once as bf16's own addition rounds it.
+                let reference = reference.to_dtype(dtype)?.to_dtype(DType::F32)?;
+                assert_eq!(relative_error(&ours, &reference)?, 0.0, "{dtype:?}, {rows}x{cols}, per row {per_row}");
+            }
+        }
+        Ok(())
+    }
+    #[test]
+    fn silu_input_grad_kernel_matches_the_composed_formula() -> Result<()> {
+        for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
+            let (x, g) = (randn(&[300], dtype)?, randn(&[300], dtype)?);
+            let y = x.silu()?.to_dtype(dtype)?.to_dtype(DType::F32)?;
+            let ours = run(&["silu_input_grad".into(), dtype.as_str().into(), "300".into()], &[&x, &y, &g])?;
+            let s = candle_nn::ops::sigmoid(&x)?;
+            let err = relative_error(&ours, &(&g * (&s + (&y * s.affine(-1.0, 1.0)?)?)?)?)?;
+            assert!(err < tol, "{dtype:?}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn geglu_kernels_match_the_composed_formulas() -> Result<()> {
+        use crate::models::nn::geglu;
+        let (rows, half) = (5, 30);
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            let (xs, g) = (randn(&[rows, 2 * half], dtype)?, randn(&[rows, half], dtype)?);
+            let sizes = [dtype.as_str().into(), rows.to_string(), half.to_string()];
+            let value = run(&[&["geglu".into()], &sizes[..]].concat(), &[&xs])?;
+            let halves = xs.chunk(2, 1)?;
+            assert!(relative_error(&value, &(&halves[0] * halves[1].gelu_erf()?)?)? < tol, "{dtype:?} forward");
+            // The input gradient against autograd through the CPU's GEGLU, `sum(geglu(xs) g)`.
+            let grad = run(&[&["geglu_input_grad".into()], &sizes[..]].concat(), &[&xs, &g])?;
+            let var = candle_core::Var::from_tensor(&xs)?;
+            let grads = (geglu(var.as_tensor())? * &g)?.sum_all()?.backward()?;
+            let reference = grads.get(var.as_tensor()).expect("a gradient");
+            let err = relative_error(&grad, reference)?;
+            assert!(err < tol, "{dtype:?} backward: {err}");
         }
         Ok(())
     }

@@ -6,6 +6,11 @@
 //   harness norm f32|bf16 ROWS N GROUPS REST EPS IN OUT     IN: x, g (ROWS x N), w (GROUPS x N / REST)
 //   harness softmax f32|bf16 ROWS COLS IN OUT               IN: p, dp (ROWS x COLS), dot (ROWS)
 //   harness softmax_rows f32|bf16 ROWS COLS IN OUT          IN: x (ROWS x COLS)
+//   harness group_norm f32|bf16 ROWS N GROUPS REST EPS SILU IN OUT   IN: x (ROWS x N), w, b (GROUPS x N / REST each)
+//   harness add_bias f32|bf16 ROWS COLS CHANNELS PER_ROW IN OUT      IN: x (ROWS x COLS), b (CHANNELS)
+//   harness silu_input_grad f32|bf16 N IN OUT                 IN: x, y, g (N each)
+//   harness geglu f32|bf16 ROWS HALF IN OUT                    IN: xs (ROWS x 2 HALF)
+//   harness geglu_input_grad f32|bf16 ROWS HALF IN OUT         IN: xs (ROWS x 2 HALF), g (ROWS x HALF)
 //   harness im2col_per_image f32|bf16 B C H W KH KW STRIDE PADDING DILATION IN OUT    IN: x (B x C x H x W)
 // as little-endian f32 (bf16 inputs: values bf16 holds exactly); OUT: the result as f32.
 #include <barrier>
@@ -52,22 +57,25 @@ static unsigned int __float_as_uint(float f) {
 #include "cuda_kernels.cu"
 
 template <typename F>
-static void launch(unsigned int grid, unsigned int block, F kernel) {
+static void launch(unsigned int grid, unsigned int block, F kernel, unsigned int grid_y = 1) {
     gridDim.x = grid;
+    gridDim.y = grid_y;
     blockDim.x = block;
     shuffle_slots.assign(block, 0.0f);
-    for (unsigned int b = 0; b < grid; b++) {
-        std::barrier<> barrier(block);
-        block_barrier = &barrier;
-        std::vector<std::thread> threads;
-        for (unsigned int t = 0; t < block; t++)
-            threads.emplace_back([&, b, t] {
-                blockIdx.x = b;
-                threadIdx.x = t;
-                kernel();
-            });
-        for (auto &thread : threads) thread.join();
-    }
+    for (unsigned int by = 0; by < grid_y; by++)
+        for (unsigned int b = 0; b < grid; b++) {
+            std::barrier<> barrier(block);
+            block_barrier = &barrier;
+            std::vector<std::thread> threads;
+            for (unsigned int t = 0; t < block; t++)
+                threads.emplace_back([&, b, by, t] {
+                    blockIdx.x = b;
+                    blockIdx.y = by;
+                    threadIdx.x = t;
+                    kernel();
+                });
+            for (auto &thread : threads) thread.join();
+        }
 }
 
 static std::vector<float> read_floats(const char *path, size_t n) {
@@ -152,6 +160,57 @@ static std::vector<float> run(int argc, char **argv) {
                [&] { im2col_per_image<D>(x.data(), cols.data(), n, h, w, kh, kw, oh, ow, stride, padding, dilation); });
         std::vector<float> out(n);
         for (size_t i = 0; i < n; i++) out[i] = D::load(cols[i]);
+        return out;
+    }
+    if (op == "group_norm" && argc == 11) {
+        unsigned int rows = std::atoi(argv[3]), n = std::atoi(argv[4]), groups = std::atoi(argv[5]), rest = std::atoi(argv[6]);
+        float eps = std::atof(argv[7]);
+        unsigned int silu = std::atoi(argv[8]);
+        size_t size = (size_t)rows * n, channels = (size_t)groups * (n / rest);
+        std::vector<float> in = read_floats(argv[9], size + 2 * channels);
+        auto x = stored(in, 0, size), w = stored(in, size, channels), b = stored(in, size + channels, channels);
+        std::vector<typename D::T> y(size);
+        unsigned int threads = std::min(1024u, std::max(32u, (n + 31) / 32 * 32));
+        launch(rows, threads, [&] { group_norm_rows<D>(x.data(), w.data(), b.data(), y.data(), n, groups, rest, eps, silu); });
+        std::vector<float> out(size);
+        for (size_t i = 0; i < size; i++) out[i] = D::load(y[i]);
+        return out;
+    }
+    if (op == "add_bias" && argc == 9) {
+        unsigned int rows = std::atoi(argv[3]), cols = std::atoi(argv[4]), channels = std::atoi(argv[5]), per_row = std::atoi(argv[6]);
+        size_t size = (size_t)rows * cols;
+        std::vector<float> in = read_floats(argv[7], size + channels);
+        auto x = stored(in, 0, size), b = stored(in, size, channels);
+        std::vector<typename D::T> y(size);
+        // A grid smaller than the tensor in both dimensions (3 x 2 blocks of 32 threads), so that
+        // both grid-stride loops take several rounds.
+        launch(3, 32, [&] { add_bias<D>(x.data(), b.data(), y.data(), rows, cols, channels, per_row); }, 2);
+        std::vector<float> out(size);
+        for (size_t i = 0; i < size; i++) out[i] = D::load(y[i]);
+        return out;
+    }
+    // The elementwise kernels: 2 blocks of 64 threads, so that the grid-stride loops take several
+    // rounds (the GPU gets a thread per element, cuda_kernels.rs).
+    if (op == "silu_input_grad" && argc == 6) {
+        unsigned int n = std::atoi(argv[3]);
+        std::vector<float> in = read_floats(argv[4], 3 * (size_t)n);
+        auto x = stored(in, 0, n), y = stored(in, n, n), g = stored(in, 2 * (size_t)n, n);
+        std::vector<typename D::T> dx(n);
+        launch(2, 64, [&] { silu_input_grad<D>(x.data(), y.data(), g.data(), dx.data(), n); });
+        std::vector<float> out(n);
+        for (size_t i = 0; i < n; i++) out[i] = D::load(dx[i]);
+        return out;
+    }
+    if ((op == "geglu" || op == "geglu_input_grad") && argc == 7) {
+        unsigned int rows = std::atoi(argv[3]), half = std::atoi(argv[4]), n = rows * half;
+        bool grad = op == "geglu_input_grad";
+        std::vector<float> in = read_floats(argv[5], 2 * (size_t)n + (grad ? n : 0));
+        auto xs = stored(in, 0, 2 * (size_t)n), g = stored(in, 2 * (size_t)n, grad ? n : 0);
+        std::vector<typename D::T> ys(grad ? 2 * (size_t)n : n);
+        if (grad) launch(2, 64, [&] { geglu_input_grad<D>(xs.data(), g.data(), ys.data(), n, half); });
+        else launch(2, 64, [&] { geglu<D>(xs.data(), ys.data(), n, half); });
+        std::vector<float> out(ys.size());
+        for (size_t i = 0; i < ys.size(); i++) out[i] = D::load(ys[i]);
         return out;
     }
     std::fprintf(stderr, "usage: see the head of cuda_kernels_on_cpu.cpp\n");

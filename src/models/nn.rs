@@ -295,10 +295,14 @@ fn silu_value(xs: &Tensor) -> Result<Tensor> {
 }
 
 /// The gradient of SiLU's input `x` from its output `y` and that output's gradient `g`:
-/// `g (s + y (1 - s))` with `s = sigmoid(x)`, on the CPU (contiguous f32) one op.
+/// `g (s + y (1 - s))` with `s = sigmoid(x)`, on the CPU (contiguous f32) one op, on a GPU one
+/// fused pass ([`cuda_kernels::silu_input_grad`]).
 fn silu_input_grad(x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor> {
     if cpu_kernels::applies(x) {
         return x.apply_op2_no_bwd(&grad.contiguous()?, &cpu_kernels::SiluGrad);
+    }
+    if let Some(d) = cuda_kernels::silu_input_grad(&x.detach(), y, grad)? {
+        return Ok(d);
     }
     let s = candle_nn::ops::sigmoid(&x.detach())?;
     grad * (&s + (y * s.affine(-1.0, 1.0)?)?)?
@@ -306,8 +310,9 @@ fn silu_input_grad(x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor> {
 
 /// GEGLU's gate, `h * gelu(gate)` for `[h, gate]` halves of the last dimension, with the exact
 /// (erf) GELU as torch's `F.gelu`: on the CPU (contiguous f32) one op each way
-/// (`cpu_kernels::Geglu`); elsewhere candle's ops forward and one op on the graph whose backward
-/// writes both halves' gradients into one tensor. candle's own rules take about twenty ops,
+/// (`cpu_kernels::Geglu`), on a GPU with the fused kernels one kernel each way
+/// ([`cuda_kernels::geglu`]); elsewhere candle's ops forward and one op on the graph whose
+/// backward writes both halves' gradients into one tensor. candle's own rules take about twenty ops,
 /// among them a zero-filled half and a copy for each half's gradient and an add to join them.
 pub fn geglu(xs: &Tensor) -> Result<Tensor> {
     attach_backward(xs, geglu_value(&xs.detach())?, |xs, _, grad| geglu_input_grad(xs, grad))
@@ -318,6 +323,9 @@ fn geglu_value(xs: &Tensor) -> Result<Tensor> {
     if cpu_kernels::applies(xs) {
         return xs.apply_op1_no_bwd(&cpu_kernels::Geglu);
     }
+    if let Some(ys) = cuda_kernels::geglu(xs)? {
+        return Ok(ys);
+    }
     let halves = xs.chunk(2, D::Minus1)?;
     &halves[0] * halves[1].gelu_erf()?
 }
@@ -326,6 +334,9 @@ fn geglu_value(xs: &Tensor) -> Result<Tensor> {
 fn geglu_input_grad(xs: &Tensor, grad: &Tensor) -> Result<Tensor> {
     if cpu_kernels::applies(xs) {
         return xs.apply_op2_no_bwd(&grad.contiguous()?, &cpu_kernels::GegluGrad);
+    }
+    if let Some(d) = cuda_kernels::geglu_input_grad(&xs.detach(), grad)? {
+        return Ok(d);
     }
     // gelu(x) = x Phi(x), gelu'(x) = Phi(x) + x phi(x): dh = g gelu(gate), dgate = g h gelu'(gate).
     let halves = xs.detach().chunk(2, D::Minus1)?;
@@ -427,7 +438,7 @@ impl Linear {
     fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
         let ys = matmul_rows(xs, &self.weight)?;
         match &self.bias {
-            Some(b) => ys.broadcast_add(b),
+            Some(b) => add_bias(&ys, b, ys.rank() - 1),
             None => Ok(ys),
         }
     }
@@ -583,7 +594,7 @@ impl Conv2d {
     fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
         let ys = conv2d_forward(xs, &self.weight, self.cfg)?;
         match &self.bias {
-            Some(b) => per_channel(&ys, b, Tensor::broadcast_add),
+            Some(b) => add_bias(&ys, b, 1),
             None => Ok(ys),
         }
     }
@@ -641,12 +652,29 @@ impl Module for Conv2d {
                 Ok((Some(conv2d_input_grad(grad, weight, c, arg.dim(2)?, false)?), Some(conv2d_kernel_grad(arg, weight, grad, c)?)))
             })?;
             return match &self.bias {
-                Some(b) => per_channel(&ys, b, Tensor::broadcast_add),
+                Some(b) => add_bias(&ys, b, 1),
                 None => Ok(ys),
             };
         }
         self.forward_plain(xs)
     }
+}
+
+/// `xs + b` for a bias `b` over dimension `dim` of `xs` (1: a convolution's channels; the last: a
+/// linear layer's outputs): on a GPU one fused pass ([`cuda_kernels::add_bias`]) with its own
+/// backward, else candle's broadcast add.
+fn add_bias(xs: &Tensor, b: &Tensor, dim: usize) -> Result<Tensor> {
+    let Some(ys) = cuda_kernels::add_bias(&xs.detach(), &b.detach(), dim)? else {
+        return match dim {
+            1 => per_channel(xs, b, Tensor::broadcast_add),
+            _ => xs.broadcast_add(b),
+        };
+    };
+    attach_backward2(xs, b, ys, move |xs, b, _, grad| {
+        let others: Vec<usize> = (0..grad.rank()).filter(|&d| d != dim).collect();
+        let d_b = b.track_op().then(|| grad.sum(others)).transpose()?;
+        Ok((xs.track_op().then(|| grad.clone()), d_b))
+    })
 }
 
 /// `op(xs, v)` for a per-channel vector `v` on `[b, c, ...]` (bias add, scale), over
@@ -935,8 +963,9 @@ pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
 /// backward. candle_nn's is a dozen differentiable ops, and candle's backward pass computes a
 /// full-size gradient for the frozen weight and bias of each (kept to the end of the pass) and a
 /// zero-filled buffer per operand; here the backward keeps only the input. On a GPU the forward is
-/// candle's fused layer-norm kernel over each group's elements; on the CPU the forward and the
-/// input gradient are one op each (`cpu_kernels::GroupNorm`).
+/// candle's fused layer-norm kernel over each group's elements and the scale and shift after it,
+/// or with the fused kernels one kernel ([`cuda_kernels::group_norm`]); on the CPU the forward
+/// and the input gradient are one op each (`cpu_kernels::GroupNorm`).
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     weight: Tensor,
@@ -987,12 +1016,25 @@ impl GroupNorm {
         [xs, &self.weight, &self.bias].into_iter().all(cpu_kernels::applies)
     }
 
-    fn forward_value(&self, xs: &Tensor) -> Result<Tensor> {
+    /// The norm's value, followed by SiLU's when `silu`, where one op computes the norm: on the CPU
+    /// (contiguous f32, `cpu_kernels::GroupNorm`) and on a GPU with the fused kernels
+    /// ([`cuda_kernels::group_norm`], SiLU included).
+    fn value_in_one_op(&self, xs: &Tensor, silu: bool) -> Result<Option<Tensor>> {
         let (w, b) = (self.weight.detach(), self.bias.detach());
         if self.on_cpu(xs) {
-            return xs.apply_op3_no_bwd(&w, &b, &cpu_kernels::GroupNorm { groups: self.groups, eps: self.eps });
+            let ys = xs.apply_op3_no_bwd(&w, &b, &cpu_kernels::GroupNorm { groups: self.groups, eps: self.eps })?;
+            return (if silu { silu_value(&ys) } else { Ok(ys) }).map(Some);
         }
-        self.scaled(&self.normalized(xs)?.reshape(xs.shape())?, &w, &b)
+        let (rows, (_, _, rest)) = self.grouped(xs)?;
+        let ys = cuda_kernels::group_norm(&rows.flatten_to(1)?, &w, &b, self.groups, rest, self.eps, silu)?;
+        ys.map(|ys| ys.reshape(xs.shape())).transpose()
+    }
+
+    fn forward_value(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(ys) = self.value_in_one_op(xs, false)? {
+            return Ok(ys);
+        }
+        self.scaled(&self.normalized(xs)?.reshape(xs.shape())?, &self.weight.detach(), &self.bias.detach())
     }
 
     /// The gradients of the input, the weight and the bias (those that train) from the output's.
@@ -1028,16 +1070,14 @@ impl GroupNorm {
         Ok((d_x, d_w, d_b))
     }
 
-    /// `silu(group_norm(x))`. On the CPU (contiguous f32) one op on the graph whose backward runs
-    /// the norm again (one pass) and keeps only `x`, where the two ops apart keep the norm's
-    /// output too, for SiLU's backward, a tensor the size of `x` per resnet half. Elsewhere the
-    /// two ops: on a GPU a step's time is mostly a cost per op, and running the norm again would
-    /// take several.
+    /// `silu(group_norm(x))`. Where one op computes the norm ([`Self::value_in_one_op`]), one op
+    /// on the graph whose backward runs the norm again (one pass) and keeps only `x`, where the
+    /// two ops apart keep the norm's output too, for SiLU's backward, a tensor the size of `x` per
+    /// resnet half. Elsewhere the two ops: running the norm again would take several.
     pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
-        if !self.on_cpu(xs) {
+        let Some(ys) = self.value_in_one_op(&xs.detach(), true)? else {
             return silu(&self.forward(xs)?);
-        }
-        let ys = silu_value(&self.forward_value(&xs.detach())?)?;
+        };
         let this = self.clone();
         attach_backward3(xs, &self.weight, &self.bias, ys, move |x, w, b, ys, grad| {
             let normed = this.forward_value(&x.detach())?;
