@@ -9,7 +9,8 @@
 //!   with a `group_norm` and a residual connection).
 
 use crate::models::nn::{
-    attention, conv2d, group_norm, layer_norm, linear, linear_b, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear,
+    attention, conv2d, group_norm, layer_norm, linear, linear_b, swap_axes, Conv2d, Conv2dConfig, GroupNorm, LayerNorm,
+    Linear,
 };
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -36,6 +37,12 @@ fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, 
     let dtype = attention_dtype(in_dtype, q.device());
     let (q, k, v) = (q.to_dtype(dtype)?, k.to_dtype(dtype)?, v.to_dtype(dtype)?);
     attention(&q, &k, &v, scale, slice_size)?.to_dtype(in_dtype)
+}
+
+/// `(batch, seq, heads * dim)` -> `(batch * heads, seq, dim)`.
+fn heads_to_batch(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, dim) = xs.dims3()?;
+    swap_axes(xs, (b, n, heads, dim / heads))?.reshape((b * heads, n, dim / heads))
 }
 
 /// Multi-head attention of the UNet, as diffusers' `Attention` with `AttnProcessor2_0`:
@@ -74,22 +81,14 @@ impl Attention {
 
     /// `(batch, seq, heads * dim)` -> `(batch * heads, seq, dim)`.
     fn heads_to_batch(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, n, dim) = xs.dims3()?;
-        xs.reshape((b, n, self.heads, dim / self.heads))?.transpose(1, 2)?.contiguous()?.reshape((
-            b * self.heads,
-            n,
-            dim / self.heads,
-        ))
+        heads_to_batch(xs, self.heads)
     }
 
     /// `(batch * heads, seq, dim)` -> `(batch, seq, heads * dim)`.
     fn batch_to_heads(&self, xs: &Tensor) -> Result<Tensor> {
         let (bh, n, dim) = xs.dims3()?;
-        xs.reshape((bh / self.heads, self.heads, n, dim))?.transpose(1, 2)?.contiguous()?.reshape((
-            bh / self.heads,
-            n,
-            dim * self.heads,
-        ))
+        let b = bh / self.heads;
+        swap_axes(xs, (b, self.heads, n, dim))?.reshape((b, n, dim * self.heads))
     }
 
     /// `xs`: `(batch, seq, query_dim)`; `context`: `(batch, context_seq, context_dim)`.
@@ -268,7 +267,7 @@ impl Transformer2DModel {
         let xs = self.norm.forward(xs)?;
         let to_tokens = |xs: &Tensor| -> Result<Tensor> {
             let c = xs.dim(1)?;
-            xs.permute((0, 2, 3, 1))?.reshape((batch, height * width, c))
+            swap_axes(xs, (batch, c, height * width, 1))?.reshape((batch, height * width, c))
         };
         let xs = match &self.proj_in {
             Proj::Conv2d(p) => to_tokens(&p.forward(&xs)?)?,
@@ -282,7 +281,7 @@ impl Transformer2DModel {
         // 3. output: (b, h * w, inner_dim) -> (b, c, h, w), proj_out
         let to_image = |xs: &Tensor| -> Result<Tensor> {
             let c = xs.dim(2)?;
-            xs.reshape((batch, height, width, c))?.permute((0, 3, 1, 2))?.contiguous()
+            swap_axes(xs, (batch, height * width, c, 1))?.reshape((batch, c, height, width))
         };
         let xs = match &self.proj_out {
             Proj::Conv2d(p) => p.forward(&to_image(&xs)?)?,
@@ -356,9 +355,7 @@ impl AttentionBlock {
 
     /// `(b, n, heads * d)` -> `(b * heads, n, d)`.
     fn heads_to_batch(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, n, dim) = xs.dims3()?;
-        let h = self.num_heads;
-        xs.reshape((b, n, h, dim / h))?.transpose(1, 2)?.contiguous()?.reshape((b * h, n, dim / h))
+        heads_to_batch(xs, self.num_heads)
     }
 }
 

@@ -42,11 +42,12 @@ __device__ float block_reduce(float v, float *partials) {
 
 __device__ float block_sum(float v, float *partials) { return block_reduce<false>(v, partials); }
 
-// One block per row of `cols`: y = exp(x - max) / sum(exp(x - max)), in f32, each element read
+// One block per row of `cols`: the softmax of `scale x` (scale > 0; attention's scores scaled here,
+// not its queries), y = exp(scale (x - max)) / sum(exp(scale (x - max))), in f32, each element read
 // three times (the row stays in the cache after the first) and written once. candle's kernel runs
 // a warp per row in the element type and passes over the output twice more.
 template <typename D>
-__device__ void softmax_rows(const typename D::T *x, typename D::T *y, unsigned int cols) {
+__device__ void softmax_rows(const typename D::T *x, typename D::T *y, unsigned int cols, float scale) {
     __shared__ float partials[32];
     unsigned long long row = blockIdx.x;
     x += row * cols;
@@ -55,9 +56,9 @@ __device__ void softmax_rows(const typename D::T *x, typename D::T *y, unsigned 
     for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, D::load(x[j]));
     m = block_reduce<true>(m, partials);
     float s = 0.0f;
-    for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) s += expf(D::load(x[j]) - m);
+    for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) s += expf(scale * (D::load(x[j]) - m));
     float inv = 1.0f / block_sum(s, partials);
-    for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) y[j] = D::store(expf(D::load(x[j]) - m) * inv);
+    for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) y[j] = D::store(expf(scale * (D::load(x[j]) - m)) * inv);
 }
 
 // A convolution's input windows as columns, for one product per image with the kernel:
@@ -95,12 +96,13 @@ __device__ void row_stats(const typename D::T *x, unsigned int n, float eps, flo
     std = sqrtf(block_sum(s, partials) / n + eps);
 }
 
-// ds = p (dp - dot[row]) over rows of `cols` (n < 2^31: 32-bit indices and divisions).
+// ds = scale p (dp - dot[row]) over rows of `cols` (n < 2^31: 32-bit indices and divisions); the
+// scale of attention's scores, so that their gradient needs no pass of its own.
 template <typename D>
 __device__ void softmax_input_grad(const typename D::T *p, const typename D::T *dp, const typename D::T *dot,
-                                   typename D::T *ds, unsigned int n, unsigned int cols) {
+                                   typename D::T *ds, unsigned int n, unsigned int cols, float scale) {
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
-        ds[i] = D::store(D::load(p[i]) * (D::load(dp[i]) - D::load(dot[i / cols])));
+        ds[i] = D::store(scale * D::load(p[i]) * (D::load(dp[i]) - D::load(dot[i / cols])));
     }
 }
 
@@ -210,14 +212,49 @@ __device__ void geglu_input_grad(const typename D::T *xs, const typename D::T *g
     }
 }
 
+// x [A, I, J, E] as y [A, J, I, E] (the attention's heads split from the tokens or merged back,
+// E = the head's width), a thread per element of y: runs of E elements coalesce on both sides.
+// candle's strided copy divides each index by every dimension in 64 bits.
+template <typename D>
+__device__ void swap_axes(const typename D::T *x, typename D::T *y, unsigned int n, unsigned int ni, unsigned int nj,
+                          unsigned int ne) {
+    for (unsigned int o = blockIdx.x * blockDim.x + threadIdx.x; o < n; o += blockDim.x * gridDim.x) {
+        unsigned int e = o % ne, t = o / ne;
+        unsigned int i = t % ni;
+        t /= ni;
+        unsigned int j = t % nj, a = t / nj;
+        y[o] = x[((a * ni + i) * nj + j) * ne + e];
+    }
+}
+
+// x [A, I, J] as y [A, J, I] (a transformer's tokens to and from channels-first), through 32 x 32
+// tiles in shared memory so that reads and writes both coalesce: blocks of 32 x 8 threads, grid
+// (J / 32, I / 32, A), both rounded up.
+template <typename D>
+__device__ void transpose_tiled(const typename D::T *x, typename D::T *y, unsigned int ni, unsigned int nj) {
+    __shared__ float tile[32][33];  // 33: no bank conflicts along a column
+    unsigned long long plane = (unsigned long long)blockIdx.z * ni * nj;
+    unsigned int i0 = blockIdx.y * 32, j0 = blockIdx.x * 32;
+    for (unsigned int r = threadIdx.y; r < 32; r += 8) {
+        unsigned int i = i0 + r, j = j0 + threadIdx.x;
+        if (i < ni && j < nj) tile[r][threadIdx.x] = D::load(x[plane + (unsigned long long)i * nj + j]);
+    }
+    __syncthreads();
+    for (unsigned int r = threadIdx.y; r < 32; r += 8) {
+        unsigned int j = j0 + r, i = i0 + threadIdx.x;
+        if (i < ni && j < nj) y[plane + (unsigned long long)j * ni + i] = D::store(tile[threadIdx.x][r]);
+    }
+}
+
 #define KERNELS(D, name)                                                                                   \
 extern "C" __global__ void softmax_input_grad_##name(const D::T *p, const D::T *dp, const D::T *dot,       \
-        D::T *ds, unsigned int n, unsigned int cols) { softmax_input_grad<D>(p, dp, dot, ds, n, cols); } \
+        D::T *ds, unsigned int n, unsigned int cols, float scale) {                                        \
+    softmax_input_grad<D>(p, dp, dot, ds, n, cols, scale); }                                               \
 extern "C" __global__ void norm_input_grad_##name(const D::T *x, const D::T *g, const D::T *w, D::T *dx,    \
         unsigned int n, unsigned int groups, unsigned int rest, float eps) {                               \
     norm_input_grad<D>(x, g, w, dx, n, groups, rest, eps); }                                               \
-extern "C" __global__ void softmax_rows_##name(const D::T *x, D::T *y, unsigned int cols) {                \
-    softmax_rows<D>(x, y, cols); }                                                                         \
+extern "C" __global__ void softmax_rows_##name(const D::T *x, D::T *y, unsigned int cols, float scale) {   \
+    softmax_rows<D>(x, y, cols, scale); }                                                                  \
 extern "C" __global__ void im2col_per_image_##name(const D::T *x, D::T *cols, unsigned int n,              \
         unsigned int h, unsigned int w, unsigned int kh, unsigned int kw, unsigned int oh, unsigned int ow,\
         unsigned int stride, unsigned int padding, unsigned int dilation) {                                \
@@ -233,6 +270,10 @@ extern "C" __global__ void silu_input_grad_##name(const D::T *x, const D::T *y, 
 extern "C" __global__ void geglu_##name(const D::T *xs, D::T *out, unsigned int n, unsigned int half) {    \
     geglu<D>(xs, out, n, half); }                                                                          \
 extern "C" __global__ void geglu_input_grad_##name(const D::T *xs, const D::T *g, D::T *dxs, unsigned int n,\
-        unsigned int half) { geglu_input_grad<D>(xs, g, dxs, n, half); }
+        unsigned int half) { geglu_input_grad<D>(xs, g, dxs, n, half); }                                   \
+extern "C" __global__ void swap_axes_##name(const D::T *x, D::T *y, unsigned int n, unsigned int ni,       \
+        unsigned int nj, unsigned int ne) { swap_axes<D>(x, y, n, ni, nj, ne); }                           \
+extern "C" __global__ void transpose_tiled_##name(const D::T *x, D::T *y, unsigned int ni, unsigned int nj) {\
+    transpose_tiled<D>(x, y, ni, nj); }
 KERNELS(F32, f32)
 KERNELS(BF16, bf16)

@@ -27,30 +27,35 @@ use candle_core::{DType, Result, Tensor, D};
 #[cfg(feature = "cuda")]
 const SOURCE: &str = include_str!("cuda_kernels.cu");
 
-/// Whether the kernels apply to these tensors: all on a GPU, f32 or bf16 alike, and turned on.
-fn applies(ts: &[&Tensor]) -> bool {
+/// Whether the kernels apply to these tensors: all on a GPU, f32 or bf16 alike, and turned on
+/// (`LAYERDIFF_FUSED=1`, read once).
+pub fn applies(ts: &[&Tensor]) -> bool {
+    static ON: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("LAYERDIFF_FUSED").as_deref() == Ok("1"));
     let dtype = ts[0].dtype();
     cfg!(feature = "cuda")
         && matches!(dtype, DType::F32 | DType::BF16)
         && ts.iter().all(|t| t.device().is_cuda() && t.dtype() == dtype)
-        && std::env::var("LAYERDIFF_FUSED").as_deref() == Ok("1")
+        && *ON
 }
 
-/// The softmax over the last dimension, one block per row, in f32 whatever the dtype.
-pub fn softmax_last_dim(xs: &Tensor) -> Result<Option<Tensor>> {
-    if !applies(&[xs]) || xs.rank() == 0 || xs.elem_count() >= 1 << 31 {
+/// The softmax of `scale xs` (`scale > 0`) over the last dimension, one block per row, in f32
+/// whatever the dtype.
+pub fn softmax_last_dim(xs: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    if !applies(&[xs]) || xs.rank() == 0 || xs.elem_count() >= 1 << 31 || scale <= 0.0 {
         return Ok(None);
     }
-    imp::apply(&[&xs.contiguous()?], Kernel::SoftmaxRows)
+    imp::apply(&[&xs.contiguous()?], Kernel::SoftmaxRows { scale: scale as f32 })
 }
 
 /// The softmax's input gradient from its output `p`, the output's gradient `dp` and
-/// `dot = rowsum(dp p)` (or its equal, as attention computes it): `p (dp - dot)`, one pass.
-pub fn softmax_input_grad(p: &Tensor, dp: &Tensor, dot: &Tensor) -> Result<Option<Tensor>> {
+/// `dot = rowsum(dp p)` (or its equal, as attention computes it), times `scale` (that of the
+/// softmax's input, [`softmax_last_dim`]): `scale p (dp - dot)`, one pass.
+pub fn softmax_input_grad(p: &Tensor, dp: &Tensor, dot: &Tensor, scale: f64) -> Result<Option<Tensor>> {
     if !applies(&[p, dp, dot]) || p.elem_count() >= 1 << 31 {
         return Ok(None);
     }
-    imp::apply(&[&p.contiguous()?, &dp.contiguous()?, &dot.contiguous()?], Kernel::SoftmaxInputGrad)
+    let kernel = Kernel::SoftmaxInputGrad { scale: scale as f32 };
+    imp::apply(&[&p.contiguous()?, &dp.contiguous()?, &dot.contiguous()?], kernel)
 }
 
 /// A norm's input gradient from its input `x` `[rows, n]` and the output's gradient `g` (same
@@ -117,6 +122,16 @@ pub fn geglu_input_grad(xs: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
     imp::apply(&[&xs.contiguous()?, &g.contiguous()?], Kernel::GegluInputGrad)
 }
 
+/// `x` `[a, i, j, e]` as `[a, j, i, e]`, contiguous (`dims` = `(a, i, j, e)`): one pass, through
+/// tiles in shared memory where `e` is 1.
+pub fn swap_axes(x: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Option<Tensor>> {
+    let (a, i, j, e) = dims;
+    if !applies(&[x]) || x.elem_count() >= 1 << 31 || x.elem_count() != a * i * j * e || a > 65_535 {
+        return Ok(None);
+    }
+    imp::apply(&[&x.contiguous()?], Kernel::SwapAxes { a, i, j, e })
+}
+
 /// A convolution's geometry: the kernel's and the output's sizes, stride, padding, dilation.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Windows {
@@ -145,8 +160,8 @@ pub fn im2col(xs: &Tensor, windows: Windows) -> Result<Option<Tensor>> {
 #[derive(Clone, Copy)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 enum Kernel {
-    SoftmaxRows,
-    SoftmaxInputGrad,
+    SoftmaxRows { scale: f32 },
+    SoftmaxInputGrad { scale: f32 },
     NormInputGrad { groups: usize, rest: usize, eps: f32 },
     Im2Col(Windows),
     GroupNorm { groups: usize, rest: usize, eps: f32, silu: bool },
@@ -154,6 +169,7 @@ enum Kernel {
     SiluInputGrad,
     Geglu,
     GegluInputGrad,
+    SwapAxes { a: usize, i: usize, j: usize, e: usize },
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -292,6 +308,7 @@ mod imp {
                 let (b, c, _, _) = shape.dims4()?;
                 Shape::from((b, c * w.k_h * w.k_w, w.out_h * w.out_w))
             }
+            Kernel::SwapAxes { a, i, j, e } => Shape::from((a, j, i, e)),
             Kernel::Geglu => {
                 let mut dims = shape.dims().to_vec();
                 *dims.last_mut().expect("rank >= 1") /= 2;
@@ -307,19 +324,19 @@ mod imp {
             args.iter().map(|(s, l)| Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))).collect::<Result<Vec<_>>>()?;
         let func = |name: &str| module.load_function(&format!("{name}_{suffix}")).w();
         match kernel {
-            Kernel::SoftmaxRows => {
+            Kernel::SoftmaxRows { scale } => {
                 let func = func("softmax_rows")?;
                 let cols = cols as u32;
                 let mut builder = stream.launch_builder(&func);
-                builder.arg(&views[0]).arg(&out).arg(&cols);
+                builder.arg(&views[0]).arg(&out).arg(&cols).arg(&scale);
                 // SAFETY: the kernel's signature is the arguments pushed.
                 unsafe { builder.launch(per_row(rows, cols as usize)) }.w()?;
             }
-            Kernel::SoftmaxInputGrad => {
+            Kernel::SoftmaxInputGrad { scale } => {
                 let func = func("softmax_input_grad")?;
                 let (n, cols) = (n as u32, cols as u32);
                 let mut builder = stream.launch_builder(&func);
-                builder.arg(&views[0]).arg(&views[1]).arg(&views[2]).arg(&out).arg(&n).arg(&cols);
+                builder.arg(&views[0]).arg(&views[1]).arg(&views[2]).arg(&out).arg(&n).arg(&cols).arg(&scale);
                 // SAFETY: the kernel's signature is the arguments pushed.
                 unsafe { builder.launch(LaunchConfig::for_num_elems(n.min(1 << 30))) }.w()?;
             }
@@ -382,6 +399,24 @@ mod imp {
                     builder.arg(&views[1]);
                 }
                 builder.arg(&out).arg(&n).arg(&half);
+                // SAFETY: the kernel's signature is the arguments pushed.
+                unsafe { builder.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+            }
+            Kernel::SwapAxes { a, i, j, e: 1 } => {
+                let func = func("transpose_tiled")?;
+                let (i, j) = (i as u32, j as u32);
+                let mut builder = stream.launch_builder(&func);
+                builder.arg(&views[0]).arg(&out).arg(&i).arg(&j);
+                let grid = (j.div_ceil(32), i.div_ceil(32), a as u32);
+                let cfg = LaunchConfig { grid_dim: grid, block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+                // SAFETY: the kernel's signature is the arguments pushed.
+                unsafe { builder.launch(cfg) }.w()?;
+            }
+            Kernel::SwapAxes { i, j, e, .. } => {
+                let func = func("swap_axes")?;
+                let [n, i, j, e] = [n, i, j, e].map(|v| v as u32);
+                let mut builder = stream.launch_builder(&func);
+                builder.arg(&views[0]).arg(&out).arg(&n).arg(&i).arg(&j).arg(&e);
                 // SAFETY: the kernel's signature is the arguments pushed.
                 unsafe { builder.launch(LaunchConfig::for_num_elems(n)) }.w()?;
             }
@@ -494,9 +529,9 @@ mod tests {
         for (rows, cols) in [(7, 45), (30, 100)] {
             for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
                 let (p, dp, dot) = (randn(&[rows, cols], dtype)?, randn(&[rows, cols], dtype)?, randn(&[rows, 1], dtype)?);
-                let args = ["softmax".into(), dtype.as_str().into(), rows.to_string(), cols.to_string()];
+                let args = ["softmax".into(), dtype.as_str().into(), rows.to_string(), cols.to_string(), "0.3".into()];
                 let ours = run(&args, &[&p, &dp, &dot])?;
-                let err = relative_error(&ours, &(&p * dp.broadcast_sub(&dot)?)?)?;
+                let err = relative_error(&ours, &((&p * dp.broadcast_sub(&dot)?)? * 0.3)?)?;
                 assert!(err < tol, "{dtype:?}, {rows}x{cols}: {err}");
             }
         }
@@ -508,9 +543,9 @@ mod tests {
         for (rows, cols) in [(3, 7), (5, 77), (2, 3000)] {
             for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
                 let x = (randn(&[rows, cols], dtype)? * 4.0)?;
-                let args = ["softmax_rows".into(), dtype.as_str().into(), rows.to_string(), cols.to_string()];
+                let args = ["softmax_rows".into(), dtype.as_str().into(), rows.to_string(), cols.to_string(), "0.3".into()];
                 let ours = run(&args, &[&x])?;
-                let err = relative_error(&ours, &candle_nn::ops::softmax_last_dim(&x)?)?;
+                let err = relative_error(&ours, &candle_nn::ops::softmax_last_dim(&(&x * 0.3)?)?)?;
                 assert!(err < tol, "{dtype:?}, {rows}x{cols}: {err}");
             }
         }
@@ -623,6 +658,25 @@ mod tests {
             let reference = grads.get(var.as_tensor()).expect("a gradient");
             let err = relative_error(&grad, reference)?;
             assert!(err < tol, "{dtype:?} backward: {err}");
+        }
+        Ok(())
+    }
+    #[test]
+    fn swap_axes_kernels_match_candles_transpose() -> Result<()> {
+        // Heads split from the tokens (E > 1) and a transformer's channels-first to tokens (E = 1,
+        // the tiled kernel, with partial tiles at both edges), each larger than the harness's grid.
+        for (a, i, j, e) in [(2, 7, 3, 5), (2, 40, 70, 1), (1, 33, 5, 1)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let x = randn(&[a, i, j, e], dtype)?;
+                let ours = if e == 1 {
+                    run(&["transpose_tiled".into(), dtype.as_str().into(), a.to_string(), i.to_string(), j.to_string()], &[&x])?
+                } else {
+                    let sizes = [a, i, j, e].map(|v| v.to_string());
+                    run(&[&["swap_axes".into(), dtype.as_str().into()], &sizes[..]].concat(), &[&x])?
+                };
+                let reference = x.transpose(1, 2)?.contiguous()?;
+                assert_eq!(relative_error(&ours, &reference)?, 0.0, "{dtype:?}, {:?}", (a, i, j, e));
+            }
         }
         Ok(())
     }

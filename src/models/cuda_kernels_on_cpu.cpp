@@ -4,13 +4,15 @@
 // calls it, as in block_sum). The launches are the ones cuda_kernels.rs makes.
 //
 //   harness norm f32|bf16 ROWS N GROUPS REST EPS IN OUT     IN: x, g (ROWS x N), w (GROUPS x N / REST)
-//   harness softmax f32|bf16 ROWS COLS IN OUT               IN: p, dp (ROWS x COLS), dot (ROWS)
-//   harness softmax_rows f32|bf16 ROWS COLS IN OUT          IN: x (ROWS x COLS)
+//   harness softmax f32|bf16 ROWS COLS SCALE IN OUT         IN: p, dp (ROWS x COLS), dot (ROWS)
+//   harness softmax_rows f32|bf16 ROWS COLS SCALE IN OUT    IN: x (ROWS x COLS)
 //   harness group_norm f32|bf16 ROWS N GROUPS REST EPS SILU IN OUT   IN: x (ROWS x N), w, b (GROUPS x N / REST each)
 //   harness add_bias f32|bf16 ROWS COLS CHANNELS PER_ROW IN OUT      IN: x (ROWS x COLS), b (CHANNELS)
 //   harness silu_input_grad f32|bf16 N IN OUT                 IN: x, y, g (N each)
 //   harness geglu f32|bf16 ROWS HALF IN OUT                    IN: xs (ROWS x 2 HALF)
 //   harness geglu_input_grad f32|bf16 ROWS HALF IN OUT         IN: xs (ROWS x 2 HALF), g (ROWS x HALF)
+//   harness swap_axes f32|bf16 A I J E IN OUT                 IN: x (A x I x J x E)
+//   harness transpose_tiled f32|bf16 A I J IN OUT             IN: x (A x I x J)
 //   harness im2col_per_image f32|bf16 B C H W KH KW STRIDE PADDING DILATION IN OUT    IN: x (B x C x H x W)
 // as little-endian f32 (bf16 inputs: values bf16 holds exactly); OUT: the result as f32.
 #include <barrier>
@@ -56,26 +58,33 @@ static unsigned int __float_as_uint(float f) {
 
 #include "cuda_kernels.cu"
 
+// A grid of `grid` blocks of `block` threads, one block at a time, a host thread per CUDA thread.
+template <typename F>
+static void launch(Dim3 grid, Dim3 block, F kernel) {
+    gridDim = grid;
+    blockDim = block;
+    unsigned int threads = block.x * block.y;
+    shuffle_slots.assign(threads, 0.0f);
+    for (unsigned int bz = 0; bz < grid.z; bz++)
+        for (unsigned int by = 0; by < grid.y; by++)
+            for (unsigned int bx = 0; bx < grid.x; bx++) {
+                std::barrier<> barrier(threads);
+                block_barrier = &barrier;
+                std::vector<std::thread> pool;
+                for (unsigned int t = 0; t < threads; t++)
+                    pool.emplace_back([&, bx, by, bz, t] {
+                        blockIdx = Dim3{bx, by, bz};
+                        threadIdx = Dim3{t % block.x, t / block.x, 0};
+                        kernel();
+                    });
+                for (auto &thread : pool) thread.join();
+            }
+}
+
+// A 1-D grid of 1-D blocks (`grid_y` rows of them).
 template <typename F>
 static void launch(unsigned int grid, unsigned int block, F kernel, unsigned int grid_y = 1) {
-    gridDim.x = grid;
-    gridDim.y = grid_y;
-    blockDim.x = block;
-    shuffle_slots.assign(block, 0.0f);
-    for (unsigned int by = 0; by < grid_y; by++)
-        for (unsigned int b = 0; b < grid; b++) {
-            std::barrier<> barrier(block);
-            block_barrier = &barrier;
-            std::vector<std::thread> threads;
-            for (unsigned int t = 0; t < block; t++)
-                threads.emplace_back([&, b, by, t] {
-                    blockIdx.x = b;
-                    blockIdx.y = by;
-                    threadIdx.x = t;
-                    kernel();
-                });
-            for (auto &thread : threads) thread.join();
-        }
+    launch(Dim3{grid, grid_y, 1}, Dim3{block, 1, 1}, kernel);
 }
 
 static std::vector<float> read_floats(const char *path, size_t n) {
@@ -121,26 +130,28 @@ static std::vector<float> run(int argc, char **argv) {
         for (size_t i = 0; i < size; i++) out[i] = D::load(dx[i]);
         return out;
     }
-    if (op == "softmax" && argc == 7) {
+    if (op == "softmax" && argc == 8) {
         unsigned int rows = std::atoi(argv[3]), cols = std::atoi(argv[4]);
+        float scale = std::atof(argv[5]);
         size_t size = (size_t)rows * cols;
-        std::vector<float> in = read_floats(argv[5], 2 * size + rows);
+        std::vector<float> in = read_floats(argv[6], 2 * size + rows);
         auto p = stored(in, 0, size), dp = stored(in, size, size), dot = stored(in, 2 * size, rows);
         std::vector<typename D::T> ds(size);
         // As cudarc's LaunchConfig::for_num_elems: blocks of 1024 threads.
-        launch((size + 1023) / 1024, 1024, [&] { softmax_input_grad<D>(p.data(), dp.data(), dot.data(), ds.data(), size, cols); });
+        launch((size + 1023) / 1024, 1024, [&] { softmax_input_grad<D>(p.data(), dp.data(), dot.data(), ds.data(), size, cols, scale); });
         std::vector<float> out(size);
         for (size_t i = 0; i < size; i++) out[i] = D::load(ds[i]);
         return out;
     }
-    if (op == "softmax_rows" && argc == 7) {
+    if (op == "softmax_rows" && argc == 8) {
         unsigned int rows = std::atoi(argv[3]), cols = std::atoi(argv[4]);
+        float scale = std::atof(argv[5]);
         size_t size = (size_t)rows * cols;
-        auto x = stored(read_floats(argv[5], size), 0, size);
+        auto x = stored(read_floats(argv[6], size), 0, size);
         std::vector<typename D::T> y(size);
         // As cuda_kernels.rs: a block per row, the row's length in warps, 32 to 1024 threads.
         unsigned int threads = std::min(1024u, std::max(32u, (cols + 31) / 32 * 32));
-        launch(rows, threads, [&] { softmax_rows<D>(x.data(), y.data(), cols); });
+        launch(rows, threads, [&] { softmax_rows<D>(x.data(), y.data(), cols, scale); });
         std::vector<float> out(size);
         for (size_t i = 0; i < size; i++) out[i] = D::load(y[i]);
         return out;
@@ -211,6 +222,27 @@ static std::vector<float> run(int argc, char **argv) {
         else launch(2, 64, [&] { geglu<D>(xs.data(), ys.data(), n, half); });
         std::vector<float> out(ys.size());
         for (size_t i = 0; i < ys.size(); i++) out[i] = D::load(ys[i]);
+        return out;
+    }
+    if (op == "swap_axes" && argc == 9) {
+        unsigned int a = std::atoi(argv[3]), ni = std::atoi(argv[4]), nj = std::atoi(argv[5]), ne = std::atoi(argv[6]);
+        unsigned int n = a * ni * nj * ne;
+        auto x = stored(read_floats(argv[7], n), 0, n);
+        std::vector<typename D::T> y(n);
+        launch(2, 64, [&] { swap_axes<D>(x.data(), y.data(), n, ni, nj, ne); });
+        std::vector<float> out(n);
+        for (size_t i = 0; i < n; i++) out[i] = D::load(y[i]);
+        return out;
+    }
+    if (op == "transpose_tiled" && argc == 8) {
+        unsigned int a = std::atoi(argv[3]), ni = std::atoi(argv[4]), nj = std::atoi(argv[5]);
+        unsigned int n = a * ni * nj;
+        auto x = stored(read_floats(argv[6], n), 0, n);
+        std::vector<typename D::T> y(n);
+        // As cuda_kernels.rs: 32 x 8 threads per 32 x 32 tile.
+        launch(Dim3{(nj + 31) / 32, (ni + 31) / 32, a}, Dim3{32, 8, 1}, [&] { transpose_tiled<D>(x.data(), y.data(), ni, nj); });
+        std::vector<float> out(n);
+        for (size_t i = 0; i < n; i++) out[i] = D::load(y[i]);
         return out;
     }
     std::fprintf(stderr, "usage: see the head of cuda_kernels_on_cpu.cpp\n");

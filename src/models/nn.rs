@@ -195,25 +195,41 @@ fn frozen(weight: &Tensor, bias: Option<&Tensor>) -> bool {
 /// Softmax over the last dimension: candle's fused kernel forward, `y * (g - sum(g * y))` backward.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     let ys = softmax_value(&xs.detach())?;
-    attach_backward(xs, ys, |_, ys, grad| softmax_input_grad(ys, grad, &(grad * ys)?.sum_keepdim(D::Minus1)?))
+    attach_backward(xs, ys, |_, ys, grad| {
+        let dot = (grad * ys)?.sum_keepdim(D::Minus1)?;
+        match cuda_kernels::softmax_input_grad(ys, grad, &dot, 1.0)? {
+            Some(d) => Ok(d),
+            None => softmax_input_grad(ys, grad, &dot),
+        }
+    })
 }
 
 /// The softmax over the last dimension, with no backward: on a GPU one fused pass
 /// ([`cuda_kernels::softmax_last_dim`]), else candle's kernel.
 fn softmax_value(xs: &Tensor) -> Result<Tensor> {
-    match cuda_kernels::softmax_last_dim(xs)? {
+    match cuda_kernels::softmax_last_dim(xs, 1.0)? {
         Some(ys) => Ok(ys),
         None => candle_nn::ops::softmax_last_dim(xs),
     }
 }
 
 /// `p (dp - dot)`, a softmax's input gradient from its output `p`, the output's gradient `dp` and
-/// `dot = rowsum(dp p)`: on a GPU one fused pass ([`cuda_kernels::softmax_input_grad`]).
+/// `dot = rowsum(dp p)`, composed (the fused kernel is [`cuda_kernels::softmax_input_grad`]).
 fn softmax_input_grad(p: &Tensor, dp: &Tensor, dot: &Tensor) -> Result<Tensor> {
-    match cuda_kernels::softmax_input_grad(p, dp, dot)? {
-        Some(ds) => Ok(ds),
-        None => p * dp.broadcast_sub(dot)?,
-    }
+    p * dp.broadcast_sub(dot)?
+}
+
+/// `xs` (`a i j e` elements in `[a, i, j, e]` order, contiguous) as `[a, j, i, e]`, contiguous:
+/// the attention's heads split from the tokens and merged back, a transformer's channels-first
+/// pixels to tokens and back. On a GPU with the fused kernels one kernel each way
+/// ([`cuda_kernels::swap_axes`]), else candle's transpose and copy.
+pub fn swap_axes(xs: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Tensor> {
+    let xs = xs.reshape(dims)?;
+    let Some(ys) = cuda_kernels::swap_axes(&xs.detach(), dims)? else {
+        return xs.transpose(1, 2)?.contiguous();
+    };
+    let (a, i, j, e) = dims;
+    attach_backward(&xs, ys, move |_, _, grad| swap_axes(grad, (a, j, i, e)))
 }
 
 /// Nearest-neighbour upsampling by an integer `factor` (candle's `upsample_nearest2d`), whose
@@ -253,7 +269,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<u
     let (n, seq_q, _) = q.dims3()?;
     let fits = (ATTENTION_SCORES_PER_SLICE / (seq_q * k.dim(1)?).max(1)).max(1);
     let size = fits.min(slice.filter(|&s| s > 0).unwrap_or(n));
-    let probs = move |q: &Tensor, k: &Tensor| softmax_value(&(q * scale)?.matmul(&k.t()?)?);
+    // With the fused kernels the scale is the softmax's (and its gradient's), not a pass of its own
+    // over the queries (and over dq and dk).
+    let fused = cuda_kernels::applies(&[q, k, v]);
+    let probs = move |q: &Tensor, k: &Tensor| -> Result<Tensor> {
+        if !fused {
+            return softmax_value(&(q * scale)?.matmul(&k.t()?)?);
+        }
+        let scores = q.matmul(&k.t()?)?;
+        match cuda_kernels::softmax_last_dim(&scores, scale)? {
+            Some(p) => Ok(p),
+            None => softmax_value(&(scores * scale)?),
+        }
+    };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let out = over_slices(n, size, |s, l| probs(&qd.narrow(0, s, l)?, &kd.narrow(0, s, l)?)?.matmul(&vd.narrow(0, s, l)?))?;
     attach_backward3(q, k, v, Tensor::cat(&out, 0)?, move |q, k, v, out, grad| {
@@ -266,7 +294,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<u
             let p = probs(&q, &k)?;
             let d_v = p.t()?.matmul(&g)?;
             let d_p = g.matmul(&v.t()?)?;
-            let d_s = softmax_input_grad(&p, &d_p, &(&g * &o)?.sum_keepdim(D::Minus1)?)?;
+            let dot = (&g * &o)?.sum_keepdim(D::Minus1)?;
+            if let Some(d_s) = cuda_kernels::softmax_input_grad(&p, &d_p, &dot, scale)? {
+                return Ok([d_s.matmul(&k)?, d_s.t()?.matmul(&q)?, d_v]);
+            }
+            let d_s = softmax_input_grad(&p, &d_p, &dot)?;
             Ok([(d_s.matmul(&k)? * scale)?, (d_s.t()?.matmul(&q)? * scale)?, d_v])
         })?;
         let cat = |i: usize| Tensor::cat(&parts.iter().map(|p| &p[i]).collect::<Vec<_>>(), 0).map(Some);
