@@ -2,12 +2,17 @@
 //! below with NVRTC at their first use (no build step, no nvcc at run time), in f32 and bf16, for
 //! contiguous tensors. The H200 check's profile (README, Performance) had a step's time mostly in
 //! elementwise passes and copies, not in the matrix products:
-//! - a norm's input gradient, one kernel where candle composed some eighteen;
+//! - a norm's input gradient, one kernel where candle composed some eighteen, and a group norm's
+//!   value (SiLU included where one follows), one kernel where it took three and SiLU's;
 //! - the attention scores' gradient `p (dp - dot)`, one pass over the `seq x seq` matrix, not two;
 //! - the softmax, a block per row in f32 (candle's runs a warp per row and passes over its output
-//!   three times);
+//!   three times), the attention's scale applied in it and in the gradient;
 //! - im2col in the order of one product per image (candle's reads across channels with 64-bit
-//!   divisions per element, and its convolution then copies the output into channels-first order).
+//!   divisions per element, and its convolution then copies the output into channels-first order);
+//! - bias adds, SiLU's gradient, GEGLU both ways: one pass each (candle's broadcasts divide each
+//!   index by every dimension in 64 bits; the gradients took five and about twelve kernels);
+//! - the attention heads' and tokens' transposes (candle's strided copy, index arithmetic as its
+//!   broadcasts'), through tiles in shared memory where the moved runs are single elements.
 //!
 //! Off unless `LAYERDIFF_FUSED=1`: they have not yet run on a GPU (no device was lent since they
 //! were written). Their source (`cuda_kernels.cu`) runs on the CPU in the tests below, a host
