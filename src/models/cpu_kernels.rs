@@ -26,9 +26,10 @@ use gemm::Parallelism;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-/// True where the f32 kernels apply: contiguous f32 on the CPU.
+/// True where the f32 kernels apply: contiguous f32 on the CPU (unless the GPU's kernels are
+/// emulated there, `cuda_kernels::emulate_on_cpu`).
 pub fn applies(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
+    t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() && !super::cuda_kernels::emulating()
 }
 
 /// `softmax(scale q k^T) v` for contiguous f32 `q` `[n, seq_q, d]`, `k` `[n, seq_k, d]`, `v`

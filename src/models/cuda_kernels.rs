@@ -26,21 +26,70 @@
 //! turned on, or the kernels could not be built, which is logged once); the caller then composes
 //! the same result from candle ops.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Shape, Tensor, D};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The CUDA C source (`cuda_kernels.cu`).
 #[cfg(feature = "cuda")]
 const SOURCE: &str = include_str!("cuda_kernels.cu");
 
 /// Whether the kernels apply to these tensors: all on a GPU, f32 or bf16 alike, and turned on
-/// (`LAYERDIFF_FUSED=1`, read once).
+/// (`LAYERDIFF_FUSED=1`, read once); or all on the CPU while [`emulate_on_cpu`] is on.
 pub fn applies(ts: &[&Tensor]) -> bool {
     static ON: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("LAYERDIFF_FUSED").as_deref() == Ok("1"));
     let dtype = ts[0].dtype();
-    cfg!(feature = "cuda")
-        && matches!(dtype, DType::F32 | DType::BF16)
-        && ts.iter().all(|t| t.device().is_cuda() && t.dtype() == dtype)
-        && *ON
+    let here = |t: &Tensor| (cfg!(feature = "cuda") && t.device().is_cuda() && *ON) || (t.device().is_cpu() && emulating());
+    matches!(dtype, DType::F32 | DType::BF16) && ts.iter().all(|t| here(t) && t.dtype() == dtype)
+}
+
+static EMULATING: AtomicBool = AtomicBool::new(false);
+
+/// For tests without a GPU: while on, the GPU's path through the models runs on CPU tensors,
+/// each of these kernels replaced by a loop in Rust that computes what it computes
+/// (`emulated`), and the CPU's own kernels (`cpu_kernels`) stand aside. So the code around the
+/// kernels (shapes, layouts, the backward rules of the ops made of them) is checked against
+/// diffusers and PyTorch on the CPU; the kernels themselves are checked by the tests below.
+/// Process-wide: a test binary that turns it on should hold no other tests.
+pub fn emulate_on_cpu(on: bool) {
+    EMULATING.store(on, Ordering::SeqCst);
+}
+
+/// Whether [`emulate_on_cpu`] is on.
+pub fn emulating() -> bool {
+    EMULATING.load(Ordering::Relaxed)
+}
+
+/// How often each kernel ran emulated, by name, since the process started.
+pub fn emulated_calls() -> Vec<(&'static str, usize)> {
+    emulated::calls()
+}
+
+/// The kernel on `args` (contiguous, on one device): emulated on the CPU, else on the GPU
+/// (`None`: the kernels could not be built there).
+fn apply(args: &[&Tensor], kernel: Kernel) -> Result<Option<Tensor>> {
+    if args[0].device().is_cpu() {
+        return emulated::apply(args, kernel).map(Some);
+    }
+    imp::apply(args, kernel)
+}
+
+/// The shape of `kernel`'s output for a first argument of shape `shape`.
+fn out_shape(kernel: Kernel, shape: &Shape) -> Result<Shape> {
+    Ok(match kernel {
+        Kernel::Im2Col(w) => {
+            let (b, c, _, _) = shape.dims4()?;
+            Shape::from((b, c * w.k_h * w.k_w, w.out_h * w.out_w))
+        }
+        Kernel::SwapAxes { a, i, j, e } => Shape::from((a, j, i, e)),
+        Kernel::Geglu => {
+            let mut dims = shape.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last /= 2;
+            }
+            Shape::from(dims)
+        }
+        _ => shape.clone(),
+    })
 }
 
 /// The softmax of `scale xs` (`scale > 0`) over the last dimension, one block per row, in f32
@@ -49,7 +98,7 @@ pub fn softmax_last_dim(xs: &Tensor, scale: f64) -> Result<Option<Tensor>> {
     if !applies(&[xs]) || xs.rank() == 0 || xs.elem_count() >= 1 << 31 || scale <= 0.0 {
         return Ok(None);
     }
-    imp::apply(&[&xs.contiguous()?], Kernel::SoftmaxRows { scale: scale as f32 })
+    apply(&[&xs.contiguous()?], Kernel::SoftmaxRows { scale: scale as f32 })
 }
 
 /// The softmax's input gradient from its output `p`, the output's gradient `dp` and
@@ -60,7 +109,7 @@ pub fn softmax_input_grad(p: &Tensor, dp: &Tensor, dot: &Tensor, scale: f64) -> 
         return Ok(None);
     }
     let kernel = Kernel::SoftmaxInputGrad { scale: scale as f32 };
-    imp::apply(&[&p.contiguous()?, &dp.contiguous()?, &dot.contiguous()?], kernel)
+    apply(&[&p.contiguous()?, &dp.contiguous()?, &dot.contiguous()?], kernel)
 }
 
 /// A norm's input gradient from its input `x` `[rows, n]` and the output's gradient `g` (same
@@ -71,7 +120,7 @@ pub fn norm_input_grad(x: &Tensor, g: &Tensor, w: &Tensor, groups: usize, rest: 
         return Ok(None);
     }
     let kernel = Kernel::NormInputGrad { groups, rest, eps: eps as f32 };
-    imp::apply(&[&x.contiguous()?, &g.contiguous()?, &w.contiguous()?], kernel)
+    apply(&[&x.contiguous()?, &g.contiguous()?, &w.contiguous()?], kernel)
 }
 
 /// A group norm's value from its input `x` `[rows, n]` (a row per image and group), `w` and `b`
@@ -82,7 +131,7 @@ pub fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, rest: usize
         return Ok(None);
     }
     let kernel = Kernel::GroupNorm { groups, rest, eps: eps as f32, silu };
-    imp::apply(&[&x.contiguous()?, &w.contiguous()?, &b.contiguous()?], kernel)
+    apply(&[&x.contiguous()?, &w.contiguous()?, &b.contiguous()?], kernel)
 }
 
 /// `x + b` for a bias `b` over dimension `dim` of `x`: 1 for a convolution's output, the last for
@@ -98,7 +147,7 @@ pub fn add_bias(x: &Tensor, b: &Tensor, dim: usize) -> Result<Option<Tensor>> {
         1 => Kernel::AddBias { rows, cols: channels, channels, per_row: false },
         _ => Kernel::AddBias { rows: rows * channels, cols: after, channels, per_row: true },
     };
-    imp::apply(&[&x.contiguous()?, &b.contiguous()?], kernel)
+    apply(&[&x.contiguous()?, &b.contiguous()?], kernel)
 }
 
 /// SiLU's input gradient from its input `x`, output `y` and the output's gradient `g`:
@@ -107,7 +156,7 @@ pub fn silu_input_grad(x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tens
     if !applies(&[x, y, g]) || x.elem_count() >= 1 << 31 {
         return Ok(None);
     }
-    imp::apply(&[&x.contiguous()?, &y.contiguous()?, &g.contiguous()?], Kernel::SiluInputGrad)
+    apply(&[&x.contiguous()?, &y.contiguous()?, &g.contiguous()?], Kernel::SiluInputGrad)
 }
 
 /// GEGLU, `h gelu(gate)` (the exact GELU) for `[h, gate]` halves of the last dimension.
@@ -115,7 +164,7 @@ pub fn geglu(xs: &Tensor) -> Result<Option<Tensor>> {
     if !applies(&[xs]) || xs.rank() == 0 || xs.elem_count() >= 1 << 31 || xs.dim(D::Minus1)? % 2 != 0 {
         return Ok(None);
     }
-    imp::apply(&[&xs.contiguous()?], Kernel::Geglu)
+    apply(&[&xs.contiguous()?], Kernel::Geglu)
 }
 
 /// GEGLU's input gradient from its input `xs` and its output's gradient `g`, both halves in one
@@ -124,7 +173,7 @@ pub fn geglu_input_grad(xs: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
     if !applies(&[xs, g]) || xs.rank() == 0 || xs.elem_count() >= 1 << 31 || xs.dim(D::Minus1)? % 2 != 0 {
         return Ok(None);
     }
-    imp::apply(&[&xs.contiguous()?, &g.contiguous()?], Kernel::GegluInputGrad)
+    apply(&[&xs.contiguous()?, &g.contiguous()?], Kernel::GegluInputGrad)
 }
 
 /// `x` `[a, i, j, e]` as `[a, j, i, e]`, contiguous (`dims` = `(a, i, j, e)`): one pass, through
@@ -134,7 +183,7 @@ pub fn swap_axes(x: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Optio
     if !applies(&[x]) || x.elem_count() >= 1 << 31 || x.elem_count() != a * i * j * e || a > 65_535 {
         return Ok(None);
     }
-    imp::apply(&[&x.contiguous()?], Kernel::SwapAxes { a, i, j, e })
+    apply(&[&x.contiguous()?], Kernel::SwapAxes { a, i, j, e })
 }
 
 /// A convolution's geometry: the kernel's and the output's sizes, stride, padding, dilation.
@@ -158,12 +207,11 @@ pub fn im2col(xs: &Tensor, windows: Windows) -> Result<Option<Tensor>> {
     if !applies(&[xs]) || xs.elem_count() >= 1 << 31 || b * c * k_h * k_w * out_h * out_w >= 1 << 31 {
         return Ok(None);
     }
-    imp::apply(&[&xs.contiguous()?], Kernel::Im2Col(windows))
+    apply(&[&xs.contiguous()?], Kernel::Im2Col(windows))
 }
 
 /// The kernel to run, with its scalars.
-#[derive(Clone, Copy)]
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Clone, Copy, Debug)]
 enum Kernel {
     SoftmaxRows { scale: f32 },
     SoftmaxInputGrad { scale: f32 },
@@ -308,19 +356,7 @@ mod imp {
         let n = shape.elem_count();
         let cols = *shape.dims().last().unwrap_or(&1);
         let rows = n / cols.max(1);
-        let out_shape = match kernel {
-            Kernel::Im2Col(w) => {
-                let (b, c, _, _) = shape.dims4()?;
-                Shape::from((b, c * w.k_h * w.k_w, w.out_h * w.out_w))
-            }
-            Kernel::SwapAxes { a, i, j, e } => Shape::from((a, j, i, e)),
-            Kernel::Geglu => {
-                let mut dims = shape.dims().to_vec();
-                *dims.last_mut().expect("rank >= 1") /= 2;
-                Shape::from(dims)
-            }
-            _ => shape.clone(),
-        };
+        let out_shape = super::out_shape(kernel, shape)?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(out_shape.elem_count())? };
         let stream = dev.cuda_stream();
@@ -439,6 +475,87 @@ mod imp {
             [a, b, c] => a.apply_op3_no_bwd(b, c, &op).map(Some),
             _ => candle_core::bail!("fused CUDA kernel with {} arguments", args.len()),
         }
+    }
+}
+
+/// What each kernel computes, composed from candle's ops in f32 on the CPU, for
+/// [`emulate_on_cpu`]; the result rounded once to the arguments' dtype, as the kernels round it.
+mod emulated {
+    use super::super::nn::{im2col, normalize_rows, normalized_rows_input_grad, Conv2dConfig};
+    use super::{out_shape, Kernel};
+    use candle_core::{DType, Device, Result, Tensor, D};
+    use std::sync::Mutex;
+
+    static CALLS: Mutex<Vec<(&'static str, usize)>> = Mutex::new(Vec::new());
+
+    pub(super) fn calls() -> Vec<(&'static str, usize)> {
+        CALLS.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Each element's scale (or shift) `v` of a norm over `[rows, n]`: channel
+    /// `(row % groups) (n / rest) + j / rest` for element `j`.
+    fn per_element(v: &Tensor, rows: usize, n: usize, groups: usize, rest: usize) -> Result<Tensor> {
+        let index: Vec<u32> = (0..rows * n).map(|i| ((i / n % groups) * (n / rest) + i % n / rest) as u32).collect();
+        v.index_select(&Tensor::new(index, &Device::Cpu)?, 0)?.reshape((rows, n))
+    }
+
+    pub(super) fn apply(args: &[&Tensor], kernel: Kernel) -> Result<Tensor> {
+        let dtype = args[0].dtype();
+        let a = args.iter().map(|t| t.to_dtype(DType::F32)).collect::<Result<Vec<_>>>()?;
+        let dims = a[0].dims().to_vec();
+        let (name, out) = match kernel {
+            Kernel::SoftmaxRows { scale } => ("softmax_rows", candle_nn::ops::softmax_last_dim(&(&a[0] * scale as f64)?)?),
+            Kernel::SoftmaxInputGrad { scale } => ("softmax_input_grad", ((&a[0] * a[1].broadcast_sub(&a[2])?)? * scale as f64)?),
+            Kernel::NormInputGrad { groups, rest, eps } => {
+                let (rows, n) = a[0].dims2()?;
+                let (x_hat, std) = normalize_rows(&a[0], eps as f64)?;
+                let g = (&a[1] * per_element(&a[2], rows, n, groups, rest)?)?;
+                ("norm_input_grad", normalized_rows_input_grad(&x_hat, &std, &g)?)
+            }
+            Kernel::GroupNorm { groups, rest, eps, silu } => {
+                let (rows, n) = a[0].dims2()?;
+                let (x_hat, _) = normalize_rows(&a[0], eps as f64)?;
+                let y = ((x_hat * per_element(&a[1], rows, n, groups, rest)?)? + per_element(&a[2], rows, n, groups, rest)?)?;
+                ("group_norm_rows", if silu { y.silu()? } else { y })
+            }
+            Kernel::AddBias { rows, cols, channels, per_row: true } => {
+                let x = a[0].reshape((rows / channels, channels, cols))?;
+                ("add_bias", x.broadcast_add(&a[1].reshape((1, channels, 1))?)?)
+            }
+            Kernel::AddBias { rows, cols, .. } => ("add_bias", a[0].reshape((rows, cols))?.broadcast_add(&a[1])?),
+            Kernel::SiluInputGrad => {
+                let s = candle_nn::ops::sigmoid(&a[0])?;
+                ("silu_input_grad", (&a[2] * (&s + (&a[1] * s.affine(-1.0, 1.0)?)?)?)?)
+            }
+            Kernel::Geglu => {
+                let halves = a[0].chunk(2, D::Minus1)?;
+                ("geglu", (&halves[0] * halves[1].gelu_erf()?)?)
+            }
+            Kernel::GegluInputGrad => {
+                let halves = a[0].chunk(2, D::Minus1)?;
+                let (h, gate) = (&halves[0], &halves[1]);
+                let cdf = (gate / std::f64::consts::SQRT_2)?.erf()?.affine(0.5, 0.5)?;
+                let pdf = (gate.sqr()? * -0.5)?.exp()?.affine(0.5 * std::f64::consts::FRAC_2_SQRT_PI / std::f64::consts::SQRT_2, 0.0)?;
+                let d_h = (&a[1] * (gate * &cdf)?)?;
+                let d_gate = ((&a[1] * h)? * (cdf + (gate * pdf)?)?)?;
+                ("geglu_input_grad", Tensor::cat(&[d_h, d_gate], D::Minus1)?)
+            }
+            Kernel::SwapAxes { a: n_a, i, j, e } => ("swap_axes", a[0].reshape((n_a, i, j, e))?.transpose(1, 2)?.contiguous()?),
+            Kernel::Im2Col(w) => {
+                let c = Conv2dConfig { padding: w.padding, stride: w.stride, dilation: w.dilation };
+                let cols = im2col(&a[0], w.k_h, w.k_w, w.out_h, w.out_w, c)?;
+                let (b, channels) = (dims[0], dims[1]);
+                let cols = cols.reshape((channels * w.k_h * w.k_w, b, w.out_h * w.out_w))?.transpose(0, 1)?.contiguous()?;
+                ("im2col_per_image", cols)
+            }
+        };
+        if let Ok(mut calls) = CALLS.lock() {
+            match calls.iter_mut().find(|(n, _)| *n == name) {
+                Some(entry) => entry.1 += 1,
+                None => calls.push((name, 1)),
+            }
+        }
+        out.reshape(out_shape(kernel, args[0].shape())?)?.to_dtype(dtype)
     }
 }
 

@@ -10,7 +10,7 @@ pub mod nn;
 pub mod resnet;
 pub mod sam;
 pub(crate) mod cpu_kernels;
-pub(crate) mod cuda_kernels;
+pub mod cuda_kernels;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
 pub mod vae;

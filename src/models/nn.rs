@@ -670,7 +670,7 @@ impl Module for Conv2d {
             let ys = self.forward_plain(&xs.detach())?;
             let (weight, c) = (self.weight.clone(), self.cfg);
             // Off the CPU, where memory is the scarcer, its flipped kernel may be kept.
-            let keep = !xs.device().is_cpu();
+            let keep = gpu_path(xs.device());
             return attach_backward(xs, ys, move |arg, _, grad| conv2d_input_grad(grad, &weight, c, arg.dim(2)?, keep));
         }
         if trainable(&self.weight) {
@@ -764,7 +764,7 @@ fn conv1x1_as_matmul(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// `[c k_h k_w, b out_h out_w]`: for each input channel and kernel position, the input samples it
 /// multiplies at each output pixel of each image. On the CPU one op ([`cpu_kernels::Im2Col`]),
 /// elsewhere `k_h k_w` strided views of the padded input.
-fn im2col(xs: &Tensor, k_h: usize, k_w: usize, out_h: usize, out_w: usize, c: Conv2dConfig) -> Result<Tensor> {
+pub(super) fn im2col(xs: &Tensor, k_h: usize, k_w: usize, out_h: usize, out_w: usize, c: Conv2dConfig) -> Result<Tensor> {
     let (b, c_in, _, _) = xs.dims4()?;
     let shape = (c_in * k_h * k_w, b * out_h * out_w);
     if xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) {
@@ -806,7 +806,7 @@ fn conv2d_input_grad(grad: &Tensor, weight: &Tensor, c: Conv2dConfig, input_h: u
     if span >= c.padding && c.stride == 1 && (device.is_cuda() || device.is_cpu()) {
         return conv2d_forward(grad, &flipped()?, Conv2dConfig { padding: span - c.padding, stride: 1, dilation: c.dilation });
     }
-    if span >= c.padding && device.is_cuda() {
+    if span >= c.padding && gpu_path(device) {
         return conv2d_input_grad_spread(grad, &flipped()?, c, input_h - out_size);
     }
     grad.conv_transpose2d(weight, c.padding, input_h - out_size, c.stride, c.dilation)
@@ -833,6 +833,12 @@ fn conv2d_input_grad_spread(grad: &Tensor, flipped: &Tensor, c: Conv2dConfig, ou
         None => t.narrow(dim, 0, t.dim(dim)? + after + 1 - s)?.pad_with_zeros(dim, before, 0),
     };
     conv2d_forward(&pad(pad(spread, 2)?, 3)?, flipped, Conv2dConfig { padding: 0, stride: 1, dilation: c.dilation })
+}
+
+/// Whether to take the GPU's way on `device`: off the CPU, or on it while the fused kernels are
+/// emulated there ([`cuda_kernels::emulate_on_cpu`]).
+fn gpu_path(device: &candle_core::Device) -> bool {
+    !device.is_cpu() || cuda_kernels::emulating()
 }
 
 /// Frozen weights' flipped kernels by weight, while training loops keep them.

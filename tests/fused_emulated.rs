@@ -1,0 +1,121 @@
+//! The GPU's path through the models with our CUDA kernels (`LAYERDIFF_FUSED=1`), run on the
+//! CPU: `cuda_kernels::emulate_on_cpu` sends CPU tensors down that path, each kernel computed by
+//! candle's ops instead (what `src/models/cuda_kernels.rs`'s own tests hold the kernels' source
+//! to), the CPU's own kernels aside. So everything around the kernels (shapes, layouts, which
+//! kernel where, the backward rules of the bias adds, transposes, group norm with SiLU and the
+//! attention's folded scale, convolutions as one product per image, strided convolutions'
+//! input gradients spread out) is held to diffusers' forward and PyTorch's gradients without a
+//! GPU. The emulation is process-wide, so this binary holds this one test.
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use layerdiff::models::cuda_kernels;
+use layerdiff::models::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use layerdiff::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+fn load(rel: &str) -> Result<HashMap<String, Tensor>> {
+    Ok(candle_core::safetensors::load(fixture(rel), &Device::Cpu)?)
+}
+
+fn config(rel: &str) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(fixture(rel))?)?)
+}
+
+/// `max |ours - theirs| / max |theirs|`.
+fn rel_err(ours: &Tensor, theirs: &Tensor) -> Result<f32> {
+    assert_eq!(ours.dims(), theirs.dims(), "shape mismatch");
+    let (ours, theirs) = (ours.to_dtype(DType::F32)?, theirs.to_dtype(DType::F32)?);
+    let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok(diff / theirs.abs()?.max_all()?.to_scalar::<f32>()?)
+}
+
+fn check(what: &str, ours: &Tensor, theirs: &Tensor, tol: f32) -> Result<()> {
+    let err = rel_err(ours, theirs)?;
+    eprintln!("{what}: relative error {err:.3e}");
+    assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
+    Ok(())
+}
+
+/// The tiny UNet in f32, its weights frozen or each a variable (returned by name).
+fn unet(trainable: bool) -> Result<(UNet2DConditionModel, Vec<(String, Var)>)> {
+    let cfg = UNet2DConditionModelConfig::from_json(&config("tiny-sd/unet/config.json")?)?;
+    let weights = load("tiny-sd/unet/diffusion_pytorch_model.safetensors")?;
+    if !trainable {
+        return Ok((UNet2DConditionModel::new(VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu), cfg)?, Vec::new()));
+    }
+    let vars: Vec<(String, Var)> = weights.into_iter().map(|(k, v)| Ok((k, Var::from_tensor(&v)?))).collect::<Result<_>>()?;
+    let tensors = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    Ok((UNet2DConditionModel::new(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), cfg)?, vars))
+}
+
+#[test]
+fn the_fused_kernels_path_matches_diffusers_and_pytorch() -> Result<()> {
+    cuda_kernels::emulate_on_cpu(true);
+
+    // 1. Forwards against diffusers' (tests/models_parity.rs's fixtures and tolerance, relative).
+    let (frozen, _) = unet(false)?;
+    let fx = load("unet.safetensors")?;
+    for case in ["a", "b"] {
+        let t = fx[&format!("{case}.timestep")].to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let out = frozen.forward(&fx[&format!("{case}.sample")], t, &fx[&format!("{case}.context")])?;
+        check(&format!("unet case {case}"), &out, &fx[&format!("{case}.out")], 1e-4)?;
+    }
+    let vae_cfg = AutoencoderKLConfig::from_json(&config("tiny-sd/vae/config.json")?)?;
+    let vae_weights = load("tiny-sd/vae/diffusion_pytorch_model.safetensors")?;
+    let vae = AutoencoderKL::new(VarBuilder::from_tensors(vae_weights, DType::F32, &Device::Cpu), vae_cfg)?;
+    let fx = load("vae.safetensors")?;
+    check("vae encode mean", vae.encode(&fx["image"])?.mean(), &fx["mean"], 1e-4)?;
+    check("vae decode", &vae.decode(&fx["latents"])?, &fx["decoded"], 1e-4)?;
+
+    // 2. Gradients against PyTorch's (tests/gradients.rs's fixture, f32 tolerances): the
+    //    context's through frozen weights (stage 1), and every weight's when all train.
+    let fx = load("grads.safetensors")?;
+    let timestep = fx["timestep"].to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let backward = |unet: &UNet2DConditionModel, context: &Var| -> Result<candle_core::backprop::GradStore> {
+        let out = unet.forward(&fx["sample"].to_dtype(DType::F32)?, timestep, context.as_tensor())?;
+        Ok((out - fx["noise"].to_dtype(DType::F32)?)?.sqr()?.mean_all()?.backward()?)
+    };
+    let context = Var::from_tensor(&fx["context"].to_dtype(DType::F32)?)?;
+    let grads = backward(&frozen, &context)?;
+    check("frozen: grad.context", grads.get(context.as_tensor()).ok_or("no context gradient")?, &fx["grad.context"], 1e-3)?;
+    let (trainable, vars) = unet(true)?;
+    let grads = backward(&trainable, &context)?;
+    check("trainable: grad.context", grads.get(context.as_tensor()).ok_or("no context gradient")?, &fx["grad.context"], 1e-3)?;
+    let mut worst = (0f32, String::new());
+    for (name, var) in &vars {
+        let ours = grads.get(var.as_tensor()).ok_or(format!("{name}: no gradient"))?;
+        let err = rel_err(ours, &fx[&format!("grad.{name}")])?;
+        assert!(err <= 1e-3, "grad.{name}: relative error {err:e}");
+        if err > worst.0 {
+            worst = (err, name.clone());
+        }
+    }
+    eprintln!("trainable: {} weights' gradients, worst relative error {:.3e} ({})", vars.len(), worst.0, worst.1);
+
+    // 3. Every kernel took part.
+    let calls = cuda_kernels::emulated_calls();
+    eprintln!("emulated kernel calls: {calls:?}");
+    for kernel in [
+        "softmax_rows",
+        "softmax_input_grad",
+        "norm_input_grad",
+        "group_norm_rows",
+        "add_bias",
+        "silu_input_grad",
+        "geglu",
+        "geglu_input_grad",
+        "swap_axes",
+        "im2col_per_image",
+    ] {
+        assert!(calls.iter().any(|(name, n)| *name == kernel && *n > 0), "{kernel} never ran: {calls:?}");
+    }
+    Ok(())
+}
