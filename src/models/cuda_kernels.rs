@@ -17,7 +17,8 @@
 //! Off unless `LAYERDIFF_FUSED=1`: they have not yet run on a GPU (no device was lent since they
 //! were written). Their source (`cuda_kernels.cu`) runs on the CPU in the tests below, a host
 //! thread per CUDA thread, against the composed formulas; `.ci/run` compiles it with NVIDIA's
-//! NVRTC for every architecture named below (`tools/nvrtc-check.py`); the device check
+//! NVRTC for every architecture named below (`tools/nvrtc-check.py`); `tests/fused_emulated.rs`
+//! runs the models' GPU path around them on the CPU ([`emulate_on_cpu`]); the device check
 //! (scripts/gpu-check.sh) runs the parity tests with them, whose UNet gradients on the GPU are held
 //! to the CPU's in f32 and bf16, and times a step with and without them. They become the default
 //! once that passes.
