@@ -1108,10 +1108,11 @@ impl GroupNorm {
         Ok((d_x, d_w, d_b))
     }
 
-    /// `silu(group_norm(x))`. Where one op computes the norm ([`Self::value_in_one_op`]), one op
-    /// on the graph whose backward runs the norm again (one pass) and keeps only `x`, where the
-    /// two ops apart keep the norm's output too, for SiLU's backward, a tensor the size of `x` per
-    /// resnet half. Elsewhere the two ops: running the norm again would take several.
+    /// `silu(group_norm(x))`. Where one op computes the norm (on the CPU, or on a GPU with the
+    /// fused kernels), one op on the graph whose backward runs the norm again (one pass) and keeps
+    /// only `x`, where the two ops apart keep the norm's output too, for SiLU's backward, a tensor
+    /// the size of `x` per resnet half. Elsewhere the two ops: running the norm again would take
+    /// several.
     pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
         let Some(ys) = self.value_in_one_op(&xs.detach(), true)? else {
             return silu(&self.forward(xs)?);
