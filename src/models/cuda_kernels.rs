@@ -187,6 +187,28 @@ pub fn swap_axes(x: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Optio
     apply(&[&x.contiguous()?], Kernel::SwapAxes { a, i, j, e })
 }
 
+/// Each kernel on small inputs (the kernel and its arguments' shapes) for the GPU's check of the
+/// kernels against candle's ops before their first use: rows longer than a block, partial tiles,
+/// a strided convolution with padding.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn self_check_cases() -> Vec<(Kernel, Vec<Vec<usize>>)> {
+    let windows = Windows { k_h: 3, k_w: 3, out_h: 4, out_w: 3, stride: 2, padding: 1, dilation: 1 };
+    vec![
+        (Kernel::SoftmaxRows { scale: 0.3 }, vec![vec![3, 1500]]),
+        (Kernel::SoftmaxInputGrad { scale: 0.3 }, vec![vec![4, 50], vec![4, 50], vec![4, 1]]),
+        (Kernel::NormInputGrad { groups: 2, rest: 5, eps: 1e-5 }, vec![vec![4, 30], vec![4, 30], vec![12]]),
+        (Kernel::GroupNorm { groups: 2, rest: 5, eps: 1e-5, silu: true }, vec![vec![4, 30], vec![12], vec![12]]),
+        (Kernel::AddBias { rows: 6, cols: 40, channels: 3, per_row: true }, vec![vec![2, 3, 40], vec![3]]),
+        (Kernel::AddBias { rows: 5, cols: 7, channels: 7, per_row: false }, vec![vec![5, 7], vec![7]]),
+        (Kernel::SiluInputGrad, vec![vec![300]; 3]),
+        (Kernel::Geglu, vec![vec![5, 60]]),
+        (Kernel::GegluInputGrad, vec![vec![5, 60], vec![5, 30]]),
+        (Kernel::SwapAxes { a: 2, i: 7, j: 3, e: 5 }, vec![vec![2, 7, 3, 5]]),
+        (Kernel::SwapAxes { a: 2, i: 40, j: 70, e: 1 }, vec![vec![2, 40, 70, 1]]),
+        (Kernel::Im2Col(windows), vec![vec![2, 3, 7, 6]]),
+    ]
+}
+
 /// A convolution's geometry: the kernel's and the output's sizes, stride, padding, dilation.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Windows {
@@ -272,11 +294,13 @@ mod imp {
         if let Some((_, m)) = loaded.iter().find(|(id, _)| *id == dev.id()) {
             return m.clone();
         }
-        let m = ptx(arch(dev)).and_then(|ptx| dev.cuda_stream().context().load_module(ptx).map_err(|e| format!("{e:?}")));
+        let m = ptx(arch(dev))
+            .and_then(|ptx| dev.cuda_stream().context().load_module(ptx).map_err(|e| format!("{e:?}")))
+            .and_then(|m| self_check(dev, &m).map(|()| m));
         let m = match m {
             Ok(m) => Some(m),
             Err(e) => {
-                WARNED.get_or_init(|| tracing::warn!("the fused CUDA kernels could not be built, composing them instead: {e}"));
+                WARNED.get_or_init(|| tracing::warn!("the fused CUDA kernels cannot be used here, composing them instead: {e}"));
                 None
             }
         };
@@ -466,25 +490,57 @@ mod imp {
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), out_shape))
     }
 
+    fn run(args: &[&Tensor], kernel: Kernel, module: Arc<CudaModule>) -> Result<Tensor> {
+        let op = Op(kernel, module);
+        match args {
+            [a] => a.apply_op1_no_bwd(&op),
+            [a, b] => a.apply_op2_no_bwd(b, &op),
+            [a, b, c] => a.apply_op3_no_bwd(b, c, &op),
+            _ => candle_core::bail!("fused CUDA kernel with {} arguments", args.len()),
+        }
+    }
+
     pub(super) fn apply(args: &[&Tensor], kernel: Kernel) -> Result<Option<Tensor>> {
         let Ok(dev) = args[0].device().as_cuda_device() else { return Ok(None) };
         let Some(module) = module(dev) else { return Ok(None) };
-        let op = Op(kernel, module);
-        match args {
-            [a] => a.apply_op1_no_bwd(&op).map(Some),
-            [a, b] => a.apply_op2_no_bwd(b, &op).map(Some),
-            [a, b, c] => a.apply_op3_no_bwd(b, c, &op).map(Some),
-            _ => candle_core::bail!("fused CUDA kernel with {} arguments", args.len()),
+        run(args, kernel, module).map(Some)
+    }
+
+    /// Every kernel once, in f32 and bf16, on small random inputs ([`super::self_check_cases`])
+    /// against candle's ops on the same device (`emulated`): what only a GPU shows (the device's
+    /// compile of the source, each launch's arguments) is checked before any kernel is used.
+    fn self_check(dev: &CudaDevice, module: &Arc<CudaModule>) -> std::result::Result<(), String> {
+        let device = candle_core::Device::Cuda(dev.clone());
+        let check = || -> Result<Option<String>> {
+            for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
+                for (kernel, shapes) in super::self_check_cases() {
+                    let args = shapes.into_iter().map(|s| Tensor::randn(0f32, 1.0, s, &device)?.to_dtype(dtype)).collect::<Result<Vec<_>>>()?;
+                    let args: Vec<&Tensor> = args.iter().collect();
+                    let ours = run(&args, kernel, module.clone())?.to_dtype(DType::F32)?;
+                    let theirs = super::emulated::apply(&args, kernel)?.to_dtype(DType::F32)?;
+                    let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    let scale = theirs.abs()?.max_all()?.to_scalar::<f32>()?;
+                    if diff.is_nan() || diff > tol * scale.max(1e-6) {
+                        return Ok(Some(format!("{kernel:?} in {dtype:?} differs from candle's ops by {diff} (their largest {scale})")));
+                    }
+                }
+            }
+            Ok(None)
+        };
+        match check() {
+            Ok(None) => Ok(()),
+            Ok(Some(why)) => Err(why),
+            Err(e) => Err(format!("the self-check failed: {e}")),
         }
     }
 }
 
-/// What each kernel computes, composed from candle's ops in f32 on the CPU, for
-/// [`emulate_on_cpu`]; the result rounded once to the arguments' dtype, as the kernels round it.
+/// What each kernel computes, composed from candle's ops in f32, for [`emulate_on_cpu`] and the
+/// GPU's self-check; the result rounded once to the arguments' dtype, as the kernels round it.
 mod emulated {
     use super::super::nn::{im2col, normalize_rows, normalized_rows_input_grad, Conv2dConfig};
     use super::{out_shape, Kernel};
-    use candle_core::{DType, Device, Result, Tensor, D};
+    use candle_core::{DType, Result, Tensor, D};
     use std::sync::Mutex;
 
     static CALLS: Mutex<Vec<(&'static str, usize)>> = Mutex::new(Vec::new());
@@ -497,7 +553,7 @@ mod emulated {
     /// `(row % groups) (n / rest) + j / rest` for element `j`.
     fn per_element(v: &Tensor, rows: usize, n: usize, groups: usize, rest: usize) -> Result<Tensor> {
         let index: Vec<u32> = (0..rows * n).map(|i| ((i / n % groups) * (n / rest) + i % n / rest) as u32).collect();
-        v.index_select(&Tensor::new(index, &Device::Cpu)?, 0)?.reshape((rows, n))
+        v.index_select(&Tensor::new(index, v.device())?, 0)?.reshape((rows, n))
     }
 
     pub(super) fn apply(args: &[&Tensor], kernel: Kernel) -> Result<Tensor> {
@@ -800,6 +856,15 @@ mod tests {
                 let reference = x.transpose(1, 2)?.contiguous()?;
                 assert_eq!(relative_error(&ours, &reference)?, 0.0, "{dtype:?}, {:?}", (a, i, j, e));
             }
+        }
+        Ok(())
+    }
+    #[test]
+    fn the_self_checks_cases_fit_their_kernels() -> Result<()> {
+        for (kernel, shapes) in super::self_check_cases() {
+            let args = shapes.iter().map(|s| randn(s, DType::F32)).collect::<Result<Vec<_>>>()?;
+            // The reference errs on arguments that do not fit the kernel's scalars.
+            super::emulated::apply(&args.iter().collect::<Vec<_>>(), kernel)?;
         }
         Ok(())
     }
