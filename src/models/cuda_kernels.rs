@@ -24,8 +24,9 @@
 //! once that passes.
 //!
 //! Each function returns `Ok(None)` where its kernel does not apply (not CUDA, another dtype, not
-//! turned on, or the kernels could not be built, which is logged once); the caller then composes
-//! the same result from candle ops.
+//! turned on, or the kernels could not be built or failed their check against candle's ops on
+//! the device before first use, which is logged once); the caller then composes the same result
+//! from candle ops.
 
 use candle_core::{DType, Result, Shape, Tensor, D};
 use std::sync::atomic::{AtomicBool, Ordering};
