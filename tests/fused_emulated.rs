@@ -5,10 +5,16 @@
 //! kernel where, the backward rules of the bias adds, transposes, group norm with SiLU and the
 //! attention's folded scale, convolutions as one product per image, strided convolutions'
 //! input gradients spread out) is held to diffusers' forward and PyTorch's gradients without a
-//! GPU. The emulation is process-wide, so this binary holds this one test.
+//! GPU, and a whole edit through it to the CPU's own path. The emulation is process-wide, so this
+//! binary holds this one test.
+
+#[path = "common/tiny.rs"]
+mod tiny;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
+use layerdiff::method::edit::edit;
+use layerdiff::method::{EditSettings, FinetuneMode};
 use layerdiff::models::cuda_kernels;
 use layerdiff::models::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use layerdiff::models::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -56,11 +62,35 @@ fn unet(trainable: bool) -> Result<(UNet2DConditionModel, Vec<(String, Var)>)> {
     Ok((UNet2DConditionModel::new(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), cfg)?, vars))
 }
 
+/// The README's toy edit, short, in `mode`, with the emulation `on` or off: stage 1's and stage
+/// 2's losses and the images.
+fn toy_edit(mode: FinetuneMode, on: bool) -> Result<(Vec<f64>, Vec<Vec<u8>>)> {
+    cuda_kernels::emulate_on_cpu(on);
+    let (files, sd) = tiny::load_toy();
+    let settings = EditSettings { embedding_steps: 6, embedding_lr: 1e-2, finetune_steps: 4, finetune_lr: 1e-4, finetune: mode, steps: 4, ..Default::default() };
+    let dir = tempfile::tempdir()?;
+    let result = edit(&sd, &files, &tiny::toy_request(settings), dir.path(), false, &mut tiny::Recorder::new(None))?;
+    let losses = result.info.losses.stage1.iter().chain(&result.info.losses.stage2).map(|l| l.loss).collect();
+    Ok((losses, result.images.into_iter().map(|(_, image)| image.into_raw()).collect()))
+}
+
 #[test]
-fn the_fused_kernels_path_matches_diffusers_and_pytorch() -> Result<()> {
+fn the_fused_kernels_path_matches_the_cpus_diffusers_and_pytorch() -> Result<()> {
+    // 1. A whole edit (stage 1, LoRA's and full fine-tuning's stage 2, sampling, the VAE) equals
+    //    the CPU's own path: the same losses to rounding, the same images to a level.
+    for mode in [FinetuneMode::Lora, FinetuneMode::Full] {
+        let ((cpu_losses, cpu_images), (losses, images)) = (toy_edit(mode, false)?, toy_edit(mode, true)?);
+        let loss_err = losses.iter().zip(&cpu_losses).map(|(a, b)| (a - b).abs() / b.abs()).fold(0f64, f64::max);
+        let pixel_err = images.iter().flatten().zip(cpu_images.iter().flatten()).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
+        eprintln!("toy edit, {mode:?}: losses' largest relative difference {loss_err:.3e}, pixels' {pixel_err}");
+        assert_eq!(losses.len(), cpu_losses.len());
+        assert!(loss_err <= 1e-5, "{mode:?}: losses differ by {loss_err:e}");
+        assert!(pixel_err <= 1, "{mode:?}: pixels differ by {pixel_err}");
+    }
+    every_kernel_ran("the edits")?;
     cuda_kernels::emulate_on_cpu(true);
 
-    // 1. Forwards against diffusers' (tests/models_parity.rs's fixtures and tolerance, relative).
+    // 2. Forwards against diffusers' (tests/models_parity.rs's fixtures and tolerance, relative).
     let (frozen, _) = unet(false)?;
     let fx = load("unet.safetensors")?;
     for case in ["a", "b"] {
@@ -75,7 +105,7 @@ fn the_fused_kernels_path_matches_diffusers_and_pytorch() -> Result<()> {
     check("vae encode mean", vae.encode(&fx["image"])?.mean(), &fx["mean"], 1e-4)?;
     check("vae decode", &vae.decode(&fx["latents"])?, &fx["decoded"], 1e-4)?;
 
-    // 2. Gradients against PyTorch's (tests/gradients.rs's fixture, f32 tolerances): the
+    // 3. Gradients against PyTorch's (tests/gradients.rs's fixture, f32 tolerances): the
     //    context's through frozen weights (stage 1), and every weight's when all train.
     let fx = load("grads.safetensors")?;
     let timestep = fx["timestep"].to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -100,9 +130,13 @@ fn the_fused_kernels_path_matches_diffusers_and_pytorch() -> Result<()> {
     }
     eprintln!("trainable: {} weights' gradients, worst relative error {:.3e} ({})", vars.len(), worst.0, worst.1);
 
-    // 3. Every kernel took part.
+    every_kernel_ran("all")
+}
+
+/// Each of the ten kernels ran emulated (since the process started; `what` names the runs).
+fn every_kernel_ran(what: &str) -> Result<()> {
     let calls = cuda_kernels::emulated_calls();
-    eprintln!("emulated kernel calls: {calls:?}");
+    eprintln!("emulated kernel calls, {what}: {calls:?}");
     for kernel in [
         "softmax_rows",
         "softmax_input_grad",
@@ -115,7 +149,7 @@ fn the_fused_kernels_path_matches_diffusers_and_pytorch() -> Result<()> {
         "swap_axes",
         "im2col_per_image",
     ] {
-        assert!(calls.iter().any(|(name, n)| *name == kernel && *n > 0), "{kernel} never ran: {calls:?}");
+        assert!(calls.iter().any(|(name, n)| *name == kernel && *n > 0), "{what}: {kernel} never ran: {calls:?}");
     }
     Ok(())
 }
