@@ -192,7 +192,8 @@ fn frozen(weight: &Tensor, bias: Option<&Tensor>) -> bool {
     !trainable(weight) && !bias.is_some_and(trainable)
 }
 
-/// Softmax over the last dimension: candle's fused kernel forward, `y * (g - sum(g * y))` backward.
+/// Softmax over the last dimension: candle's fused kernel forward (ours on a GPU with the fused
+/// kernels), `y * (g - sum(g * y))` backward.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     let ys = softmax_value(&xs.detach())?;
     attach_backward(xs, ys, |_, ys, grad| {
@@ -344,8 +345,8 @@ fn silu_input_grad(x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor> {
 /// (erf) GELU as torch's `F.gelu`: on the CPU (contiguous f32) one op each way
 /// (`cpu_kernels::Geglu`), on a GPU with the fused kernels one kernel each way
 /// ([`cuda_kernels::geglu`]); elsewhere candle's ops forward and one op on the graph whose
-/// backward writes both halves' gradients into one tensor. candle's own rules take about twenty ops,
-/// among them a zero-filled half and a copy for each half's gradient and an add to join them.
+/// backward writes both halves' gradients into one tensor. candle's own rules take about twenty
+/// ops, among them a zero-filled half and a copy for each half's gradient and an add to join them.
 pub fn geglu(xs: &Tensor) -> Result<Tensor> {
     attach_backward(xs, geglu_value(&xs.detach())?, |xs, _, grad| geglu_input_grad(xs, grad))
 }
