@@ -66,6 +66,7 @@ fn unet(trainable: bool) -> Result<(UNet2DConditionModel, Vec<(String, Var)>)> {
 /// 2's losses and the images.
 fn toy_edit(mode: FinetuneMode, on: bool) -> Result<(Vec<f64>, Vec<Vec<u8>>)> {
     cuda_kernels::emulate_on_cpu(on);
+    assert_eq!(cuda_kernels::ready(&Device::Cpu), on);
     let (files, sd) = tiny::load_toy();
     let settings = EditSettings { embedding_steps: 6, embedding_lr: 1e-2, finetune_steps: 4, finetune_lr: 1e-4, finetune: mode, steps: 4, ..Default::default() };
     let dir = tempfile::tempdir()?;

@@ -44,6 +44,17 @@ pub fn applies(ts: &[&Tensor]) -> bool {
     matches!(dtype, DType::F32 | DType::BF16) && ts.iter().all(|t| here(t) && t.dtype() == dtype)
 }
 
+/// Whether the kernels will run on `device`: turned on there and, on a GPU, built and past their
+/// self-check (made and checked now if they were not yet); on the CPU, whether they are emulated.
+/// For the device check's tests, which must not pass on the composed ops when the kernels were
+/// asked for.
+pub fn ready(device: &candle_core::Device) -> bool {
+    match Tensor::zeros(1, DType::F32, device) {
+        Ok(t) if applies(&[&t]) => t.device().is_cpu() || imp::ready(&t),
+        _ => false,
+    }
+}
+
 static EMULATING: AtomicBool = AtomicBool::new(false);
 
 /// For tests without a GPU: while on, the GPU's path through the models runs on CPU tensors,
@@ -255,6 +266,10 @@ mod imp {
 
     pub(super) fn apply(_: &[&Tensor], _: super::Kernel) -> Result<Option<Tensor>> {
         Ok(None)
+    }
+
+    pub(super) fn ready(_: &Tensor) -> bool {
+        false
     }
 }
 
@@ -499,6 +514,10 @@ mod imp {
             [a, b, c] => a.apply_op3_no_bwd(b, c, &op),
             _ => candle_core::bail!("fused CUDA kernel with {} arguments", args.len()),
         }
+    }
+
+    pub(super) fn ready(t: &Tensor) -> bool {
+        t.device().as_cuda_device().is_ok_and(|dev| module(dev).is_some())
     }
 
     pub(super) fn apply(args: &[&Tensor], kernel: Kernel) -> Result<Option<Tensor>> {
