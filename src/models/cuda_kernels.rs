@@ -58,8 +58,8 @@ pub fn ready(device: &candle_core::Device) -> bool {
 static EMULATING: AtomicBool = AtomicBool::new(false);
 
 /// For tests without a GPU: while on, the GPU's path through the models runs on CPU tensors,
-/// each of these kernels replaced by a loop in Rust that computes what it computes
-/// (`emulated`), and the CPU's own kernels (`cpu_kernels`) stand aside. So the code around the
+/// each of these kernels replaced by candle's ops computing what it computes (`emulated`), and
+/// the CPU's own kernels (`cpu_kernels`) stand aside. So the code around the
 /// kernels (shapes, layouts, the backward rules of the ops made of them) is checked against
 /// diffusers and PyTorch on the CPU; the kernels themselves are checked by the tests below.
 /// Process-wide: a test binary that turns it on should hold no other tests.
