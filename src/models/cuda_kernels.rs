@@ -637,9 +637,10 @@ mod emulated {
 }
 
 /// The kernels' source run on the CPU (`cuda_kernels_on_cpu.cpp`, built with the system's C++20
-/// compiler, `CXX` or `c++`), against the composed formulas the GPU falls back to: f32 to
-/// rounding, bf16 to its precision. What only a GPU can check (NVRTC, the launch's arguments)
-/// the device check's `parity-fused` does.
+/// compiler, `CXX` or `c++`, with the address and undefined-behaviour sanitizers), against the
+/// composed formulas the GPU falls back to: f32 to rounding, bf16 to its precision. What only a
+/// GPU can check (NVRTC's module, the launches' arguments) the self-check on the device and the
+/// device check's `parity-fused` do.
 #[cfg(test)]
 mod tests {
     use super::super::nn::{normalize_rows, normalized_rows_input_grad};
@@ -656,15 +657,17 @@ mod tests {
                 let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/models");
                 let out = std::env::temp_dir().join(format!("layerdiff-cuda-kernels-on-cpu-{}", std::process::id()));
                 let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+                // Address and undefined-behaviour sanitizers: a kernel's read or write outside its
+                // buffers, or an overflow, fails the run.
                 let status = Command::new(&cxx)
-                    .args(["-std=c++20", "-O1", "-pthread", "-I"])
+                    .args(["-std=c++20", "-O1", "-pthread", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-I"])
                     .arg(&dir)
                     .arg("-o")
                     .arg(&out)
                     .arg(dir.join("cuda_kernels_on_cpu.cpp"))
                     .status()
                     .unwrap_or_else(|e| panic!("{cxx}: {e} (these tests need a C++20 compiler, e.g. g++ 12)"));
-                assert!(status.success(), "{cxx} failed on cuda_kernels_on_cpu.cpp");
+                assert!(status.success(), "{cxx} failed on cuda_kernels_on_cpu.cpp (it needs C++20 and the sanitizers' libraries, as g++ 12 has)");
                 out
             })
             .clone()
