@@ -558,7 +558,9 @@ mod imp {
 /// What each kernel computes, composed from candle's ops in f32, for [`emulate_on_cpu`] and the
 /// GPU's self-check; the result rounded once to the arguments' dtype, as the kernels round it.
 mod emulated {
-    use super::super::nn::{im2col, normalize_rows, normalized_rows_input_grad, Conv2dConfig};
+    use super::super::nn::{
+        geglu_input_grad_composed, im2col, normalize_rows, normalized_rows_input_grad, silu_input_grad_composed, Conv2dConfig,
+    };
     use super::{out_shape, Kernel};
     use candle_core::{DType, Result, Tensor, D};
     use std::sync::Mutex;
@@ -600,23 +602,12 @@ mod emulated {
                 ("add_bias", x.broadcast_add(&a[1].reshape((1, channels, 1))?)?)
             }
             Kernel::AddBias { rows, cols, .. } => ("add_bias", a[0].reshape((rows, cols))?.broadcast_add(&a[1])?),
-            Kernel::SiluInputGrad => {
-                let s = candle_nn::ops::sigmoid(&a[0])?;
-                ("silu_input_grad", (&a[2] * (&s + (&a[1] * s.affine(-1.0, 1.0)?)?)?)?)
-            }
+            Kernel::SiluInputGrad => ("silu_input_grad", silu_input_grad_composed(&a[0], &a[1], &a[2])?),
             Kernel::Geglu => {
                 let halves = a[0].chunk(2, D::Minus1)?;
                 ("geglu", (&halves[0] * halves[1].gelu_erf()?)?)
             }
-            Kernel::GegluInputGrad => {
-                let halves = a[0].chunk(2, D::Minus1)?;
-                let (h, gate) = (&halves[0], &halves[1]);
-                let cdf = (gate / std::f64::consts::SQRT_2)?.erf()?.affine(0.5, 0.5)?;
-                let pdf = (gate.sqr()? * -0.5)?.exp()?.affine(0.5 * std::f64::consts::FRAC_2_SQRT_PI / std::f64::consts::SQRT_2, 0.0)?;
-                let d_h = (&a[1] * (gate * &cdf)?)?;
-                let d_gate = ((&a[1] * h)? * (cdf + (gate * pdf)?)?)?;
-                ("geglu_input_grad", Tensor::cat(&[d_h, d_gate], D::Minus1)?)
-            }
+            Kernel::GegluInputGrad => ("geglu_input_grad", geglu_input_grad_composed(&a[0], &a[1])?),
             Kernel::SwapAxes { a: n_a, i, j, e } => ("swap_axes", a[0].reshape((n_a, i, j, e))?.transpose(1, 2)?.contiguous()?),
             Kernel::Im2Col(w) => {
                 let c = Conv2dConfig { padding: w.padding, stride: w.stride, dilation: w.dilation };

@@ -337,7 +337,12 @@ fn silu_input_grad(x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor> {
     if let Some(d) = cuda_kernels::silu_input_grad(&x.detach(), y, grad)? {
         return Ok(d);
     }
-    let s = candle_nn::ops::sigmoid(&x.detach())?;
+    silu_input_grad_composed(&x.detach(), y, grad)
+}
+
+/// [`silu_input_grad`] from candle's ops.
+pub(super) fn silu_input_grad_composed(x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let s = candle_nn::ops::sigmoid(x)?;
     grad * (&s + (y * s.affine(-1.0, 1.0)?)?)?
 }
 
@@ -371,8 +376,13 @@ fn geglu_input_grad(xs: &Tensor, grad: &Tensor) -> Result<Tensor> {
     if let Some(d) = cuda_kernels::geglu_input_grad(&xs.detach(), grad)? {
         return Ok(d);
     }
+    geglu_input_grad_composed(&xs.detach(), grad)
+}
+
+/// [`geglu_input_grad`] from candle's ops.
+pub(super) fn geglu_input_grad_composed(xs: &Tensor, grad: &Tensor) -> Result<Tensor> {
     // gelu(x) = x Phi(x), gelu'(x) = Phi(x) + x phi(x): dh = g gelu(gate), dgate = g h gelu'(gate).
-    let halves = xs.detach().chunk(2, D::Minus1)?;
+    let halves = xs.chunk(2, D::Minus1)?;
     let (h, gate) = (&halves[0], halves[1].contiguous()?);
     let cdf = (&gate / std::f64::consts::SQRT_2)?.erf()?.affine(0.5, 0.5)?;
     let pdf = (gate.sqr()? * -0.5)?.exp()?.affine(0.5 * std::f64::consts::FRAC_2_SQRT_PI / std::f64::consts::SQRT_2, 0.0)?;
