@@ -116,6 +116,13 @@ static std::vector<float> run(int argc, char **argv) {
         for (size_t i = 0; i < n; i++) t[i] = D::store(v[from + i]);
         return t;
     };
+    auto loaded = [](const std::vector<typename D::T> &t) {
+        std::vector<float> v(t.size());
+        for (size_t i = 0; i < t.size(); i++) v[i] = D::load(t[i]);
+        return v;
+    };
+    // As cuda_kernels.rs's rows: a block per row, the row's length in warps, 32 to 1024 threads.
+    auto per_row = [](unsigned int n) { return std::min(1024u, std::max(32u, (n + 31) / 32 * 32)); };
     if (op == "norm" && argc == 10) {
         unsigned int rows = std::atoi(argv[3]), n = std::atoi(argv[4]), groups = std::atoi(argv[5]), rest = std::atoi(argv[6]);
         float eps = std::atof(argv[7]);
@@ -123,12 +130,8 @@ static std::vector<float> run(int argc, char **argv) {
         std::vector<float> in = read_floats(argv[8], 2 * size + channels);
         auto x = stored(in, 0, size), g = stored(in, size, size), w = stored(in, 2 * size, channels);
         std::vector<typename D::T> dx(size);
-        // As cuda_kernels.rs: a block per row, the row's length in warps, 32 to 1024 threads.
-        unsigned int threads = std::min(1024u, std::max(32u, (n + 31) / 32 * 32));
-        launch(rows, threads, [&] { norm_input_grad<D>(x.data(), g.data(), w.data(), dx.data(), n, groups, rest, eps); });
-        std::vector<float> out(size);
-        for (size_t i = 0; i < size; i++) out[i] = D::load(dx[i]);
-        return out;
+        launch(rows, per_row(n), [&] { norm_input_grad<D>(x.data(), g.data(), w.data(), dx.data(), n, groups, rest, eps); });
+        return loaded(dx);
     }
     if (op == "softmax" && argc == 8) {
         unsigned int rows = std::atoi(argv[3]), cols = std::atoi(argv[4]);
@@ -139,9 +142,7 @@ static std::vector<float> run(int argc, char **argv) {
         std::vector<typename D::T> ds(size);
         // As cudarc's LaunchConfig::for_num_elems: blocks of 1024 threads.
         launch((size + 1023) / 1024, 1024, [&] { softmax_input_grad<D>(p.data(), dp.data(), dot.data(), ds.data(), size, cols, scale); });
-        std::vector<float> out(size);
-        for (size_t i = 0; i < size; i++) out[i] = D::load(ds[i]);
-        return out;
+        return loaded(ds);
     }
     if (op == "softmax_rows" && argc == 8) {
         unsigned int rows = std::atoi(argv[3]), cols = std::atoi(argv[4]);
@@ -149,12 +150,8 @@ static std::vector<float> run(int argc, char **argv) {
         size_t size = (size_t)rows * cols;
         auto x = stored(read_floats(argv[6], size), 0, size);
         std::vector<typename D::T> y(size);
-        // As cuda_kernels.rs: a block per row, the row's length in warps, 32 to 1024 threads.
-        unsigned int threads = std::min(1024u, std::max(32u, (cols + 31) / 32 * 32));
-        launch(rows, threads, [&] { softmax_rows<D>(x.data(), y.data(), cols, scale); });
-        std::vector<float> out(size);
-        for (size_t i = 0; i < size; i++) out[i] = D::load(y[i]);
-        return out;
+        launch(rows, per_row(cols), [&] { softmax_rows<D>(x.data(), y.data(), cols, scale); });
+        return loaded(y);
     }
     if (op == "im2col_per_image" && argc == 14) {
         unsigned int v[9];
@@ -169,9 +166,7 @@ static std::vector<float> run(int argc, char **argv) {
         // GPU gets a thread per element, cuda_kernels.rs).
         launch(std::min<size_t>(3, (n + 255) / 256), 256,
                [&] { im2col_per_image<D>(x.data(), cols.data(), n, h, w, kh, kw, oh, ow, stride, padding, dilation); });
-        std::vector<float> out(n);
-        for (size_t i = 0; i < n; i++) out[i] = D::load(cols[i]);
-        return out;
+        return loaded(cols);
     }
     if (op == "group_norm" && argc == 11) {
         unsigned int rows = std::atoi(argv[3]), n = std::atoi(argv[4]), groups = std::atoi(argv[5]), rest = std::atoi(argv[6]);
@@ -181,11 +176,8 @@ static std::vector<float> run(int argc, char **argv) {
         std::vector<float> in = read_floats(argv[9], size + 2 * channels);
         auto x = stored(in, 0, size), w = stored(in, size, channels), b = stored(in, size + channels, channels);
         std::vector<typename D::T> y(size);
-        unsigned int threads = std::min(1024u, std::max(32u, (n + 31) / 32 * 32));
-        launch(rows, threads, [&] { group_norm_rows<D>(x.data(), w.data(), b.data(), y.data(), n, groups, rest, eps, silu); });
-        std::vector<float> out(size);
-        for (size_t i = 0; i < size; i++) out[i] = D::load(y[i]);
-        return out;
+        launch(rows, per_row(n), [&] { group_norm_rows<D>(x.data(), w.data(), b.data(), y.data(), n, groups, rest, eps, silu); });
+        return loaded(y);
     }
     if (op == "add_bias" && argc == 9) {
         unsigned int rows = std::atoi(argv[3]), cols = std::atoi(argv[4]), channels = std::atoi(argv[5]), per_row = std::atoi(argv[6]);
@@ -196,9 +188,7 @@ static std::vector<float> run(int argc, char **argv) {
         // A grid smaller than the tensor in both dimensions (3 x 2 blocks of 32 threads), so that
         // both grid-stride loops take several rounds.
         launch(3, 32, [&] { add_bias<D>(x.data(), b.data(), y.data(), rows, cols, channels, per_row); }, 2);
-        std::vector<float> out(size);
-        for (size_t i = 0; i < size; i++) out[i] = D::load(y[i]);
-        return out;
+        return loaded(y);
     }
     // The elementwise kernels: 2 blocks of 64 threads, so that the grid-stride loops take several
     // rounds (the GPU gets a thread per element, cuda_kernels.rs).
@@ -208,9 +198,7 @@ static std::vector<float> run(int argc, char **argv) {
         auto x = stored(in, 0, n), y = stored(in, n, n), g = stored(in, 2 * (size_t)n, n);
         std::vector<typename D::T> dx(n);
         launch(2, 64, [&] { silu_input_grad<D>(x.data(), y.data(), g.data(), dx.data(), n); });
-        std::vector<float> out(n);
-        for (size_t i = 0; i < n; i++) out[i] = D::load(dx[i]);
-        return out;
+        return loaded(dx);
     }
     if ((op == "geglu" || op == "geglu_input_grad") && argc == 7) {
         unsigned int rows = std::atoi(argv[3]), half = std::atoi(argv[4]), n = rows * half;
@@ -220,9 +208,7 @@ static std::vector<float> run(int argc, char **argv) {
         std::vector<typename D::T> ys(grad ? 2 * (size_t)n : n);
         if (grad) launch(2, 64, [&] { geglu_input_grad<D>(xs.data(), g.data(), ys.data(), n, half); });
         else launch(2, 64, [&] { geglu<D>(xs.data(), ys.data(), n, half); });
-        std::vector<float> out(ys.size());
-        for (size_t i = 0; i < ys.size(); i++) out[i] = D::load(ys[i]);
-        return out;
+        return loaded(ys);
     }
     if (op == "swap_axes" && argc == 9) {
         unsigned int a = std::atoi(argv[3]), ni = std::atoi(argv[4]), nj = std::atoi(argv[5]), ne = std::atoi(argv[6]);
@@ -230,9 +216,7 @@ static std::vector<float> run(int argc, char **argv) {
         auto x = stored(read_floats(argv[7], n), 0, n);
         std::vector<typename D::T> y(n);
         launch(2, 64, [&] { swap_axes<D>(x.data(), y.data(), n, ni, nj, ne); });
-        std::vector<float> out(n);
-        for (size_t i = 0; i < n; i++) out[i] = D::load(y[i]);
-        return out;
+        return loaded(y);
     }
     if (op == "transpose_tiled" && argc == 8) {
         unsigned int a = std::atoi(argv[3]), ni = std::atoi(argv[4]), nj = std::atoi(argv[5]);
@@ -241,9 +225,7 @@ static std::vector<float> run(int argc, char **argv) {
         std::vector<typename D::T> y(n);
         // As cuda_kernels.rs: 32 x 8 threads per 32 x 32 tile.
         launch(Dim3{(nj + 31) / 32, (ni + 31) / 32, a}, Dim3{32, 8, 1}, [&] { transpose_tiled<D>(x.data(), y.data(), ni, nj); });
-        std::vector<float> out(n);
-        for (size_t i = 0; i < n; i++) out[i] = D::load(y[i]);
-        return out;
+        return loaded(y);
     }
     std::fprintf(stderr, "usage: see the head of cuda_kernels_on_cpu.cpp\n");
     std::exit(2);
