@@ -573,7 +573,7 @@ mod emulated {
 
     /// Each element's scale (or shift) `v` of a norm over `[rows, n]`: channel
     /// `(row % groups) (n / rest) + j / rest` for element `j`.
-    fn per_element(v: &Tensor, rows: usize, n: usize, groups: usize, rest: usize) -> Result<Tensor> {
+    pub(super) fn per_element(v: &Tensor, rows: usize, n: usize, groups: usize, rest: usize) -> Result<Tensor> {
         let index: Vec<u32> = (0..rows * n).map(|i| ((i / n % groups) * (n / rest) + i % n / rest) as u32).collect();
         v.index_select(&Tensor::new(index, v.device())?, 0)?.reshape((rows, n))
     }
@@ -635,6 +635,7 @@ mod emulated {
 #[cfg(test)]
 mod tests {
     use super::super::nn::{normalize_rows, normalized_rows_input_grad};
+    use super::emulated::per_element;
     use candle_core::{DType, Device, Result, Tensor};
     use std::path::{Path, PathBuf};
     use std::process::Command;
@@ -705,8 +706,7 @@ mod tests {
                 let args = [&["norm".into(), dtype.as_str().into()], &sizes[..], &[eps.to_string()]].concat();
                 let ours = run(&args, &[&x, &g, &w])?;
                 // The composed backward, with each element's scale.
-                let index: Vec<u32> = (0..rows * n).map(|i| ((i / n % groups) * (n / rest) + i % n / rest) as u32).collect();
-                let w_each = w.index_select(&Tensor::new(index, &Device::Cpu)?, 0)?.reshape((rows, n))?;
+                let w_each = per_element(&w, rows, n, groups, rest)?;
                 let (x_hat, std) = normalize_rows(&x, eps)?;
                 let reference = normalized_rows_input_grad(&x_hat, &std, &(g * w_each)?)?;
                 let err = relative_error(&ours, &reference)?;
@@ -787,9 +787,7 @@ mod tests {
                     let sizes = [rows, n, groups, rest].map(|v| v.to_string());
                     let args = [&["group_norm".into(), dtype.as_str().into()], &sizes[..], &[eps.to_string(), (silu as u8).to_string()]].concat();
                     let ours = run(&args, &[&x, &w, &b])?;
-                    let index: Vec<u32> = (0..rows * n).map(|i| ((i / n % groups) * (n / rest) + i % n / rest) as u32).collect();
-                    let index = Tensor::new(index, &Device::Cpu)?;
-                    let each = |t: &Tensor| t.index_select(&index, 0)?.reshape((rows, n));
+                    let each = |t: &Tensor| per_element(t, rows, n, groups, rest);
                     let (x_hat, _) = normalize_rows(&x, eps)?;
                     let reference = x_hat.mul(&each(&w)?)?.add(&each(&b)?)?;
                     let reference = if silu { reference.silu()? } else { reference };
