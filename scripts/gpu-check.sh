@@ -3,16 +3,18 @@
 #
 #   scripts/gpu-check.sh prepare      here, on the CPU machine (no GPU needed): builds the `cuda`
 #                                     binary and the parity test binary with tools/build-cuda.sh,
+#                                     and both again with `--features cudnn`,
 #                                     and downloads the wheels the GPU machine lacks (diffusers),
 #                                     all into gpu-bundle/ (git-ignored; carry it; about 18 MB).
 #   scripts/gpu-check.sh run          there, from the repo root (no network): the tiny-model
 #                                     parity tests on CUDA (also with LAYERDIFF_HTOD_CACHE=0,
-#                                     and with the fused kernels, LAYERDIFF_FUSED=1), a demo
+#                                     with the fused kernels, LAYERDIFF_FUSED=1, and the `cudnn`
+#                                     build's, alone and fused), a demo
 #                                     edit, then `layerdiff bench --stages` and
 #                                     tools/bench_stages_ref.py at 512x512 in bf16 and f32, LoRA and
 #                                     full (bf16), full with gradient checkpointing in bf16, the
-#                                     variants (the fused kernels on, the host-side settings off,
-#                                     128 px), a table of all (tools/bench_table.py), stacks of
+#                                     variants (the fused kernels on, cuDNN's convolutions, the
+#                                     host-side settings off, 128 px), a table of all (tools/bench_table.py), stacks of
 #                                     the host's thread
 #                                     sampled with cuda-gdb (tools/host_samples.sh), and Nsight
 #                                     Compute's kernel times with the fused kernels
@@ -49,14 +51,20 @@ prepare() {
   CARGO_PROFILE_RELEASE_STRIP=false CARGO_TARGET_DIR=target/cuda \
     tools/build-cuda.sh --features cuda --bin layerdiff --test models_parity \
     --message-format=json-render-diagnostics >/tmp/gpu-check-bins/build.json
+  # The same two with cuDNN's convolutions (`--features cudnn`), as `<name>-cudnn`: a binary
+  # linked to libcudnn does not start where it is missing, so the plain pair stays apart.
+  CARGO_PROFILE_RELEASE_STRIP=false CARGO_TARGET_DIR=target/cuda \
+    tools/build-cuda.sh --features cudnn --bin layerdiff --test models_parity \
+    --message-format=json-render-diagnostics >/tmp/gpu-check-bins/build-cudnn.json
   python3 -c 'import json, shutil
-for m in map(json.loads, open("/tmp/gpu-check-bins/build.json")):
-    if m.get("reason") == "compiler-artifact" and m.get("executable"):
-        shutil.copy(m["executable"], "/tmp/gpu-check-bins/" + m["target"]["name"])'
-  rm /tmp/gpu-check-bins/build.json
-  # The two binaries carry the same PTX kernels (about 50 MB): one xz stream with a dictionary
-  # that spans both packs them into about what one takes alone (a carry holds 64 MiB).
-  tar cf - -C /tmp/gpu-check-bins . | xz -T1 --lzma2=preset=6,dict=192MiB >"$BUNDLE/bins.tar.xz"
+for build, suffix in (("build", ""), ("build-cudnn", "-cudnn")):
+    for m in map(json.loads, open(f"/tmp/gpu-check-bins/{build}.json")):
+        if m.get("reason") == "compiler-artifact" and m.get("executable"):
+            shutil.copy(m["executable"], "/tmp/gpu-check-bins/" + m["target"]["name"] + suffix)'
+  rm /tmp/gpu-check-bins/build*.json
+  # The four binaries carry the same PTX kernels (about 50 MB): one xz stream with a dictionary
+  # that spans them all packs them into little more than one takes alone (a carry holds 64 MiB).
+  tar cf - -C /tmp/gpu-check-bins . | xz -T1 --lzma2=preset=6,dict=320MiB >"$BUNDLE/bins.tar.xz"
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$BUNDLE/wheels" \
     diffusers==0.42.1 importlib_metadata
@@ -108,12 +116,18 @@ run() {
     python3 -m pip install -q --no-index --no-deps --target /tmp/site "$BUNDLE"/wheels/*.whl \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     # cuBLAS, cuRAND and NVRTC of CUDA 13 come from PyTorch's wheels there (as
-    # ../shared/tools/cuda/run-on-gpu.sh does).
-    export LD_LIBRARY_PATH=$(python3 -c 'import os, nvidia; print(":".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    # ../shared/tools/cuda/run-on-gpu.sh does), and cuDNN 9 from its nvidia-cudnn wheel.
+    export LD_LIBRARY_PATH=$(python3 -c 'import glob, os, nvidia
+dirs = [os.path.join(p, "cu13", "lib") for p in nvidia.__path__]
+dirs += sorted({os.path.dirname(f) for p in nvidia.__path__ for f in glob.glob(os.path.join(p, "**", "libcudnn.so.9"), recursive=True)})
+print(":".join(dirs))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     # 1. correctness on the device
     step parity 90 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity --test-threads 1
     step parity-no-htod-cache 90 env LAYERDIFF_TEST_DEVICE=cuda LAYERDIFF_HTOD_CACHE=0 /tmp/gpu-check/models_parity --test-threads 1
     step parity-fused 90 env LAYERDIFF_TEST_DEVICE=cuda LAYERDIFF_FUSED=1 /tmp/gpu-check/models_parity --test-threads 1
+    # cuDNN's convolutions (src/models/cudnn_conv.rs), alone and with the fused kernels
+    step parity-cudnn 90 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity-cudnn --test-threads 1
+    step parity-cudnn-fused 90 env LAYERDIFF_TEST_DEVICE=cuda LAYERDIFF_FUSED=1 /tmp/gpu-check/models_parity-cudnn --test-threads 1
   fi
   step demo-edit 60 "$BIN" edit --device "$DEVICE" --model assets/tiny-sd --image assets/demo/dog.png \
     --mask assets/demo/dog-mask.png --object "a jumping dog" --background "a dense forest" --size 64 \
@@ -131,6 +145,12 @@ run() {
   # the fused CUDA kernels (src/models/cuda_kernels.rs, opt-in until they pass parity-fused) on
   ours ours-bf16-lora-fused LAYERDIFF_FUSED=1 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
   ours ours-bf16-full-fused LAYERDIFF_FUSED=1 -- --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
+  # cuDNN's convolutions, alone and with the fused kernels ($BIN-cudnn)
+  if [ "$DEVICE" = cuda ]; then
+    BIN=$BIN-cudnn ours ours-bf16-lora-cudnn -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
+    BIN=$BIN-cudnn ours ours-bf16-lora-cudnn-fused LAYERDIFF_FUSED=1 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
+    BIN=$BIN-cudnn ours ours-bf16-full-cudnn-fused LAYERDIFF_FUSED=1 -- --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
+  fi
   # full fine-tuning with gradient checkpointing (the 16 GB target), ours and diffusers'
   ours ours-bf16-full-ckpt -- --size "$SIZE" --dtype bf16 --finetune full --gradient-checkpointing --steps "$STEPS"
   ref torch-bf16-full-ckpt --size "$SIZE" --dtype bf16 --finetune full --gradient-checkpointing --steps "$STEPS"

@@ -111,7 +111,8 @@ fn unet_on(device: &Device, dtype: DType, trainable: bool) -> Result<(UNet2DCond
 /// off the CPU also the context's in bf16 (against the CPU's f32, to bf16's precision, 1e-1). For
 /// `LAYERDIFF_TEST_DEVICE=cuda`: the device's own backward paths (strided convolutions' input
 /// gradients, kept kernels, the fused kernels of the norms and the attention scores, the
-/// upsampling's reduction); on the CPU both sides are the CPU.
+/// upsampling's reduction, cuDNN's convolutions in a `cudnn` build); on the CPU both sides are
+/// the CPU.
 #[test]
 fn unet_gradients_match_the_cpus() -> Result<()> {
     let fx = candle_core::safetensors::load(fixture("unet.safetensors"), &Device::Cpu)?;
@@ -138,6 +139,9 @@ fn unet_gradients_match_the_cpus() -> Result<()> {
     if std::env::var("LAYERDIFF_FUSED").as_deref() == Ok("1") && device.is_cuda() {
         // Else this would pass on the composed ops (the warning logged says why).
         assert!(layerdiff::models::cuda_kernels::ready(&device), "LAYERDIFF_FUSED=1, but the fused kernels cannot be used here");
+    }
+    if cfg!(feature = "cudnn") && std::env::var("LAYERDIFF_CUDNN").as_deref() != Ok("0") && device.is_cuda() {
+        assert!(layerdiff::models::cudnn_conv::ready(&device), "a `cudnn` build, but cuDNN cannot be used here");
     }
     let mut cases = vec![(DType::F32, false, 1e-3), (DType::F32, true, 1e-3)];
     if !device.is_cpu() {

@@ -49,6 +49,9 @@ mkstub nvrtc    libnvrtc.so.13    libnvrtc.so.13
 mkstub curand   libcurand.so.10   libcurand.so.10
 mkstub cublas   libcublas.so.13   libcublas.so.13
 mkstub cublaslt libcublasLt.so.13 libcublasLt.so.13
+# cuDNN (the `cudnn` feature) from the nvidia-cudnn-cu13 wheel there; unversioned, which links
+# whether or not the real library versions its symbols.
+mkstub cudnn    libcudnn.so.9     ""
 
 # 3. Build (release profile should have strip = true).
 cd "$PROJECT"

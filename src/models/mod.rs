@@ -11,6 +11,7 @@ pub mod resnet;
 pub mod sam;
 pub(crate) mod cpu_kernels;
 pub mod cuda_kernels;
+pub mod cudnn_conv;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
 pub mod vae;

@@ -17,7 +17,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, DType, Layout, Module, Result, Shape, Storage, Tensor, D};
 use candle_nn::VarBuilder;
-use super::{cpu_kernels, cuda_kernels};
+use super::{cpu_kernels, cuda_kernels, cudnn_conv};
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
 
@@ -682,7 +682,7 @@ impl Module for Conv2d {
             let (weight, c) = (self.weight.clone(), self.cfg);
             // Off the CPU, where memory is the scarcer, its flipped kernel may be kept.
             let keep = gpu_path(xs.device());
-            return attach_backward(xs, ys, move |arg, _, grad| conv2d_input_grad(grad, &weight, c, arg.dim(2)?, keep));
+            return attach_backward(xs, ys, move |arg, _, grad| conv2d_input_grad(grad, &weight, c, arg.dims4()?, keep));
         }
         if trainable(&self.weight) {
             // candle's own backward computes the kernel gradient as a convolution whose kernel is
@@ -692,7 +692,7 @@ impl Module for Conv2d {
             let c = self.cfg;
             let ys = conv2d_forward(&xs.detach(), &self.weight.detach(), c)?;
             let ys = attach_backward2(xs, &self.weight, ys, move |arg, weight, _, grad| {
-                Ok((Some(conv2d_input_grad(grad, weight, c, arg.dim(2)?, false)?), Some(conv2d_kernel_grad(arg, weight, grad, c)?)))
+                Ok((Some(conv2d_input_grad(grad, weight, c, arg.dims4()?, false)?), Some(conv2d_kernel_grad(arg, weight, grad, c)?)))
             })?;
             return match &self.bias {
                 Some(b) => add_bias(&ys, b, 1),
@@ -733,11 +733,12 @@ fn per_channel(xs: &Tensor, v: &Tensor, op: fn(&Tensor, &Tensor) -> Result<Tenso
 /// and the output back into channels-first order: at 64x64 and 320 channels 17 ms against 11 ms
 /// on the CPU); on the CPU, kernels over 1x1 as [`im2col`] and one matrix product over all images
 /// (candle's CPU im2col writes its column tiles one element at a time across rows, over a third
-/// of a toy-model training step); on a GPU with the fused kernels, their im2col
-/// ([`cuda_kernels::im2col`]) and one product per image; elsewhere candle's own.
+/// of a toy-model training step); on a GPU, cuDNN's where it is built in ([`cudnn_conv`]), else
+/// with the fused kernels their im2col ([`cuda_kernels::im2col`]) and one product per image;
+/// elsewhere candle's own.
 fn conv2d_forward(xs: &Tensor, weight: &Tensor, c: Conv2dConfig) -> Result<Tensor> {
     let (c_out, c_in, k_h, k_w) = weight.dims4()?;
-    if k_h * k_w == 1 && c.padding == 0 && c.stride == 1 {
+    if plain_1x1(weight, c)? {
         return conv1x1_as_matmul(xs, weight);
     }
     let (b, _, h, w) = xs.dims4()?;
@@ -745,6 +746,9 @@ fn conv2d_forward(xs: &Tensor, weight: &Tensor, c: Conv2dConfig) -> Result<Tenso
     let (Some(out_h), Some(out_w)) = (out(h, k_h), out(w, k_w)) else {
         return xs.conv2d(weight, c.padding, c.stride, c.dilation, 1);
     };
+    if let Some(ys) = cudnn_conv::forward(xs, weight, c)? {
+        return Ok(ys);
+    }
     let windows = cuda_kernels::Windows { k_h, k_w, out_h, out_w, stride: c.stride, padding: c.padding, dilation: c.dilation };
     if let Some(cols) = cuda_kernels::im2col(xs, windows)? {
         // Each image's columns times the kernel, broadcast over the batch: the output comes out
@@ -761,6 +765,13 @@ fn conv2d_forward(xs: &Tensor, weight: &Tensor, c: Conv2dConfig) -> Result<Tenso
         1 => ys.reshape((1, c_out, out_h, out_w)),
         _ => ys.reshape((c_out, b, out_h, out_w))?.transpose(0, 1)?.contiguous(),
     }
+}
+
+/// Whether a convolution by `weight` is a 1x1 one with no padding and stride 1: a matrix product
+/// each way, which no convolution library does better.
+fn plain_1x1(weight: &Tensor, c: Conv2dConfig) -> Result<bool> {
+    let (_, _, k_h, k_w) = weight.dims4()?;
+    Ok(k_h * k_w == 1 && c.padding == 0 && c.stride == 1)
 }
 
 /// A 1x1 convolution with no padding and stride 1: `W [c_out, c_in]` times each image's
@@ -794,11 +805,11 @@ pub(super) fn im2col(xs: &Tensor, k_h: usize, k_w: usize, out_h: usize, out_w: u
     Tensor::stack(&windows, 2)?.permute((1, 2, 0, 3, 4))?.reshape(shape)
 }
 
-/// The input gradient of a convolution with an input `input_h` rows high: the transposed
-/// convolution of the output gradient, padded back to the input's size (as candle's own conv2d
-/// backward, the same `output_padding` for height and width), as a stride-1 convolution with the
-/// kernel transposed and flipped (`keep`: a frozen weight's, kept while a training loop keeps
-/// them, [`keep_flipped_kernels`]):
+/// The input gradient of a convolution with an input of `input` `[b, c, h, w]`: cuDNN's where it
+/// is built in ([`cudnn_conv`]); else the transposed convolution of the output gradient, padded
+/// back to the input's size (as candle's own conv2d backward, the same `output_padding` for
+/// height and width), as a stride-1 convolution with the kernel transposed and flipped (`keep`:
+/// a frozen weight's, kept while a training loop keeps them, [`keep_flipped_kernels`]):
 /// - at stride 1, on a GPU and on the CPU. candle's `conv_transpose2d` is a direct loop (on the
 ///   CPU one dot product per output pixel, its kernel gathered across strides each time), its CUDA
 ///   `conv2d` im2col and a cuBLAS product, and ours on the CPU im2col and one matmul: at 64x64,
@@ -808,7 +819,13 @@ pub(super) fn im2col(xs: &Tensor, k_h: usize, k_w: usize, out_h: usize, out_w: u
 ///   ([`conv2d_input_grad_spread`]): candle's CUDA loop took 2.2 ms per SD downsampler in bf16 on
 ///   an H200, 7 % of a UNet backward's GPU time (on the CPU, where it is a fifth to a third
 ///   slower at SD's downsamplers than the loop, the loop stays).
-fn conv2d_input_grad(grad: &Tensor, weight: &Tensor, c: Conv2dConfig, input_h: usize, keep: bool) -> Result<Tensor> {
+fn conv2d_input_grad(grad: &Tensor, weight: &Tensor, c: Conv2dConfig, input: (usize, usize, usize, usize), keep: bool) -> Result<Tensor> {
+    let (b, c_in, input_h, input_w) = input;
+    if !plain_1x1(weight, c)? {
+        if let Some(dx) = cudnn_conv::input_grad(grad, weight, c, [b, c_in, input_h, input_w])? {
+            return Ok(dx);
+        }
+    }
     let k_h = weight.dim(2)?;
     let span = c.dilation * (k_h - 1);
     let out_size = (grad.dim(2)? - 1) * c.stride + span + 1 - 2 * c.padding;
@@ -920,10 +937,15 @@ fn flipped_transposed_kernel(w: &Tensor) -> Result<Tensor> {
 
 /// A convolution's kernel gradient as one matrix product: `dW[o, (i, kh, kw)] = sum over (b, y, x)
 /// of g[b, o, y, x] x_pad[b, i, y s + kh d, x s + kw d]`, the input's windows gathered (im2col)
-/// by `k_h k_w` strided views; on a GPU with the fused kernels, one product per image over
-/// their im2col's columns, summed.
+/// by `k_h k_w` strided views; on a GPU cuDNN's where it is built in ([`cudnn_conv`]), else with
+/// the fused kernels one product per image over their im2col's columns, summed.
 fn conv2d_kernel_grad(arg: &Tensor, weight: &Tensor, grad: &Tensor, c: Conv2dConfig) -> Result<Tensor> {
     let (c_out, c_in, k_h, k_w) = weight.dims4()?;
+    if !plain_1x1(weight, c)? {
+        if let Some(dw) = cudnn_conv::kernel_grad(arg, grad, c, [c_out, c_in, k_h, k_w])? {
+            return Ok(dw);
+        }
+    }
     let (b, _, out_h, out_w) = grad.dims4()?;
     let windows = cuda_kernels::Windows { k_h, k_w, out_h, out_w, stride: c.stride, padding: c.padding, dilation: c.dilation };
     if let Some(cols) = cuda_kernels::im2col(arg, windows)? {
@@ -1663,7 +1685,7 @@ mod tests {
             let dw = conv2d_kernel_grad(x.as_tensor(), w.as_tensor(), &g, c)?;
             let mut pairs = vec![(dw, grads.get(w.as_tensor()))];
             if stride == 1 {
-                pairs.push((conv2d_input_grad(&g, w.as_tensor(), c, 7, false)?, grads.get(x.as_tensor())));
+                pairs.push((conv2d_input_grad(&g, w.as_tensor(), c, x.dims4()?, false)?, grads.get(x.as_tensor())));
             }
             for (ours, theirs) in pairs {
                 let theirs = theirs.expect("candle's gradient");

@@ -26,7 +26,7 @@ build() { # <cudarc sys dir> <define> <soname> <versioned: 1 or 0>
     echo "$soname { global: *; };" > "$OUT/$base.map"; vs=(-Wl,--version-script="$OUT/$base.map")
   fi
   gcc -O2 -shared -fPIC -o "$OUT/$soname" -Wl,-soname,"$soname" "${vs[@]}" \
-    "$OUT/$base.o" "$OUT/$base.missing.c" -lpthread
+    "$OUT/$base.o" "$OUT/$base.missing.c" -lpthread -ldl
   rm -f "$OUT/$base.o"
 }
 build driver   LIB_CUDA     libcuda.so.1      0   # the driver's symbols carry no version
@@ -34,4 +34,5 @@ build cublas   LIB_CUBLAS   libcublas.so.13   1
 build cublaslt LIB_CUBLASLT libcublasLt.so.13 1
 build curand   LIB_CURAND   libcurand.so.10   1
 build nvrtc    LIB_NVRTC    libnvrtc.so.13    1
+build cudnn    LIB_CUDNN    libcudnn.so.9     0   # for the `cudnn` feature's build
 echo "null CUDA libraries in $OUT"

@@ -1,4 +1,4 @@
-// A null CUDA: the driver, cuBLAS, cuRAND and NVRTC entry points that the `cuda` build of
+// A null CUDA: the driver, cuBLAS, cuRAND, NVRTC and cuDNN entry points that the `cuda` build of
 // layerdiff calls, doing none of the device's work. It answers each call at once, hands out
 // device addresses that are never touched, copies zeros back to the host, and counts what
 // was asked of it: kernel launches by name, matrix products, allocations, copies.
@@ -19,6 +19,7 @@
 #include <string.h>
 #include <pthread.h>
 #include <execinfo.h>
+#include <dlfcn.h>
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -170,12 +171,44 @@ static unsigned long long forget(CUdeviceptr ptr) {
     }
 }
 
+// Every allocation ever made, in address order (addresses only grow), for nullcuda_room.
+static CUdeviceptr *all_ptr;
+static unsigned long long *all_size;
+static size_t all_count, all_cap;
+
+static void record(CUdeviceptr ptr, unsigned long long size) {
+    if (all_count == all_cap) {
+        all_cap = all_cap ? 2 * all_cap : 1 << 16;
+        all_ptr = realloc(all_ptr, all_cap * sizeof *all_ptr);
+        all_size = realloc(all_size, all_cap * sizeof *all_size);
+        if (!all_ptr || !all_size) abort();
+    }
+    all_ptr[all_count] = ptr;
+    all_size[all_count++] = size;
+}
+
+// The bytes from `ptr` to the end of the allocation it lies in, 0 outside every allocation:
+// for the null cuDNN's checks of each buffer against its descriptor.
+unsigned long long nullcuda_room(CUdeviceptr ptr) {
+    pthread_mutex_lock(&lock);
+    size_t lo = 0, hi = all_count;  // the last allocation at or below ptr
+    while (hi - lo > 1) {
+        size_t mid = (lo + hi) / 2;
+        if (all_ptr[mid] <= ptr) lo = mid; else hi = mid;
+    }
+    unsigned long long room = 0;
+    if (all_count && all_ptr[lo] <= ptr && ptr < all_ptr[lo] + all_size[lo]) room = all_ptr[lo] + all_size[lo] - ptr;
+    pthread_mutex_unlock(&lock);
+    return room;
+}
+
 static CUresult alloc(CUdeviceptr *ptr, size_t bytes) {
     pthread_mutex_lock(&lock);
     *ptr = next_address;
     next_address += (bytes + 511) & ~511ull;
     if (bytes == 0) next_address += 512;
     remember(*ptr, bytes);
+    record(*ptr, bytes);
     used_now += bytes;
     if (used_now > used_high) used_high = used_now;
     pthread_mutex_unlock(&lock);
@@ -361,6 +394,152 @@ int curandGenerateUniform(void *g, float *out, size_t n) { CALL(4 * n); return 0
 int curandGenerateUniformDouble(void *g, double *out, size_t n) { CALL(8 * n); return 0; }
 int curandGenerateNormal(void *g, float *out, size_t n, float mean, float std) { CALL(4 * n); return 0; }
 int curandGenerateNormalDouble(void *g, double *out, size_t n, double mean, double std) { CALL(8 * n); return 0; }
+#endif
+
+#ifdef LIB_CUDNN
+// ---------------------------------------------------------------------------------------------
+// cuDNN: convolutions counted (FLOPs in the `bytes` column), not computed, after the checks a
+// real cuDNN makes (else CUDNN_STATUS_BAD_PARAM, with the reason on stderr): each descriptor's
+// shape agrees with the others' and the convolution's, one data type throughout, and each buffer
+// (looked up in the null driver's allocations) holds what its descriptor says.
+
+enum { BAD_PARAM = 3 };
+typedef struct { int dtype, n, c, h, w; } Desc4;  // a tensor's or a filter's (n = k)
+typedef struct { int pad_h, pad_w, u, v, dil_h, dil_w, compute; } ConvDesc;
+
+static int a_cudnn_handle;
+int cudnnCreate(void **h) { CALL(0); *h = &a_cudnn_handle; return 0; }
+int cudnnDestroy(void *h) { return 0; }
+int cudnnSetStream(void *h, void *stream) { CALL(0); return 0; }
+size_t cudnnGetVersion(void) { return 91400; }
+size_t cudnnGetCudartVersion(void) { return 13000; }
+const char *cudnnGetErrorString(int status) { return "null cuDNN error"; }
+
+int cudnnCreateTensorDescriptor(Desc4 **d) { CALL(0); *d = calloc(1, sizeof(Desc4)); return 0; }
+int cudnnDestroyTensorDescriptor(Desc4 *d) { free(d); return 0; }
+int cudnnCreateFilterDescriptor(Desc4 **d) { CALL(0); *d = calloc(1, sizeof(Desc4)); return 0; }
+int cudnnDestroyFilterDescriptor(Desc4 *d) { free(d); return 0; }
+int cudnnCreateConvolutionDescriptor(ConvDesc **d) { CALL(0); *d = calloc(1, sizeof(ConvDesc)); return 0; }
+int cudnnDestroyConvolutionDescriptor(ConvDesc *d) { free(d); return 0; }
+
+// NCHW (format 0) only: what our convolutions ask for.
+int cudnnSetTensor4dDescriptor(Desc4 *d, int format, int dtype, int n, int c, int h, int w) {
+    if (format != 0) return BAD_PARAM;
+    *d = (Desc4){dtype, n, c, h, w};
+    return 0;
+}
+int cudnnSetFilter4dDescriptor(Desc4 *d, int dtype, int format, int k, int c, int h, int w) {
+    if (format != 0) return BAD_PARAM;
+    *d = (Desc4){dtype, k, c, h, w};
+    return 0;
+}
+int cudnnSetConvolution2dDescriptor(ConvDesc *d, int pad_h, int pad_w, int u, int v, int dil_h, int dil_w, int mode,
+                                    int compute) {
+    *d = (ConvDesc){pad_h, pad_w, u, v, dil_h, dil_w, compute};
+    return 0;
+}
+int cudnnSetConvolutionMathType(ConvDesc *d, int math) { return 0; }
+
+static int bad(const char *call, const char *why) {
+    fprintf(stderr, "nullcuda: %s: %s\n", call, why);
+    count("call", "bad_param", 0);
+    return BAD_PARAM;
+}
+
+// 0 (CUDNN_DATA_FLOAT) 4 bytes, 2 (HALF) and 9 (BFLOAT16) 2, 1 (DOUBLE) 8.
+static int dtype_bytes(int dtype) { return dtype == 1 ? 8 : dtype == 2 || dtype == 9 ? 2 : 4; }
+
+// The shapes of x, w and y agree with the convolution's, in one data type (the compute type
+// float for the half types); 0 if so, else BAD_PARAM after saying why.
+static int consistent(const char *call, const Desc4 *x, const Desc4 *w, const ConvDesc *c, const Desc4 *y) {
+    if (x->dtype != w->dtype || x->dtype != y->dtype) return bad(call, "the descriptors' data types differ");
+    if (x->dtype != 1 && c->compute != 0) return bad(call, "compute type not float");
+    if (x->n != y->n || x->c != w->c || y->c != w->n) return bad(call, "batch or channels disagree");
+    int out_h = (x->h + 2 * c->pad_h - c->dil_h * (w->h - 1) - 1) / c->u + 1;
+    int out_w = (x->w + 2 * c->pad_w - c->dil_w * (w->w - 1) - 1) / c->v + 1;
+    if (out_h != y->h || out_w != y->w) return bad(call, "the output's size is not the convolution's");
+    return 0;
+}
+
+// Whether the buffer at `ptr` holds the descriptor's elements (or `bytes` where d is NULL).
+static int fits(const char *call, const char *name, const void *ptr, const Desc4 *d, unsigned long long bytes) {
+    static unsigned long long (*room)(CUdeviceptr);
+    if (!room) room = (unsigned long long (*)(CUdeviceptr))dlsym(RTLD_DEFAULT, "nullcuda_room");
+    if (d) bytes = (unsigned long long)d->n * d->c * d->h * d->w * dtype_bytes(d->dtype);
+    if (!bytes || !room) return 0;
+    unsigned long long has = room((CUdeviceptr)ptr);
+    if (has >= bytes) return 0;
+    char why[160];
+    snprintf(why, sizeof why, "%s needs %llu bytes, its buffer has %llu", name, bytes, has);
+    return bad(call, why);
+}
+
+static unsigned long long flops(const Desc4 *w, const Desc4 *y) {
+    return 2ull * y->n * y->c * y->h * y->w * w->c * w->h * w->w;
+}
+
+// The perf results of every algorithm query: one algorithm that needs a workspace.
+typedef struct { int algo, status; float time; size_t memory; int determinism, math, reserved[3]; } Perf;
+static int one_algorithm(int *returned, Perf *perf) {
+    *returned = 1;
+    perf[0] = (Perf){1, 0, 0.f, 1 << 20, 1, 1, {0, 0, 0}};
+    return 0;
+}
+int cudnnGetConvolutionForwardAlgorithm_v7(void *h, Desc4 *x, Desc4 *w, ConvDesc *c, Desc4 *y, int n, int *returned,
+                                           Perf *perf) {
+    CALL(0);
+    return consistent(__func__, x, w, c, y) ? BAD_PARAM : one_algorithm(returned, perf);
+}
+int cudnnGetConvolutionBackwardDataAlgorithm_v7(void *h, Desc4 *w, Desc4 *dy, ConvDesc *c, Desc4 *dx, int n,
+                                                int *returned, Perf *perf) {
+    CALL(0);
+    return consistent(__func__, dx, w, c, dy) ? BAD_PARAM : one_algorithm(returned, perf);
+}
+int cudnnGetConvolutionBackwardFilterAlgorithm_v7(void *h, Desc4 *x, Desc4 *dy, ConvDesc *c, Desc4 *dw, int n,
+                                                  int *returned, Perf *perf) {
+    CALL(0);
+    return consistent(__func__, x, dw, c, dy) ? BAD_PARAM : one_algorithm(returned, perf);
+}
+int cudnnGetConvolutionForwardWorkspaceSize(void *h, Desc4 *x, Desc4 *w, ConvDesc *c, Desc4 *y, int algo, size_t *bytes) {
+    *bytes = 1 << 20;
+    return consistent(__func__, x, w, c, y);
+}
+int cudnnGetConvolutionBackwardDataWorkspaceSize(void *h, Desc4 *w, Desc4 *dy, ConvDesc *c, Desc4 *dx, int algo,
+                                                 size_t *bytes) {
+    *bytes = 1 << 20;
+    return consistent(__func__, dx, w, c, dy);
+}
+int cudnnGetConvolutionBackwardFilterWorkspaceSize(void *h, Desc4 *x, Desc4 *dy, ConvDesc *c, Desc4 *dw, int algo,
+                                                   size_t *bytes) {
+    *bytes = 1 << 20;
+    return consistent(__func__, x, dw, c, dy);
+}
+
+// Each call: its shapes, then each buffer against its descriptor, the workspace against its size.
+#define CHECKED(xd_, wd_, c_, yd_, a, a_d, b, b_d, out, out_d, ws_, ws_bytes_)                     \
+    do {                                                                                        \
+        if (consistent(__func__, xd_, wd_, c_, yd_) || fits(__func__, #a, a, a_d, 0)                 \
+            || fits(__func__, #b, b, b_d, 0) || fits(__func__, #out, out, out_d, 0)               \
+            || fits(__func__, "workspace", ws_, NULL, ws_bytes_))                                 \
+            return BAD_PARAM;                                                                   \
+        CALL(flops(wd_, yd_));                                                                  \
+        return 0;                                                                               \
+    } while (0)
+
+int cudnnConvolutionForward(void *h, const void *alpha, Desc4 *xd, const void *x, Desc4 *wd, const void *w, ConvDesc *c,
+                            int algo, void *ws, size_t ws_bytes, const void *beta, Desc4 *yd, void *y) {
+    CHECKED(xd, wd, c, yd, x, xd, w, wd, y, yd, ws, ws_bytes);
+}
+int cudnnConvolutionBackwardData(void *h, const void *alpha, Desc4 *wd, const void *w, Desc4 *dyd, const void *dy,
+                                 ConvDesc *c, int algo, void *ws, size_t ws_bytes, const void *beta, Desc4 *dxd,
+                                 void *dx) {
+    CHECKED(dxd, wd, c, dyd, w, wd, dy, dyd, dx, dxd, ws, ws_bytes);
+}
+int cudnnConvolutionBackwardFilter(void *h, const void *alpha, Desc4 *xd, const void *x, Desc4 *dyd, const void *dy,
+                                   ConvDesc *c, int algo, void *ws, size_t ws_bytes, const void *beta, Desc4 *dwd,
+                                   void *dw) {
+    CHECKED(xd, dwd, c, dyd, x, xd, dy, dyd, dw, dwd, ws, ws_bytes);
+}
 #endif
 
 #ifdef LIB_NVRTC
