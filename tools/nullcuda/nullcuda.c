@@ -403,7 +403,7 @@ int curandGenerateNormalDouble(void *g, double *out, size_t n, double mean, doub
 // shape agrees with the others' and the convolution's, one data type throughout, and each buffer
 // (looked up in the null driver's allocations) holds what its descriptor says.
 
-enum { BAD_PARAM = 3 };
+enum { BAD_PARAM = 2000 };  // CUDNN_STATUS_BAD_PARAM in cuDNN 9
 typedef struct { int dtype, n, c, h, w; } Desc4;  // a tensor's or a filter's (n = k)
 typedef struct { int pad_h, pad_w, u, v, dil_h, dil_w, compute; } ConvDesc;
 
