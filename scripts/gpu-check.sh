@@ -24,7 +24,8 @@
 #
 # With the device tool: run(command="STEPS=5 scripts/gpu-check.sh run", carry=["gpu-bundle"],
 # timeout_s=480). The run half took 5.8 minutes on an H200 (350 s of device time, plus about 40 s
-# to start the machine); results in docs/bench/h200-2026-11-28. To fit a smaller budget:
+# to start the machine; results in docs/bench/h200-2026-11-28), before the fused kernels' and
+# cuDNN's steps, which add about 90 s. To fit a smaller budget:
 # VARIANTS= skips the host-side settings' variants (about 40 s), HOST_SAMPLES=0 the host's stack
 # samples (about 45 s), PROFILE= (empty) both of the last two steps, the samples and Nsight
 # Compute (about 60 s).
@@ -47,21 +48,23 @@ prepare() {
   # `cargo build --release --features cuda --bin layerdiff --test models_parity`, with nvcc and
   # link stubs; cargo's JSON names the executables (the test binary's file name has a hash).
   rm -rf "$BUNDLE" /tmp/gpu-check-bins && mkdir -p "$BUNDLE/wheels" /tmp/gpu-check-bins
-  # Symbols kept (`strip = false`), for the host-side samples of `run`.
-  CARGO_PROFILE_RELEASE_STRIP=false CARGO_TARGET_DIR=target/cuda \
-    tools/build-cuda.sh --features cuda --bin layerdiff --test models_parity \
-    --message-format=json-render-diagnostics >/tmp/gpu-check-bins/build.json
-  # The same two with cuDNN's convolutions (`--features cudnn`), as `<name>-cudnn`: a binary
-  # linked to libcudnn does not start where it is missing, so the plain pair stays apart.
-  CARGO_PROFILE_RELEASE_STRIP=false CARGO_TARGET_DIR=target/cuda \
-    tools/build-cuda.sh --features cudnn --bin layerdiff --test models_parity \
-    --message-format=json-render-diagnostics >/tmp/gpu-check-bins/build-cudnn.json
-  python3 -c 'import json, shutil
-for build, suffix in (("build", ""), ("build-cudnn", "-cudnn")):
-    for m in map(json.loads, open(f"/tmp/gpu-check-bins/{build}.json")):
-        if m.get("reason") == "compiler-artifact" and m.get("executable"):
-            shutil.copy(m["executable"], "/tmp/gpu-check-bins/" + m["target"]["name"] + suffix)'
-  rm /tmp/gpu-check-bins/build*.json
+  # Symbols kept (`strip = false`), for the host-side samples of `run`. Then the same two with
+  # cuDNN's convolutions (`--features cudnn`), as `<name>-cudnn`: a binary linked to libcudnn does
+  # not start where it is missing, so the plain pair stays apart. Each build's binaries are copied
+  # before the next, which writes the same path.
+  local features suffix
+  for features in cuda cudnn; do
+    suffix=-$features
+    [ "$features" = cuda ] && suffix=
+    CARGO_PROFILE_RELEASE_STRIP=false CARGO_TARGET_DIR=target/cuda \
+      tools/build-cuda.sh --features "$features" --bin layerdiff --test models_parity \
+      --message-format=json-render-diagnostics >/tmp/gpu-check-bins/build.json
+    SUFFIX=$suffix python3 -c 'import json, os, shutil
+for m in map(json.loads, open("/tmp/gpu-check-bins/build.json")):
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        shutil.copy(m["executable"], "/tmp/gpu-check-bins/" + m["target"]["name"] + os.environ["SUFFIX"])'
+  done
+  rm /tmp/gpu-check-bins/build.json
   # The four binaries carry the same PTX kernels (about 50 MB): one xz stream with a dictionary
   # that spans them all packs them into little more than one takes alone (a carry holds 64 MiB).
   tar cf - -C /tmp/gpu-check-bins . | xz -T1 --lzma2=preset=6,dict=320MiB >"$BUNDLE/bins.tar.xz"
@@ -177,14 +180,16 @@ print(":".join(dirs))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     fi
     # 4. where our GPU time goes: each kernel's time, summed by kernel (Nsight Compute), over the
     #    plain bench's forward + backward (after its forwards); last, as it may run out of time.
-    #    With the fused kernels (NCU_FUSED=0: without; h200-2026-11-28 has that profile).
-    local ncu
+    #    With the fused kernels (NCU_FUSED=0: without; h200-2026-11-28 has that profile), and
+    #    cuDNN's convolutions where its parity passed above.
+    local ncu ncu_bin=$BIN
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    grep -q "^parity-cudnn rc=0 " "$WORK/summary.txt" && ncu_bin=$BIN-cudnn
     export LAYERDIFF_FUSED=${NCU_FUSED-1}
-    step plain-bf16 60 "$BIN" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
+    step plain-bf16 60 "$ncu_bin" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
     step ncu-bf16 "${NCU_LIMIT:-120}" "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
       -s "${NCU_SKIP:-3000}" -c "${NCU_KERNELS:-6000}" --print-summary per-kernel --csv \
-      "$BIN" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
+      "$ncu_bin" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
     "$PY" tools/ncu_summary.py "$WORK/ncu-bf16.log" 30 | tee "$WORK/ncu-kernels.txt"
     cp "$WORK/ncu-kernels.txt" "$OUT/"
     unset LAYERDIFF_FUSED
