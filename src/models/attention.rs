@@ -18,7 +18,7 @@ use candle_nn::VarBuilder;
 /// The dtype attention runs in: at least f32, except bf16 on a GPU. There cuBLAS sums the
 /// products and candle's softmax and sum kernels their terms in f32 either way, and half-precision
 /// scores are what diffusers' classic attention processor keeps too; in f32 the `seq x seq`
-/// scores, the costliest tensors of a step, took twice the bytes (README, performance). f16 keeps
+/// scores, the costliest tensors of a step, took twice the bytes (docs/performance.md). f16 keeps
 /// f32: candle sums f16 in f16 (the backward's row sums over 4096 scores). On the CPU candle's
 /// half-precision matmuls are slower than f32 ones.
 fn attention_dtype(dtype: DType, device: &candle_core::Device) -> DType {

@@ -1,6 +1,6 @@
 //! Our own CUDA kernels where candle's cost a step most of its GPU time: compiled from the source
 //! below with NVRTC at their first use (no build step, no nvcc at run time), in f32 and bf16, for
-//! contiguous tensors. The H200 check's profile (README, Performance) had a step's time mostly in
+//! contiguous tensors. The H200 check's profile (docs/performance.md) had a step's time mostly in
 //! elementwise passes and copies, not in the matrix products:
 //! - a norm's input gradient, one kernel where candle composed some eighteen, and a group norm's
 //!   value (SiLU included where one follows), one kernel where it took three and SiLU's;

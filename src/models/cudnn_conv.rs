@@ -2,9 +2,9 @@
 //! the input gradient and the kernel gradient, each one cuDNN call, as PyTorch runs them. Without
 //! it a GPU convolution is an im2col (a column matrix `k_h k_w` times the input's size) and a
 //! cuBLAS product, and each of its gradients the same again, the input's over a flipped copy of
-//! the kernel: im2col alone took 10 % of a UNet forward + backward's GPU time on an H200 (README,
-//! Performance). cuDNN's implicit-GEMM kernels read the input where it lies, and the input
-//! gradient needs no flipped kernel, so none is kept during training loops either.
+//! the kernel: im2col alone took 10 % of a UNet forward + backward's GPU time on an H200
+//! (docs/performance.md). cuDNN's implicit-GEMM kernels read the input where it lies, and the
+//! input gradient needs no flipped kernel, so none is kept during training loops either.
 //!
 //! On by default in a `cudnn` build (`LAYERDIFF_CUDNN=0` turns it off, read once), on CUDA tensors
 //! in f32, f16 and bf16 with f32 accumulation; f32 without TF32 unless `LAYERDIFF_TF32=1`, as our

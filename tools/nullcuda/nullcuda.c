@@ -3,7 +3,7 @@
 // device addresses that are never touched, copies zeros back to the host, and counts what
 // was asked of it: kernel launches by name, matrix products, allocations, copies.
 //
-// Why: a GPU training step of ours is mostly host time per op (README, Performance), and this
+// Why: a GPU training step of ours is mostly host time per op (docs/performance.md), and this
 // machine has no GPU. With these libraries first on LD_LIBRARY_PATH the real binary runs its
 // real CUDA path here, so `perf` sees the host's own cost per op (ours, candle's, cudarc's;
 // the driver's is not in it) and the report gives every call a step makes.
