@@ -260,6 +260,17 @@ enum Kernel {
     SwapAxes { a: usize, i: usize, j: usize, e: usize },
 }
 
+/// For the device's self-checks (these kernels', cuDNN's): `Some("by {gap} (their largest
+/// {scale})")` where `ours` is NaN somewhere or further from `theirs` than `tol` times their
+/// largest magnitude, compared in f32.
+#[cfg(feature = "cuda")]
+pub(super) fn differs(ours: &Tensor, theirs: &Tensor, tol: f32) -> Result<Option<String>> {
+    let (ours, theirs) = (ours.to_dtype(DType::F32)?, theirs.to_dtype(DType::F32)?);
+    let gap = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let scale = theirs.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok((gap.is_nan() || gap > tol * scale.max(1e-6)).then(|| format!("by {gap} (their largest {scale})")))
+}
+
 #[cfg(not(feature = "cuda"))]
 mod imp {
     use candle_core::{Result, Tensor};
@@ -536,12 +547,10 @@ mod imp {
                 for (kernel, shapes) in super::self_check_cases() {
                     let args = shapes.into_iter().map(|s| Tensor::randn(0f32, 1.0, s, &device)?.to_dtype(dtype)).collect::<Result<Vec<_>>>()?;
                     let args: Vec<&Tensor> = args.iter().collect();
-                    let ours = run(&args, kernel, module.clone())?.to_dtype(DType::F32)?;
-                    let theirs = super::emulated::apply(&args, kernel)?.to_dtype(DType::F32)?;
-                    let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                    let scale = theirs.abs()?.max_all()?.to_scalar::<f32>()?;
-                    if diff.is_nan() || diff > tol * scale.max(1e-6) {
-                        return Ok(Some(format!("{kernel:?} in {dtype:?} differs from candle's ops by {diff} (their largest {scale})")));
+                    let ours = run(&args, kernel, module.clone())?;
+                    let theirs = super::emulated::apply(&args, kernel)?;
+                    if let Some(gap) = super::differs(&ours, &theirs, tol)? {
+                        return Ok(Some(format!("{kernel:?} in {dtype:?} differs from candle's ops {gap}")));
                     }
                 }
             }

@@ -167,23 +167,16 @@ mod imp {
         r.map_err(candle_core::Error::wrap)
     }
 
-    /// cuDNN's choice for one convolution's pass.
-    #[derive(Clone, Copy)]
-    enum Algo {
-        Forward(sys::cudnnConvolutionFwdAlgo_t),
-        InputGrad(sys::cudnnConvolutionBwdDataAlgo_t),
-        KernelGrad(sys::cudnnConvolutionBwdFilterAlgo_t),
-    }
-
-    /// A convolution's pass in a dtype: what cuDNN's choice of algorithm depends on.
-    type AlgoKey = (Pass, DType, Conv);
+    /// A convolution in a dtype, and the algorithm cuDNN's heuristics chose for one of its passes
+    /// with the workspace bytes it needs: asked once per shape, as PyTorch does.
+    type Algos<A> = RefCell<HashMap<(DType, Conv), (A, usize)>>;
 
     thread_local! {
         // A cuDNN handle is neither `Send` nor `Sync` (candle keeps its own per thread too).
         static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-        /// The algorithm and workspace bytes by pass, dtype and convolution: PyTorch also asks
-        /// the heuristics once per shape.
-        static ALGOS: RefCell<HashMap<AlgoKey, (Algo, usize)>> = RefCell::new(HashMap::new());
+        static FORWARD: Algos<sys::cudnnConvolutionFwdAlgo_t> = RefCell::new(HashMap::new());
+        static INPUT_GRAD: Algos<sys::cudnnConvolutionBwdDataAlgo_t> = RefCell::new(HashMap::new());
+        static KERNEL_GRAD: Algos<sys::cudnnConvolutionBwdFilterAlgo_t> = RefCell::new(HashMap::new());
     }
 
     fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
@@ -277,13 +270,17 @@ mod imp {
         })
     }
 
-    /// The algorithm for `key`, picked by `pick` (with its workspace bytes) the first time.
-    fn algo(key: AlgoKey, pick: impl FnOnce() -> std::result::Result<(Algo, usize), CudnnError>) -> Result<(Algo, usize)> {
-        if let Some(a) = ALGOS.with(|algos| algos.borrow().get(&key).copied()) {
+    /// The algorithm for `key` in `cache`, picked by `pick` (with its workspace bytes) the first time.
+    fn algo<A: Copy + 'static>(
+        cache: &'static std::thread::LocalKey<Algos<A>>,
+        key: (DType, Conv),
+        pick: impl FnOnce() -> std::result::Result<(A, usize), CudnnError>,
+    ) -> Result<(A, usize)> {
+        if let Some(a) = cache.with(|algos| algos.borrow().get(&key).copied()) {
             return Ok(a);
         }
         let a = cu(pick())?;
-        ALGOS.with(|algos| algos.borrow_mut().insert(key, a));
+        cache.with(|algos| algos.borrow_mut().insert(key, a));
         Ok(a)
     }
 
@@ -301,7 +298,7 @@ mod imp {
         let n: usize = op.conv.result(op.pass).iter().product();
         // SAFETY: cuDNN writes every element (beta = 0: the output is not read).
         let mut out = unsafe { dev.alloc::<T>(n)? };
-        let key = (op.pass, T::DTYPE, op.conv);
+        let key = (T::DTYPE, op.conv);
         let scale = (T::from_f64(1.0), T::from_f64(0.0));
         let workspace = |bytes: usize| -> Result<Option<CudaSlice<u8>>> {
             // SAFETY: a workspace is scratch space, written before it is read.
@@ -310,42 +307,21 @@ mod imp {
         match op.pass {
             Pass::Forward => {
                 let conv = ConvForward { conv: &d.conv, x: &d.x, w: &d.w, y: &d.y };
-                let (Algo::Forward(algo), bytes) = algo(key, || {
-                    let a = conv.pick_algorithm()?;
-                    Ok((Algo::Forward(a), conv.get_workspace_size(a)?))
-                })?
-                else {
-                    candle_core::bail!("cuDNN: a forward algorithm cached for another pass")
-                };
-                let mut ws = workspace(bytes)?;
+                let (algo, bytes) = algo(&FORWARD, key, || conv.pick_algorithm().and_then(|a| Ok((a, conv.get_workspace_size(a)?))))?;
                 // SAFETY: `a` is `x`, `b` is `w`, `out` is `y`, each of its descriptor's size and type.
-                cu(unsafe { conv.launch(algo, ws.as_mut(), scale, &a, &b, &mut out) })?;
+                cu(unsafe { conv.launch(algo, workspace(bytes)?.as_mut(), scale, &a, &b, &mut out) })?;
             }
             Pass::InputGrad => {
                 let conv = ConvBackwardData { conv: &d.conv, dx: &d.x, w: &d.w, dy: &d.y };
-                let (Algo::InputGrad(algo), bytes) = algo(key, || {
-                    let a = conv.pick_algorithm()?;
-                    Ok((Algo::InputGrad(a), conv.get_workspace_size(a)?))
-                })?
-                else {
-                    candle_core::bail!("cuDNN: an input-gradient algorithm cached for another pass")
-                };
-                let mut ws = workspace(bytes)?;
+                let (algo, bytes) = algo(&INPUT_GRAD, key, || conv.pick_algorithm().and_then(|a| Ok((a, conv.get_workspace_size(a)?))))?;
                 // SAFETY: `a` is `dy`, `b` is `w`, `out` is `dx`, each of its descriptor's size and type.
-                cu(unsafe { conv.launch(algo, ws.as_mut(), scale, &mut out, &b, &a) })?;
+                cu(unsafe { conv.launch(algo, workspace(bytes)?.as_mut(), scale, &mut out, &b, &a) })?;
             }
             Pass::KernelGrad => {
                 let conv = ConvBackwardFilter { conv: &d.conv, x: &d.x, dw: &d.w, dy: &d.y };
-                let (Algo::KernelGrad(algo), bytes) = algo(key, || {
-                    let a = conv.pick_algorithm()?;
-                    Ok((Algo::KernelGrad(a), conv.get_workspace_size(a)?))
-                })?
-                else {
-                    candle_core::bail!("cuDNN: a kernel-gradient algorithm cached for another pass")
-                };
-                let mut ws = workspace(bytes)?;
+                let (algo, bytes) = algo(&KERNEL_GRAD, key, || conv.pick_algorithm().and_then(|a| Ok((a, conv.get_workspace_size(a)?))))?;
                 // SAFETY: `a` is `x`, `b` is `dy`, `out` is `dw`, each of its descriptor's size and type.
-                cu(unsafe { conv.launch(algo, ws.as_mut(), scale, &a, &mut out, &b) })?;
+                cu(unsafe { conv.launch(algo, workspace(bytes)?.as_mut(), scale, &a, &mut out, &b) })?;
             }
         }
         Ok(out)
@@ -366,11 +342,8 @@ mod imp {
                     let theirs = [y.clone(), grads.get(&x).ok_or_else(missing)?.clone(), grads.get(&w).ok_or_else(missing)?.clone()];
                     let ours = [run(Pass::Forward, &x, &w, conv)?, run(Pass::InputGrad, &dy, &w, conv)?, run(Pass::KernelGrad, &x, &dy, conv)?];
                     for ((ours, theirs), pass) in ours.iter().zip(&theirs).zip([Pass::Forward, Pass::InputGrad, Pass::KernelGrad]) {
-                        let (ours, theirs) = (ours.to_dtype(DType::F32)?, theirs.to_dtype(DType::F32)?);
-                        let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                        let scale = theirs.abs()?.max_all()?.to_scalar::<f32>()?;
-                        if diff.is_nan() || diff > tol * scale.max(1e-6) {
-                            return Ok(Some(format!("{pass:?} of {conv:?} in {dtype:?} differs from candle's by {diff} (their largest {scale})")));
+                        if let Some(gap) = super::super::cuda_kernels::differs(ours, theirs, tol)? {
+                            return Ok(Some(format!("{pass:?} of {conv:?} in {dtype:?} differs from candle's {gap}")));
                         }
                     }
                 }
