@@ -271,6 +271,17 @@ pub(super) fn differs(ours: &Tensor, theirs: &Tensor, tol: f32) -> Result<Option
     Ok((gap.is_nan() || gap > tol * scale.max(1e-6)).then(|| format!("by {gap} (their largest {scale})")))
 }
 
+/// A self-check's result as its caller takes it: `Err` with what differed, or why the check
+/// could not run.
+#[cfg(feature = "cuda")]
+pub(super) fn outcome(checked: Result<Option<String>>) -> std::result::Result<(), String> {
+    match checked {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(why),
+        Err(e) => Err(format!("the self-check failed: {e}")),
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 mod imp {
     use candle_core::{Result, Tensor};
@@ -556,11 +567,7 @@ mod imp {
             }
             Ok(None)
         };
-        match check() {
-            Ok(None) => Ok(()),
-            Ok(Some(why)) => Err(why),
-            Err(e) => Err(format!("the self-check failed: {e}")),
-        }
+        super::outcome(check())
     }
 }
 

@@ -350,11 +350,7 @@ mod imp {
             }
             Ok(None)
         };
-        match check() {
-            Ok(None) => Ok(()),
-            Ok(Some(why)) => Err(why),
-            Err(e) => Err(format!("the check failed: {e}")),
-        }
+        super::super::cuda_kernels::outcome(check())
     }
 }
 
