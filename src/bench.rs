@@ -119,6 +119,7 @@ impl Default for StageBenchOptions {
 /// | `finetune` | the stage 2 timed: `"full"` or `"lora"` (with `lora_rank`) |
 /// | `gradient_checkpointing` | whether stage 2 recomputed activations in its backward |
 /// | `steps` | timed steps per stage (after one warm-up step) |
+/// | `gpu_paths` | our own GPU paths that ran: `fused` (the fused CUDA kernels), `cudnn` (cuDNN's convolutions) |
 /// | `memory` | what the peaks measure (see [`StageBench::memory`]) |
 /// | `stageN_step_s` | median seconds of one step of stage N |
 /// | `stageN_host_s` | median seconds the host took to issue a step's work, before the closing synchronize |
@@ -141,6 +142,12 @@ pub struct StageBench {
     #[serde(default)]
     pub gradient_checkpointing: bool,
     pub steps: usize,
+    /// Our own GPU paths that ran, each only where it passed its check on the device: `"fused"`
+    /// (the fused CUDA kernels, `LAYERDIFF_FUSED=1`), `"cudnn"` (cuDNN's convolutions, a `cudnn`
+    /// build). So a run that asked for one shows whether it got it. Empty on the CPU; absent in
+    /// older reports.
+    #[serde(default)]
+    pub gpu_paths: Vec<String>,
     /// What `stageN_peak_mib` measures:
     /// - `"rss"`: on the CPU, the process's peak resident memory (Linux VmHWM, reset through
     ///   `/proc/self/clear_refs` before each stage's timed steps; everything resident counts,
@@ -208,9 +215,10 @@ impl std::fmt::Display for StageBench {
         if self.gradient_checkpointing {
             mode += ", ckpt";
         }
+        let paths = if self.gpu_paths.is_empty() { String::new() } else { format!(" with {}", self.gpu_paths.join(" and ")) };
         writeln!(
             f,
-            "{} UNet ({:.0}M parameters), {}x{} px ({}x{} latents), {}, {}, {}; median of {} step(s) after a warm-up",
+            "{} UNet ({:.0}M parameters), {}x{} px ({}x{} latents), {}, {}, {}{paths}; median of {} step(s) after a warm-up",
             self.unet,
             self.parameters as f64 / 1e6,
             self.size,
@@ -346,6 +354,7 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
         lora_rank: settings.lora_rank,
         gradient_checkpointing,
         steps,
+        gpu_paths: gpu_paths(device),
         memory: meter.kind.map(str::to_string),
         stage1_step_s: stage1_timed.step_s,
         stage1_host_s: Some(stage1_timed.host_s),
@@ -364,6 +373,12 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
     };
     report.projected_edit_s = report.projected();
     Ok(report)
+}
+
+/// Which of our own GPU paths run on `device` (see [`StageBench::gpu_paths`]).
+fn gpu_paths(device: &Device) -> Vec<String> {
+    let ready = [("fused", crate::models::cuda_kernels::ready(device)), ("cudnn", crate::models::cudnn_conv::ready(device))];
+    ready.into_iter().filter(|&(_, on)| on && device.is_cuda()).map(|(name, _)| name.to_string()).collect()
 }
 
 /// `cpu` or `cuda:N` (`metal:N`).

@@ -22,6 +22,7 @@ const KEYS: &[&str] = &[
     "gradient_checkpointing",
     "lora_rank",
     "steps",
+    "gpu_paths",
     "memory",
     "stage1_step_s",
     "stage1_host_s",
@@ -73,6 +74,8 @@ fn check_report(json: &Value, finetune: &str) {
     assert_eq!(json["finetune"], finetune);
     assert_eq!(json["steps"], 2);
     assert_eq!(json["gradient_checkpointing"], false);
+    // On the CPU none of our GPU paths runs.
+    assert_eq!(json["gpu_paths"], serde_json::json!([]));
     let defaults = EditSettings::default();
     assert_eq!(json["stage1_edit_steps"], defaults.embedding_steps);
     assert_eq!(json["stage2_edit_steps"], defaults.finetune_steps);

@@ -357,6 +357,9 @@ def main():
         "lora_rank": LORA_RANK,
         "gradient_checkpointing": args.gradient_checkpointing,
         "steps": steps,
+        # layerdiff's own GPU paths (its fused kernels, its use of cuDNN): none here; PyTorch's
+        # convolutions are always cuDNN's on a GPU.
+        "gpu_paths": [],
         "memory": meter.kind,
         "stage1_step_s": stage1_s,
         "stage1_host_s": stage1_host,
