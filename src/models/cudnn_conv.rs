@@ -43,9 +43,12 @@ struct Conv {
 }
 
 impl Conv {
-    /// The convolution of an `x`-shaped input with a `w`-shaped kernel (`None`: the kernel's span
-    /// is wider than the padded input).
+    /// The convolution of an `x`-shaped input with a `w`-shaped kernel (`None`: their channels
+    /// differ, or the kernel's span is wider than the padded input; candle's own then says why).
     fn of(x: [usize; 4], w: [usize; 4], c: Conv2dConfig) -> Option<Self> {
+        if x[1] != w[1] {
+            return None;
+        }
         let out = |size: usize, k: usize| (size + 2 * c.padding).checked_sub(c.dilation * (k - 1) + 1).map(|n| n / c.stride + 1);
         let y = [x[0], w[0], out(x[2], w[2])?, out(x[3], w[3])?];
         Some(Self { x, w, y, padding: c.padding, stride: c.stride, dilation: c.dilation })
@@ -369,6 +372,7 @@ mod tests {
         let c = Conv2dConfig { padding: 2, stride: 1, dilation: 2 };
         assert_eq!(Conv::of([1, 2, 9, 6], [3, 2, 3, 3], c).map(|conv| conv.y), Some([1, 3, 9, 6]));
         assert!(Conv::of([1, 2, 2, 2], [3, 2, 5, 5], Conv2dConfig::default()).is_none());
+        assert!(Conv::of([1, 2, 8, 8], [3, 4, 3, 3], Conv2dConfig::default()).is_none());
         // Every case of the device's self-check is a convolution, with each of its features.
         let cases = self_check_cases();
         assert_eq!(cases.len(), 5);
