@@ -5,8 +5,9 @@
 //! kernel where, the backward rules of the bias adds, transposes, group norm with SiLU and the
 //! attention's folded scale, convolutions as one product per image, strided convolutions'
 //! input gradients spread out) is held to diffusers' forward and PyTorch's gradients without a
-//! GPU, and a whole edit through it to the CPU's own path. The emulation is process-wide, so this
-//! binary holds this one test.
+//! GPU, and a whole edit through it to the CPU's own path. All of it runs again with cuDNN's
+//! convolutions emulated too (`cudnn_conv::emulate_on_cpu`), as a `cudnn` build's GPU path runs
+//! them. The emulation is process-wide, so this binary holds this one test.
 
 #[path = "common/tiny.rs"]
 mod tiny;
@@ -15,7 +16,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use layerdiff::method::edit::edit;
 use layerdiff::method::{EditSettings, FinetuneMode};
-use layerdiff::models::cuda_kernels;
+use layerdiff::models::{cuda_kernels, cudnn_conv};
 use layerdiff::models::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use layerdiff::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use std::collections::HashMap;
@@ -63,11 +64,18 @@ fn unet(dtype: DType, trainable: bool) -> Result<(UNet2DConditionModel, Vec<(Str
     Ok((UNet2DConditionModel::new(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), cfg)?, vars))
 }
 
-/// The README's toy edit, short, in `mode`, with the emulation `on` or off: stage 1's and stage
-/// 2's losses and the images.
-fn toy_edit(mode: FinetuneMode, on: bool) -> Result<(Vec<f64>, Vec<Vec<u8>>)> {
+/// Turns the emulation of the GPU's path on (with cuDNN's convolutions if `cudnn`) or off.
+fn emulate(on: bool, cudnn: bool) {
     cuda_kernels::emulate_on_cpu(on);
+    cudnn_conv::emulate_on_cpu(on && cudnn);
     assert_eq!(cuda_kernels::ready(&Device::Cpu), on);
+    assert_eq!(cudnn_conv::ready(&Device::Cpu), on && cudnn);
+}
+
+/// The README's toy edit, short, in `mode`, with the emulation `on` (with cuDNN's convolutions if
+/// `cudnn`) or off: stage 1's and stage 2's losses and the images.
+fn toy_edit(mode: FinetuneMode, on: bool, cudnn: bool) -> Result<(Vec<f64>, Vec<Vec<u8>>)> {
+    emulate(on, cudnn);
     let (files, sd) = tiny::load_toy();
     let settings = EditSettings { embedding_steps: 6, embedding_lr: 1e-2, finetune_steps: 4, finetune_lr: 1e-4, finetune: mode, steps: 4, ..Default::default() };
     let dir = tempfile::tempdir()?;
@@ -77,20 +85,36 @@ fn toy_edit(mode: FinetuneMode, on: bool) -> Result<(Vec<f64>, Vec<Vec<u8>>)> {
 }
 
 #[test]
-fn the_fused_kernels_path_matches_the_cpus_diffusers_and_pytorch() -> Result<()> {
+fn the_gpu_paths_match_the_cpus_diffusers_and_pytorch() -> Result<()> {
+    gpu_path_matches(false)?;
+    every_kernel_ran("the fused kernels' runs")?;
+    let im2col = |calls: Vec<(&str, usize)>| calls.iter().find(|(name, _)| *name == "im2col_per_image").map_or(0, |c| c.1);
+    let im2col_before = im2col(cuda_kernels::emulated_calls());
+    gpu_path_matches(true)?;
+    // cuDNN took every convolution that im2col took (plain 1x1 ones are products either way),
+    // and each of its passes ran: forward, input gradient, kernel gradient.
+    let cudnn = cudnn_conv::emulated_calls();
+    eprintln!("emulated cuDNN calls: {cudnn:?}");
+    assert_eq!(im2col(cuda_kernels::emulated_calls()), im2col_before);
+    assert!(cudnn.iter().all(|&n| n > 0), "{cudnn:?}");
+    Ok(())
+}
+
+/// The GPU's path, with the fused kernels and, if `cudnn`, cuDNN's convolutions, against the
+/// CPU's own path, diffusers' forwards and PyTorch's gradients.
+fn gpu_path_matches(cudnn: bool) -> Result<()> {
     // 1. A whole edit (stage 1, LoRA's and full fine-tuning's stage 2, sampling, the VAE) equals
     //    the CPU's own path: the same losses to rounding, the same images to a level.
     for mode in [FinetuneMode::Lora, FinetuneMode::Full] {
-        let ((cpu_losses, cpu_images), (losses, images)) = (toy_edit(mode, false)?, toy_edit(mode, true)?);
+        let ((cpu_losses, cpu_images), (losses, images)) = (toy_edit(mode, false, false)?, toy_edit(mode, true, cudnn)?);
         let loss_err = losses.iter().zip(&cpu_losses).map(|(a, b)| (a - b).abs() / b.abs()).fold(0f64, f64::max);
         let pixel_err = images.iter().flatten().zip(cpu_images.iter().flatten()).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
-        eprintln!("toy edit, {mode:?}: losses' largest relative difference {loss_err:.3e}, pixels' {pixel_err}");
+        eprintln!("toy edit, {mode:?}, cuDNN {cudnn}: losses' largest relative difference {loss_err:.3e}, pixels' {pixel_err}");
         assert_eq!(losses.len(), cpu_losses.len());
         assert!(loss_err <= 1e-5, "{mode:?}: losses differ by {loss_err:e}");
         assert!(pixel_err <= 1, "{mode:?}: pixels differ by {pixel_err}");
     }
-    every_kernel_ran("the edits")?;
-    cuda_kernels::emulate_on_cpu(true);
+    emulate(true, cudnn);
 
     // 2. Forwards against diffusers' (tests/models_parity.rs's fixtures and tolerance, relative).
     let (frozen, _) = unet(DType::F32, false)?;
@@ -98,7 +122,7 @@ fn the_fused_kernels_path_matches_the_cpus_diffusers_and_pytorch() -> Result<()>
     for case in ["a", "b"] {
         let t = fx[&format!("{case}.timestep")].to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let out = frozen.forward(&fx[&format!("{case}.sample")], t, &fx[&format!("{case}.context")])?;
-        check(&format!("unet case {case}"), &out, &fx[&format!("{case}.out")], 1e-4)?;
+        check(&format!("unet case {case}, cuDNN {cudnn}"), &out, &fx[&format!("{case}.out")], 1e-4)?;
     }
     let vae_cfg = AutoencoderKLConfig::from_json(&config("tiny-sd/vae/config.json")?)?;
     let vae_weights = load("tiny-sd/vae/diffusion_pytorch_model.safetensors")?;
@@ -139,8 +163,7 @@ fn the_fused_kernels_path_matches_the_cpus_diffusers_and_pytorch() -> Result<()>
         }
     }
     eprintln!("trainable: {} weights' gradients, worst relative error {:.3e} ({})", vars.len(), worst.0, worst.1);
-
-    every_kernel_ran("all")
+    Ok(())
 }
 
 /// Each of the ten kernels ran emulated (since the process started; `what` names the runs).

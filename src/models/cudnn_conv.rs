@@ -17,7 +17,8 @@
 //! another dtype, or the check failed); the caller then takes its own way.
 
 use super::nn::Conv2dConfig;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, Var};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Which of a convolution's three products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,6 +53,10 @@ impl Conv {
         let out = |size: usize, k: usize| (size + 2 * c.padding).checked_sub(c.dilation * (k - 1) + 1).map(|n| n / c.stride + 1);
         let y = [x[0], w[0], out(x[2], w[2])?, out(x[3], w[3])?];
         Some(Self { x, w, y, padding: c.padding, stride: c.stride, dilation: c.dilation })
+    }
+
+    fn config(&self) -> Conv2dConfig {
+        Conv2dConfig { padding: self.padding, stride: self.stride, dilation: self.dilation }
     }
 
     /// The shape of `pass`'s result.
@@ -92,16 +97,36 @@ pub fn kernel_grad(x: &Tensor, dy: &Tensor, c: Conv2dConfig, w_dims: [usize; 4])
     }
 }
 
-/// Whether cuDNN takes these tensors' convolutions: built in, turned on, all on one GPU in one
-/// of its dtypes, and past its check there.
+/// Whether cuDNN takes these tensors' convolutions: all on one device in one of its dtypes, and
+/// there built in, turned on and past its check; or on the CPU while [`emulate_on_cpu`] is on.
 fn applies(a: &Tensor, b: &Tensor) -> bool {
     static ON: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("LAYERDIFF_CUDNN").as_deref() != Ok("0"));
-    cfg!(feature = "cudnn")
-        && *ON
-        && matches!(a.dtype(), DType::F32 | DType::F16 | DType::BF16)
+    let here = |d: &candle_core::Device| (d.is_cpu() && emulating()) || (cfg!(feature = "cudnn") && *ON && imp::ready(d));
+    matches!(a.dtype(), DType::F32 | DType::F16 | DType::BF16)
         && a.dtype() == b.dtype()
         && a.device().same_device(b.device())
-        && imp::ready(a.device())
+        && here(a.device())
+}
+
+static EMULATING: AtomicBool = AtomicBool::new(false);
+static EMULATED: [AtomicUsize; 3] = [AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0)];
+
+/// For tests without a GPU: while on, CPU tensors take the cuDNN path through the models, each
+/// call computed by candle's convolution and its autograd instead, so the code
+/// that calls it (which pass where, with which shapes) is checked against diffusers and PyTorch
+/// on the CPU. Process-wide: a test binary that turns it on should hold no other tests.
+pub fn emulate_on_cpu(on: bool) {
+    EMULATING.store(on, Ordering::SeqCst);
+}
+
+fn emulating() -> bool {
+    EMULATING.load(Ordering::Relaxed)
+}
+
+/// How often each pass ran emulated since the process started: forward, input gradient, kernel
+/// gradient.
+pub fn emulated_calls() -> [usize; 3] {
+    EMULATED.each_ref().map(|n| n.load(Ordering::Relaxed))
 }
 
 /// Whether cuDNN will take the convolutions on `device` (checked now if it was not yet). For the
@@ -114,17 +139,46 @@ fn run(pass: Pass, a: &Tensor, b: &Tensor, conv: Conv) -> Result<Option<Tensor>>
     if !applies(a, b) {
         return Ok(None);
     }
+    if a.device().is_cpu() {
+        EMULATED[pass as usize].fetch_add(1, Ordering::Relaxed);
+        return emulated(pass, a, b, conv).map(Some);
+    }
     imp::run(pass, &a.contiguous()?, &b.contiguous()?, conv).map(Some)
+}
+
+/// What `pass` computes on `(a, b)`, by candle's own convolution (the gradients by its autograd,
+/// through a convolution of zeros of the other operand's shape: the result is linear in it), in
+/// f32 and rounded once to the arguments' dtype, as cuDNN accumulates: for [`emulate_on_cpu`]
+/// and, on a GPU, the reference of the self-check.
+fn emulated(pass: Pass, a: &Tensor, b: &Tensor, conv: Conv) -> Result<Tensor> {
+    let (dtype, c) = (a.dtype(), conv.config());
+    // Detached: inside a backward pass the arguments carry the model's graph, which the
+    // gradients below must not walk.
+    let (a, b) = (a.detach().to_dtype(DType::F32)?, b.detach().to_dtype(DType::F32)?);
+    let conv2d = |x: &Tensor, w: &Tensor| x.conv2d(w, c.padding, c.stride, c.dilation, 1);
+    let grad_of = |zeros: &Var, y: Tensor, dy: &Tensor| -> Result<Tensor> {
+        let grads = (y * dy)?.sum_all()?.backward()?;
+        grads.get(zeros.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
+    };
+    let out = match pass {
+        Pass::Forward => conv2d(&a, &b)?,
+        Pass::InputGrad => {
+            let x = Var::zeros(conv.x.to_vec(), DType::F32, a.device())?;
+            grad_of(&x, conv2d(x.as_tensor(), &b)?, &a)?
+        }
+        Pass::KernelGrad => {
+            let w = Var::zeros(conv.w.to_vec(), DType::F32, a.device())?;
+            grad_of(&w, conv2d(&a, w.as_tensor())?, &b)?
+        }
+    };
+    out.to_dtype(dtype)
 }
 
 /// The self-check's convolutions: SD's 3x3 (padding 1), its downsamplers' stride 2 on even and
 /// odd sizes, height and width apart, dilation and a wider padding.
 #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
-fn self_check_cases() -> Vec<(Conv, Conv2dConfig)> {
-    let case = |x, w, padding, stride, dilation| {
-        let c = Conv2dConfig { padding, stride, dilation };
-        Conv::of(x, w, c).map(|conv| (conv, c))
-    };
+fn self_check_cases() -> Vec<Conv> {
+    let case = |x, w, padding, stride, dilation| Conv::of(x, w, Conv2dConfig { padding, stride, dilation });
     [
         case([2, 3, 9, 7], [4, 3, 3, 3], 1, 1, 1),
         case([2, 3, 8, 8], [5, 3, 3, 3], 1, 2, 1),
@@ -161,7 +215,7 @@ mod imp {
     };
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
     use candle_core::cuda_backend::{CudaDType, DeviceId};
-    use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor, Var, WithDType};
+    use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor, WithDType};
     use std::cell::RefCell;
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
@@ -331,21 +385,18 @@ mod imp {
     }
 
     /// Each pass of each of [`super::self_check_cases`], in f32, f16 and bf16, against candle's
-    /// CUDA convolution and its backward (autograd) on the same random inputs: what only a GPU
-    /// shows (cuDNN's library, each call's descriptors and buffers) is checked before first use.
+    /// CUDA convolution and its backward (autograd, [`super::emulated`]) on the same random
+    /// inputs: what only a GPU shows (cuDNN's library, each call's descriptors and buffers) is
+    /// checked before first use.
     fn self_check(device: &candle_core::Device) -> std::result::Result<(), String> {
         let check = || -> Result<Option<String>> {
             for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::F16, 1e-2), (DType::BF16, 3e-2)] {
-                for (conv, c) in super::self_check_cases() {
+                for conv in super::self_check_cases() {
                     let randn = |d: [usize; 4]| Tensor::randn(0f32, 1.0, d.to_vec(), device)?.to_dtype(dtype);
-                    let (x, w, dy) = (Var::from_tensor(&randn(conv.x)?)?, Var::from_tensor(&randn(conv.w)?)?, randn(conv.y)?);
-                    let y = x.conv2d(&w, c.padding, c.stride, c.dilation, 1)?;
-                    let grads = (y.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
-                    let missing = || candle_core::Error::Msg("no gradient".into());
-                    let theirs = [y.clone(), grads.get(&x).ok_or_else(missing)?.clone(), grads.get(&w).ok_or_else(missing)?.clone()];
-                    let ours = [run(Pass::Forward, &x, &w, conv)?, run(Pass::InputGrad, &dy, &w, conv)?, run(Pass::KernelGrad, &x, &dy, conv)?];
-                    for ((ours, theirs), pass) in ours.iter().zip(&theirs).zip([Pass::Forward, Pass::InputGrad, Pass::KernelGrad]) {
-                        if let Some(gap) = super::super::cuda_kernels::differs(ours, theirs, tol)? {
+                    let (x, w, dy) = (randn(conv.x)?, randn(conv.w)?, randn(conv.y)?);
+                    for (pass, a, b) in [(Pass::Forward, &x, &w), (Pass::InputGrad, &dy, &w), (Pass::KernelGrad, &x, &dy)] {
+                        let (ours, theirs) = (run(pass, a, b, conv)?, super::emulated(pass, a, b, conv)?);
+                        if let Some(gap) = super::super::cuda_kernels::differs(&ours, &theirs, tol)? {
                             return Ok(Some(format!("{pass:?} of {conv:?} in {dtype:?} differs from candle's {gap}")));
                         }
                     }
@@ -378,8 +429,32 @@ mod tests {
         assert_eq!(cases.len(), 5);
         let features: [fn(&Conv) -> bool; 4] = [|c| c.stride > 1, |c| c.dilation > 1, |c| c.x[2] != c.x[3], |c| c.padding == 0];
         for feature in features {
-            assert!(cases.iter().any(|(conv, _)| feature(conv)));
+            assert!(cases.iter().any(feature));
         }
+    }
+
+    /// The emulation, the self-check's reference on a GPU, against candle's transposed
+    /// convolution for the input gradient and against finite differences for the kernel's.
+    #[test]
+    fn the_emulated_gradients_are_the_convolutions() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let c = Conv2dConfig { padding: 1, stride: 2, dilation: 1 };
+        let conv = Conv::of([2, 3, 8, 8], [4, 3, 3, 3], c).expect("a valid convolution");
+        let (x, w, dy) = (Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &dev)?, Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev)?, Tensor::randn(0f32, 1.0, (2, 4, 4, 4), &dev)?);
+        let max_gap = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        assert!(max_gap(&emulated(Pass::Forward, &x, &w, conv)?, &x.conv2d(&w, 1, 2, 1, 1)?)? < 1e-5);
+        // 8 = (4 - 1) 2 + 3 - 2 + 1: one row of output padding.
+        let dx = dy.conv_transpose2d(&w, 1, 1, 2, 1)?;
+        assert!(max_gap(&emulated(Pass::InputGrad, &dy, &w, conv)?, &dx)? < 1e-5);
+        // d/dw of sum(conv(x, w) dy) at one kernel element, by a central difference (exact for a
+        // linear function, up to rounding).
+        let dw = emulated(Pass::KernelGrad, &x, &dy, conv)?;
+        let bump = Tensor::zeros((4, 3, 3, 3), DType::F32, &dev)?.slice_assign(&[1..2, 2..3, 0..1, 1..2], &Tensor::ones((1, 1, 1, 1), DType::F32, &dev)?)?;
+        let loss = |w: &Tensor| -> Result<f32> { (x.conv2d(w, 1, 2, 1, 1)? * &dy)?.sum_all()?.to_scalar::<f32>() };
+        let numeric = (loss(&(&w + &bump)?)? - loss(&(&w - &bump)?)?) / 2.0;
+        let analytic = dw.get(1)?.get(2)?.get(0)?.get(1)?.to_scalar::<f32>()?;
+        assert!((numeric - analytic).abs() < 1e-3 * analytic.abs().max(1.0), "{numeric} vs {analytic}");
+        Ok(())
     }
 
     #[test]

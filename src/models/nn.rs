@@ -767,8 +767,8 @@ fn conv2d_forward(xs: &Tensor, weight: &Tensor, c: Conv2dConfig) -> Result<Tenso
     }
 }
 
-/// Whether a convolution by `weight` is a 1x1 one with no padding and stride 1: a matrix product
-/// each way, which no convolution library does better.
+/// Whether a convolution by `weight` is a 1x1 one with no padding and stride 1: its value and
+/// input gradient are one matrix product each, which no convolution library does better.
 fn plain_1x1(weight: &Tensor, c: Conv2dConfig) -> Result<bool> {
     let (_, _, k_h, k_w) = weight.dims4()?;
     Ok(k_h * k_w == 1 && c.padding == 0 && c.stride == 1)
@@ -941,10 +941,9 @@ fn flipped_transposed_kernel(w: &Tensor) -> Result<Tensor> {
 /// the fused kernels one product per image over their im2col's columns, summed.
 fn conv2d_kernel_grad(arg: &Tensor, weight: &Tensor, grad: &Tensor, c: Conv2dConfig) -> Result<Tensor> {
     let (c_out, c_in, k_h, k_w) = weight.dims4()?;
-    if !plain_1x1(weight, c)? {
-        if let Some(dw) = cudnn_conv::kernel_grad(arg, grad, c, [c_out, c_in, k_h, k_w])? {
-            return Ok(dw);
-        }
+    // 1x1 kernels too: the way below copies the input into columns first.
+    if let Some(dw) = cudnn_conv::kernel_grad(arg, grad, c, [c_out, c_in, k_h, k_w])? {
+        return Ok(dw);
     }
     let (b, _, out_h, out_w) = grad.dims4()?;
     let windows = cuda_kernels::Windows { k_h, k_w, out_h, out_w, stride: c.stride, padding: c.padding, dilation: c.dilation };
