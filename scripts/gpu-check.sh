@@ -8,12 +8,12 @@
 #                                     all into gpu-bundle/ (git-ignored; carry it; about 18 MB).
 #   scripts/gpu-check.sh run          there, from the repo root (no network): the tiny-model
 #                                     parity tests on CUDA (also with LAYERDIFF_HTOD_CACHE=0,
-#                                     with the fused kernels, LAYERDIFF_FUSED=1, and the `cudnn`
-#                                     build's, alone and fused), a demo
+#                                     without the fused kernels, LAYERDIFF_FUSED=0, and the
+#                                     `cudnn` build's, fused and not), a demo
 #                                     edit, then `layerdiff bench --stages` and
 #                                     tools/bench_stages_ref.py at 512x512 in bf16 and f32, LoRA and
 #                                     full (bf16), full with gradient checkpointing in bf16, the
-#                                     variants (the fused kernels on, cuDNN's convolutions, the
+#                                     variants (the fused kernels off, cuDNN's convolutions, the
 #                                     host-side settings off, 128 px), a table of all (tools/bench_table.py), stacks of
 #                                     the host's thread
 #                                     sampled with cuda-gdb (tools/host_samples.sh), and Nsight
@@ -127,10 +127,10 @@ print(":".join(dirs))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     # 1. correctness on the device
     step parity 90 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity --test-threads 1
     step parity-no-htod-cache 90 env LAYERDIFF_TEST_DEVICE=cuda LAYERDIFF_HTOD_CACHE=0 /tmp/gpu-check/models_parity --test-threads 1
-    step parity-fused 90 env LAYERDIFF_TEST_DEVICE=cuda LAYERDIFF_FUSED=1 /tmp/gpu-check/models_parity --test-threads 1
-    # cuDNN's convolutions (src/models/cudnn_conv.rs), alone and with the fused kernels
+    step parity-unfused 90 env LAYERDIFF_TEST_DEVICE=cuda LAYERDIFF_FUSED=0 /tmp/gpu-check/models_parity --test-threads 1
+    # cuDNN's convolutions (src/models/cudnn_conv.rs), with the fused kernels and without
     step parity-cudnn 90 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity-cudnn --test-threads 1
-    step parity-cudnn-fused 90 env LAYERDIFF_TEST_DEVICE=cuda LAYERDIFF_FUSED=1 /tmp/gpu-check/models_parity-cudnn --test-threads 1
+    step parity-cudnn-unfused 90 env LAYERDIFF_TEST_DEVICE=cuda LAYERDIFF_FUSED=0 /tmp/gpu-check/models_parity-cudnn --test-threads 1
   fi
   step demo-edit 60 "$BIN" edit --device "$DEVICE" --model assets/tiny-sd --image assets/demo/dog.png \
     --mask assets/demo/dog-mask.png --object "a jumping dog" --background "a dense forest" --size 64 \
@@ -145,14 +145,14 @@ print(":".join(dirs))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
       ref "torch-$dtype-$mode" --size "$SIZE" --dtype "$dtype" --finetune "$mode" --steps "$STEPS"
     done
   done
-  # the fused CUDA kernels (src/models/cuda_kernels.rs, opt-in until they pass parity-fused) on
-  ours ours-bf16-lora-fused LAYERDIFF_FUSED=1 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
-  ours ours-bf16-full-fused LAYERDIFF_FUSED=1 -- --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
-  # cuDNN's convolutions, alone and with the fused kernels ($BIN-cudnn)
+  # without the fused CUDA kernels (src/models/cuda_kernels.rs, on by default)
+  ours ours-bf16-lora-unfused LAYERDIFF_FUSED=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
+  ours ours-bf16-full-unfused LAYERDIFF_FUSED=0 -- --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
+  # cuDNN's convolutions ($BIN-cudnn), with the fused kernels and without
   if [ "$DEVICE" = cuda ]; then
     BIN=$BIN-cudnn ours ours-bf16-lora-cudnn -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
-    BIN=$BIN-cudnn ours ours-bf16-lora-cudnn-fused LAYERDIFF_FUSED=1 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
-    BIN=$BIN-cudnn ours ours-bf16-full-cudnn-fused LAYERDIFF_FUSED=1 -- --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
+    BIN=$BIN-cudnn ours ours-bf16-lora-cudnn-unfused LAYERDIFF_FUSED=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
+    BIN=$BIN-cudnn ours ours-bf16-full-cudnn -- --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
   fi
   # full fine-tuning with gradient checkpointing (the 16 GB target), ours and diffusers'
   ours ours-bf16-full-ckpt -- --size "$SIZE" --dtype bf16 --finetune full --gradient-checkpointing --steps "$STEPS"
@@ -185,7 +185,7 @@ print(":".join(dirs))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     local ncu ncu_bin=$BIN
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     grep -q "^parity-cudnn rc=0 " "$WORK/summary.txt" && ncu_bin=$BIN-cudnn
-    export LAYERDIFF_FUSED=${NCU_FUSED-1}
+    export LAYERDIFF_FUSED=${NCU_FUSED-1}  # the default; NCU_FUSED=0 profiles without them
     step plain-bf16 60 "$ncu_bin" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
     step ncu-bf16 "${NCU_LIMIT:-120}" "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
       -s "${NCU_SKIP:-3000}" -c "${NCU_KERNELS:-6000}" --print-summary per-kernel --csv \

@@ -143,7 +143,7 @@ pub struct StageBench {
     pub gradient_checkpointing: bool,
     pub steps: usize,
     /// Our own GPU paths that ran, each only where it passed its check on the device: `"fused"`
-    /// (the fused CUDA kernels, `LAYERDIFF_FUSED=1`), `"cudnn"` (cuDNN's convolutions, a `cudnn`
+    /// (the fused CUDA kernels, on unless `LAYERDIFF_FUSED=0`), `"cudnn"` (cuDNN's convolutions, a `cudnn`
     /// build). So a run that asked for one shows whether it got it. Empty on the CPU; absent in
     /// older reports.
     #[serde(default)]

@@ -1,4 +1,4 @@
-//! The GPU's path through the models with our CUDA kernels (`LAYERDIFF_FUSED=1`), run on the
+//! The GPU's path through the models with our CUDA kernels (on by default; `LAYERDIFF_FUSED=0` off), run on the
 //! CPU: `cuda_kernels::emulate_on_cpu` sends CPU tensors down that path, each kernel computed by
 //! candle's ops instead (what `src/models/cuda_kernels.rs`'s own tests hold the kernels' source
 //! to), the CPU's own kernels aside. So everything around the kernels (shapes, layouts, which

@@ -84,7 +84,9 @@ fn unet_sliced_attention_matches_unsliced() -> Result<()> {
         let sliced = unet(Some(slice))?.forward(sample, 981., context)?;
         let err = max_abs_diff(&full, &sliced)?;
         eprintln!("unet attention slice {slice}: max abs difference to unsliced {err:.3e}");
-        assert!(err <= 1e-6, "slice {slice}: {err:e}");
+        // The fused softmax sums each row in another order per slice size: 1.0e-6 apart on an
+        // H200. A wrong slice is off by the output's own size.
+        assert!(err <= 1e-5, "slice {slice}: {err:e}");
     }
     Ok(())
 }
@@ -129,16 +131,19 @@ fn unet_gradients_match_the_cpus() -> Result<()> {
             grads = Some(g);
         }
         if let [first, second] = &context_grads[..] {
-            assert_eq!(max_abs_diff(first, second)?, 0.0, "the second backward differs from the first");
+            // cuDNN's backward algorithms may sum in another order on each call (2.9e-10 apart
+            // on an H200); a wrong kept kernel is off by the gradient's own size.
+            let gap = max_abs_diff(first, second)? / max_abs_diff(first, &first.zeros_like()?)?;
+            assert!(gap <= 1e-6, "the second backward differs from the first by {gap:e}");
         }
         let grads = grads.ok_or("no backward")?;
         let weights = vars.iter().map(|(k, v)| Ok((k.clone(), grads.get(v.as_tensor()).ok_or(format!("{k}: no gradient"))?.clone()))).collect::<Result<_>>()?;
         Ok((context_grads.remove(0), weights))
     };
     let device = device()?;
-    if std::env::var("LAYERDIFF_FUSED").as_deref() == Ok("1") && device.is_cuda() {
+    if std::env::var("LAYERDIFF_FUSED").as_deref() != Ok("0") && device.is_cuda() {
         // Else this would pass on the composed ops (the warning logged says why).
-        assert!(layerdiff::models::cuda_kernels::ready(&device), "LAYERDIFF_FUSED=1, but the fused kernels cannot be used here");
+        assert!(layerdiff::models::cuda_kernels::ready(&device), "the fused kernels cannot be used here");
     }
     if cfg!(feature = "cudnn") && std::env::var("LAYERDIFF_CUDNN").as_deref() != Ok("0") && device.is_cuda() {
         assert!(layerdiff::models::cudnn_conv::ready(&device), "a `cudnn` build, but cuDNN cannot be used here");
