@@ -86,11 +86,14 @@ fn toy_edit(mode: FinetuneMode, on: bool, cudnn: bool) -> Result<(Vec<f64>, Vec<
 
 #[test]
 fn the_gpu_paths_match_the_cpus_diffusers_and_pytorch() -> Result<()> {
-    gpu_path_matches(false)?;
+    // The CPU's own path, the reference of both runs: LoRA's and full fine-tuning's edits.
+    let cpu = [FinetuneMode::Lora, FinetuneMode::Full].map(|mode| toy_edit(mode, false, false).map(|edit| (mode, edit)));
+    let cpu = cpu.into_iter().collect::<Result<Vec<_>>>()?;
+    gpu_path_matches(&cpu, false)?;
     every_kernel_ran("the fused kernels' runs")?;
     let im2col = |calls: Vec<(&str, usize)>| calls.iter().find(|(name, _)| *name == "im2col_per_image").map_or(0, |c| c.1);
     let im2col_before = im2col(cuda_kernels::emulated_calls());
-    gpu_path_matches(true)?;
+    gpu_path_matches(&cpu, true)?;
     // cuDNN took every convolution that im2col took (plain 1x1 ones are products either way),
     // and each of its passes ran: forward, input gradient, kernel gradient.
     let cudnn = cudnn_conv::emulated_calls();
@@ -100,14 +103,17 @@ fn the_gpu_paths_match_the_cpus_diffusers_and_pytorch() -> Result<()> {
     Ok(())
 }
 
+/// A toy edit's losses and images, by fine-tuning mode.
+type Edits = [(FinetuneMode, (Vec<f64>, Vec<Vec<u8>>))];
+
 /// The GPU's path, with the fused kernels and, if `cudnn`, cuDNN's convolutions, against the
-/// CPU's own path, diffusers' forwards and PyTorch's gradients.
-fn gpu_path_matches(cudnn: bool) -> Result<()> {
+/// CPU's own path (its edits `cpu`), diffusers' forwards and PyTorch's gradients.
+fn gpu_path_matches(cpu: &Edits, cudnn: bool) -> Result<()> {
     // 1. A whole edit (stage 1, LoRA's and full fine-tuning's stage 2, sampling, the VAE) equals
     //    the CPU's own path: the same losses to rounding, the same images to a level.
-    for mode in [FinetuneMode::Lora, FinetuneMode::Full] {
-        let ((cpu_losses, cpu_images), (losses, images)) = (toy_edit(mode, false, false)?, toy_edit(mode, true, cudnn)?);
-        let loss_err = losses.iter().zip(&cpu_losses).map(|(a, b)| (a - b).abs() / b.abs()).fold(0f64, f64::max);
+    for (mode, (cpu_losses, cpu_images)) in cpu {
+        let (losses, images) = toy_edit(*mode, true, cudnn)?;
+        let loss_err = losses.iter().zip(cpu_losses).map(|(a, b)| (a - b).abs() / b.abs()).fold(0f64, f64::max);
         let pixel_err = images.iter().flatten().zip(cpu_images.iter().flatten()).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
         eprintln!("toy edit, {mode:?}, cuDNN {cudnn}: losses' largest relative difference {loss_err:.3e}, pixels' {pixel_err}");
         assert_eq!(losses.len(), cpu_losses.len());

@@ -288,11 +288,11 @@ mod imp {
         }
 
         fn cuda_fwd(&self, a: &CudaStorage, a_l: &Layout, b: &CudaStorage, b_l: &Layout) -> Result<(CudaStorage, Shape)> {
-            let dev = a.device();
-            let out = match a.dtype() {
-                DType::F32 => CudaStorage::wrap_cuda_slice(launch::<f32>(self, dev, (a, a_l), (b, b_l))?, dev.clone()),
-                DType::F16 => CudaStorage::wrap_cuda_slice(launch::<half::f16>(self, dev, (a, a_l), (b, b_l))?, dev.clone()),
-                DType::BF16 => CudaStorage::wrap_cuda_slice(launch::<half::bf16>(self, dev, (a, a_l), (b, b_l))?, dev.clone()),
+            let (dev, a, b) = (a.device(), (a, a_l), (b, b_l));
+            let out = match a.0.dtype() {
+                DType::F32 => launch::<f32>(self, dev, a, b)?,
+                DType::F16 => launch::<half::f16>(self, dev, a, b)?,
+                DType::BF16 => launch::<half::bf16>(self, dev, a, b)?,
                 d => candle_core::bail!("cuDNN convolution in {d:?}"),
             };
             Ok((out, Shape::from(self.conv.result(self.pass).to_vec())))
@@ -347,7 +347,7 @@ mod imp {
         dev: &CudaDevice,
         (a, a_l): (&CudaStorage, &Layout),
         (b, b_l): (&CudaStorage, &Layout),
-    ) -> Result<CudaSlice<T>> {
+    ) -> Result<CudaStorage> {
         let cudnn = handle(dev)?;
         let d = descriptors::<T>(&cudnn, &op.conv)?;
         // Both arguments are contiguous: each a view from its offset.
@@ -382,7 +382,7 @@ mod imp {
                 cu(unsafe { conv.launch(algo, workspace(bytes)?.as_mut(), scale, &a, &mut out, &b) })?;
             }
         }
-        Ok(out)
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 
     /// Each pass of each of [`super::self_check_cases`], in f32, f16 and bf16, against candle's
