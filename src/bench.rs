@@ -90,6 +90,9 @@ pub struct StageBenchOptions {
     /// The UNet's diffusers `config.json`; `None`: SD v1.4's ([`sd_v14_unet_config`]). Tests
     /// pass a tiny one (`tiny::default_configs()["unet"]`) to run the same code in seconds.
     pub unet_config: Option<serde_json::Value>,
+    /// On a GPU, the stage (1, 2 or 3) whose timed steps a profiler started with its collection
+    /// off records: they run between `cuProfilerStart` and `cuProfilerStop`.
+    pub profile_stage: Option<usize>,
 }
 
 impl Default for StageBenchOptions {
@@ -101,6 +104,7 @@ impl Default for StageBenchOptions {
             steps: 3,
             gradient_checkpointing: false,
             unet_config: None,
+            profile_stage: None,
         }
     }
 }
@@ -264,10 +268,16 @@ impl std::fmt::Display for StageBench {
 /// handed back, and stage 2 is the largest), and the frozen UNet of stages 1 and 3 is dropped
 /// before stage 2 builds its trainable copy. `on_stage` hears when each stage starts.
 pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dyn FnMut(&str)) -> Result<StageBench> {
-    let StageBenchOptions { size, dtype, finetune, steps, gradient_checkpointing, ref unet_config } = *opts;
+    let StageBenchOptions { size, dtype, finetune, steps, gradient_checkpointing, ref unet_config, profile_stage } = *opts;
     if size == 0 || !size.is_multiple_of(8) {
         return Err(bad_input("--size", format!("{size} is not a positive multiple of 8"), "use 256 or 512"));
     }
+    match profile_stage {
+        Some(n) if !(1..=3).contains(&n) => return Err(bad_input("--profile-stage", format!("{n} is not a stage"), "use 1, 2 or 3")),
+        Some(_) if !device.is_cuda() => return Err(bad_input("--profile-stage", "a profile needs a GPU", "add --device cuda")),
+        _ => {}
+    }
+    let profiled = |stage| profile_stage == Some(stage);
     crate::pipeline::check_dtype(device, dtype)?;
     let settings = EditSettings::default();
     let steps = steps.max(1);
@@ -305,7 +315,7 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
     // 1. stage 1: layered optimization of the two embeddings
     on_stage("stage 1");
     let mut stage1 = LayeredOptimization::new(&context, &context, settings.embedding_lr)?;
-    let stage1_timed = meter.time_loop(steps, &mut |n, tick| {
+    let stage1_timed = meter.time_loop(steps, profiled(1), &mut |n, tick| {
         let until = stage1.step + n;
         stage1.run(&unet, &alphas, &data, 0, until, &mut |_| tick())
     })?;
@@ -315,7 +325,7 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
     on_stage("stage 3");
     let latents = seeded_noise(6, &shape, device, dtype)?;
     let guidance = crate::pipeline::Guidance { cond: &context, uncond: &context, scale: settings.guidance_scale };
-    let stage3_timed = meter.time_median(steps, &mut || {
+    let stage3_timed = meter.time_median(steps, profiled(3), &mut || {
         crate::pipeline::guided_noise(&unet, &latents, 500, &guidance)?;
         Ok(())
     })?;
@@ -336,7 +346,7 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
     .with_gradient_checkpointing(gradient_checkpointing);
     let stage2_trained_parameters =
         stage2.state().iter().filter(|(k, _)| k.starts_with("var.")).map(|(_, t)| t.elem_count()).sum();
-    let stage2_timed = meter.time_loop(steps, &mut |n, tick| {
+    let stage2_timed = meter.time_loop(steps, profiled(2), &mut |n, tick| {
         let until = stage2.step + n;
         stage2.run(&context, lambda_object, settings.lambda_background, &alphas, &data, 0, until, &mut |_| tick())
     })?;
@@ -442,8 +452,8 @@ impl<'a> PeakMeter<'a> {
 
     /// One warm-up call, then `steps` timed calls (at least one), the device synchronized around
     /// each: the medians, and the peak memory of the timed calls.
-    fn time_median(&self, steps: usize, call: &mut dyn FnMut() -> Result<()>) -> Result<Timed> {
-        self.time_loop(steps, &mut |n, tick| {
+    fn time_median(&self, steps: usize, profiled: bool, call: &mut dyn FnMut() -> Result<()>) -> Result<Timed> {
+        self.time_loop(steps, profiled, &mut |n, tick| {
             for _ in 0..n {
                 call()?;
                 tick();
@@ -456,14 +466,18 @@ impl<'a> PeakMeter<'a> {
     /// the device synchronized at each: the medians, and the peak memory of the timed
     /// steps. What a stage does once per loop rather than per step (stage 2's check that every
     /// weight is finite, which an edit does once per checkpoint) falls outside the timed steps.
+    /// With `profiled`, the timed steps run between `cuProfilerStart` and `cuProfilerStop`.
     fn time_loop(
         &self,
         steps: usize,
+        profiled: bool,
         run: &mut StageLoop<'_>,
     ) -> Result<Timed> {
         run(1, &mut || {})?;
         self.device.synchronize()?;
         self.reset();
+        // Collection stops where this function returns: no GPU work follows the steps.
+        let _profiler = profiled.then(profiler).transpose()?;
         let steps = steps.max(1);
         let (mut times, mut hosts) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
         let mut synced = Ok(());
@@ -484,6 +498,20 @@ impl<'a> PeakMeter<'a> {
         }
         Ok(Timed { step_s: median(times), host_s: median(hosts), peak_mib: self.peak_mib() })
     }
+}
+
+/// A profiler's collection, on from now until dropped (`--profile-stage`: for `ncu
+/// --profile-from-start off` or `nsys profile --capture-range=cudaProfilerApi`).
+#[cfg(feature = "cuda")]
+fn profiler() -> Result<candle_core::cuda_backend::cudarc::driver::Profiler> {
+    candle_core::cuda_backend::cudarc::driver::Profiler::new()
+        .map_err(|e| bad_input("--profile-stage", format!("cuProfilerStart failed: {e:?}"), "run without it"))
+}
+
+/// Without CUDA no device takes a profile (`bench_stages` refuses the option first).
+#[cfg(not(feature = "cuda"))]
+fn profiler() -> Result<()> {
+    Err(bad_input("--profile-stage", "this build has no CUDA", "build with --features cuda"))
 }
 
 /// What [`PeakMeter::time_loop`] measures of a stage's steps.

@@ -271,6 +271,12 @@ struct BenchArgs {
     /// With --stages: stage 2 with gradient checkpointing (as `edit --gradient-checkpointing`).
     #[arg(long, requires = "stages")]
     gradient_checkpointing: bool,
+    /// With --stages on a GPU: run the timed steps of stage N (1, 2 or 3) between
+    /// cuProfilerStart and cuProfilerStop, so that a profiler started with its collection off
+    /// records only those (with --steps 1, one step). Example: ncu --profile-from-start off
+    /// layerdiff bench --stages --device cuda --steps 1 --profile-stage 2
+    #[arg(long, value_name = "N", requires = "stages")]
+    profile_stage: Option<usize>,
     /// With --stages: the tiny test UNet instead of SD v1.4's (tests; the numbers mean nothing).
     #[arg(long, hide = true, requires = "stages")]
     tiny: bool,
@@ -1031,6 +1037,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             finetune: args.finetune,
             steps: args.steps,
             gradient_checkpointing: args.gradient_checkpointing,
+            profile_stage: args.profile_stage,
             unet_config: match &args.unet_config {
                 Some(path) => Some(read_unet_config(path)?),
                 None => args.tiny.then(|| layerdiff::tiny::default_configs()["unet"].clone()),

@@ -170,6 +170,42 @@ fn unet_gradients_match_the_cpus() -> Result<()> {
     Ok(())
 }
 
+/// Adam on the test device steps as on the CPU, bit for bit: f32 variables read by the model as
+/// they are and through bf16 copies, with weight decay, over steps whose bias corrections differ
+/// (a linear loss, so each device's gradient is the same `r`). For `LAYERDIFF_TEST_DEVICE=cuda`:
+/// the fused step (`cuda_kernels::adam_step`), which must have run there.
+#[test]
+fn adam_steps_as_on_the_cpu_bit_for_bit() -> Result<()> {
+    use layerdiff::method::adam::{fused_step_ready, Adam, AdamParams};
+    let device = device()?;
+    if std::env::var("LAYERDIFF_FUSED").as_deref() != Ok("0") && device.is_cuda() {
+        assert!(fused_step_ready(&device), "Adam's fused step cannot be used here");
+    }
+    let n = 10_000;
+    let init = (Tensor::randn(0f32, 1.0, n, &Device::Cpu)? * 3.0)?;
+    let r: Vec<Tensor> = (0..3).map(|t| Tensor::randn(0f32, 1.0, n, &Device::Cpu)? * 10f64.powi(t - 1)).collect::<candle_core::Result<_>>()?;
+    for model_dtype in [DType::F32, DType::BF16] {
+        let params = AdamParams { lr: 2e-3, weight_decay: 0.01, ..Default::default() };
+        let run = |device: &Device| -> Result<Vec<u32>> {
+            let var = Var::from_tensor(&init.to_device(device)?)?;
+            let mut adam = Adam::with_model_copies(vec![("x".into(), var.clone())], params, model_dtype)?;
+            let model = adam.model_vars().next().ok_or("no variable")?.1.clone();
+            for r in &r {
+                let loss = (model.as_tensor() * r.to_device(device)?.to_dtype(model_dtype)?)?.sum_all()?;
+                adam.backward_step(&loss)?;
+            }
+            let mut bits: Vec<u32> = var.as_tensor().to_device(&Device::Cpu)?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect();
+            let model = model.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+            bits.extend(model.iter().map(|v| v.to_bits()));
+            Ok(bits)
+        };
+        let (ours, cpu) = (run(&device)?, run(&Device::Cpu)?);
+        let differing = ours.iter().zip(&cpu).filter(|(a, b)| a != b).count();
+        assert_eq!(differing, 0, "{device:?}, model in {model_dtype:?}: elements of the variable and the model's copy differing from the CPU's");
+    }
+    Ok(())
+}
+
 #[test]
 fn unet_config_from_json() -> Result<()> {
     let json = read_json("tiny-sd/unet/config.json")?;

@@ -246,6 +246,33 @@ __device__ void transpose_tiled(const typename D::T *x, typename D::T *y, unsign
     }
 }
 
+// Adam's step in place (src/method/adam.rs) over `n` elements: the moments `m`, `v` and the
+// variable `p` in f32, the gradient `g` in D, and where the model reads a copy of `p` in D
+// (`model` not null) that copy too: one pass where the composed step took about eighteen. The
+// composed step's f32 operations in its order, each rounded on its own (`__f*_rn`: no fused
+// multiply-add, which would round once where it rounds twice), so the result is its bit for bit;
+// the `+ 0.0f` are its affine ops' additions.
+template <typename D>
+__device__ void adam_step(const typename D::T *g, float *p, float *m, float *v, typename D::T *model, unsigned int n,
+                          float one_minus_beta1, float beta2, float one_minus_beta2, unsigned int decays, float decay,
+                          float neg_step_size, float inv_bias_correction2_sqrt, float eps) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+        float gi = D::load(g[i]);
+        // m + ((g - m) (1 - beta1) + 0)
+        float mi = __fadd_rn(m[i], __fadd_rn(__fmul_rn(__fsub_rn(gi, m[i]), one_minus_beta1), 0.0f));
+        // (v beta2 + 0) + ((g (1 - beta2) + 0) g)
+        float vi = __fadd_rn(__fadd_rn(__fmul_rn(v[i], beta2), 0.0f), __fmul_rn(__fadd_rn(__fmul_rn(gi, one_minus_beta2), 0.0f), gi));
+        float pi = decays ? __fadd_rn(__fmul_rn(p[i], decay), 0.0f) : p[i];
+        // (sqrt(v) / sqrt(1 - beta2^t) + 0) 1 + eps
+        float denom = __fadd_rn(__fmul_rn(__fadd_rn(__fmul_rn(__fsqrt_rn(vi), inv_bias_correction2_sqrt), 0.0f), 1.0f), eps);
+        pi = __fadd_rn(pi, __fdiv_rn(__fadd_rn(__fmul_rn(mi, neg_step_size), 0.0f), denom));
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi;
+        if (model) model[i] = D::store(pi);
+    }
+}
+
 #define KERNELS(D, name)                                                                                   \
 extern "C" __global__ void softmax_input_grad_##name(const D::T *p, const D::T *dp, const D::T *dot,       \
         D::T *ds, unsigned int n, unsigned int cols, float scale) {                                        \
@@ -274,6 +301,11 @@ extern "C" __global__ void geglu_input_grad_##name(const D::T *xs, const D::T *g
 extern "C" __global__ void swap_axes_##name(const D::T *x, D::T *y, unsigned int n, unsigned int ni,       \
         unsigned int nj, unsigned int ne) { swap_axes<D>(x, y, n, ni, nj, ne); }                           \
 extern "C" __global__ void transpose_tiled_##name(const D::T *x, D::T *y, unsigned int ni, unsigned int nj) {\
-    transpose_tiled<D>(x, y, ni, nj); }
+    transpose_tiled<D>(x, y, ni, nj); }                                                                    \
+extern "C" __global__ void adam_step_##name(const D::T *g, float *p, float *m, float *v, D::T *model,      \
+        unsigned int n, float one_minus_beta1, float beta2, float one_minus_beta2, unsigned int decays,    \
+        float decay, float neg_step_size, float inv_bias_correction2_sqrt, float eps) {                    \
+    adam_step<D>(g, p, m, v, model, n, one_minus_beta1, beta2, one_minus_beta2, decays, decay,             \
+                 neg_step_size, inv_bias_correction2_sqrt, eps); }
 KERNELS(F32, f32)
 KERNELS(BF16, bf16)

@@ -200,6 +200,39 @@ pub fn swap_axes(x: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Optio
     apply(&[&x.contiguous()?], Kernel::SwapAxes { a, i, j, e })
 }
 
+/// Adam's constants for one step of one variable, in f32, as src/method/adam.rs computes them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamScalars {
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    /// `1 - lr weight_decay`, with weight decay.
+    pub decay: Option<f32>,
+    /// `-lr / (1 - beta1^t)`.
+    pub neg_step_size: f32,
+    /// `1 / sqrt(1 - beta2^t)`.
+    pub inv_bias_correction2_sqrt: f32,
+    pub eps: f32,
+}
+
+/// Adam's step written in place on a GPU, one kernel: the f32 moments `m`, `v` and variable `p`
+/// from the gradient `g`, and `model` (the copy of `p` a half-precision model reads, in `g`'s
+/// dtype) from the new `p`. The composed step's operations in its order, so its bits
+/// (src/method/adam.rs checks that on each device before first use). `Ok(false)`, with nothing
+/// written, where it does not apply: not on a GPU, not contiguous, other dtypes or sizes, or the
+/// kernels not built there.
+pub fn adam_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, model: Option<&Tensor>, s: AdamScalars) -> Result<bool> {
+    let n = p.elem_count();
+    let state = [p, m, v].iter().all(|t| t.dtype() == DType::F32);
+    let copy = model.map_or(g.dtype() == DType::F32, |c| c.dtype() == g.dtype());
+    let all = [p, g, m, v].into_iter().chain(model);
+    let fits = all.clone().all(|t| t.is_contiguous() && t.elem_count() == n && t.device().same_device(p.device()));
+    if !(state && copy && fits && n < 1 << 31 && p.device().is_cuda() && applies(&[g])) {
+        return Ok(false);
+    }
+    imp::adam_step(p, g, m, v, model, s)
+}
+
 /// Each kernel on small inputs (the kernel and its arguments' shapes) for the GPU's check of the
 /// kernels against candle's ops before their first use: rows longer than a block, partial tiles,
 /// a strided convolution with padding.
@@ -294,13 +327,17 @@ mod imp {
     pub(super) fn ready(_: &Tensor) -> bool {
         false
     }
+
+    pub(super) fn adam_step(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: Option<&Tensor>, _: super::AdamScalars) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{Kernel, SOURCE};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaModule, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaModule, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor};
@@ -543,6 +580,61 @@ mod imp {
         t.device().as_cuda_device().is_ok_and(|dev| module(dev).is_some())
     }
 
+    pub(super) fn adam_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, model: Option<&Tensor>, s: super::AdamScalars) -> Result<bool> {
+        let Ok(dev) = p.device().as_cuda_device() else { return Ok(false) };
+        let Some(module) = module(dev) else { return Ok(false) };
+        match g.dtype() {
+            DType::F32 => launch_adam::<f32>(&module, dev, [p, g, m, v], model, s, "f32")?,
+            DType::BF16 => launch_adam::<half::bf16>(&module, dev, [p, g, m, v], model, s, "bf16")?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The view of a contiguous tensor's elements in its CUDA storage.
+    fn view<'a, T: CudaDType>(storage: &'a candle_core::Storage, layout: &Layout) -> Result<CudaView<'a, T>> {
+        match storage {
+            candle_core::Storage::Cuda(s) => Ok(s.as_cuda_slice::<T>()?.slice(layout.start_offset()..)),
+            _ => candle_core::bail!("adam_step: a tensor off the GPU"),
+        }
+    }
+
+    fn launch_adam<T: CudaDType + DeviceRepr>(
+        module: &Arc<CudaModule>,
+        dev: &CudaDevice,
+        [p, g, m, v]: [&Tensor; 4],
+        model: Option<&Tensor>,
+        s: super::AdamScalars,
+        suffix: &str,
+    ) -> Result<()> {
+        let func = |name: &str| module.load_function(&format!("{name}_{suffix}")).w();
+        let func = func("adam_step")?;
+        // The kernel writes `p`, `m`, `v` and `model` through views taken under read locks: no
+        // other reference reads them meanwhile (candle orders its work on one stream), and
+        // their memory is the device's, which Rust does not see.
+        let guards = [p, g, m, v].map(Tensor::storage_and_layout);
+        let model_guard = model.map(Tensor::storage_and_layout);
+        let [p, m, v] = [0, 2, 3].map(|i| view::<f32>(&guards[i].0, guards[i].1));
+        let (p, m, v) = (p?, m?, v?);
+        let g = view::<T>(&guards[1].0, guards[1].1)?;
+        let copy = model_guard.as_ref().map(|(s, l)| view::<T>(s, l)).transpose()?;
+        let n = p.len() as u32;
+        let (decays, decay) = (s.decay.is_some() as u32, s.decay.unwrap_or(1.0));
+        let null = 0u64;
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(&g).arg(&p).arg(&m).arg(&v);
+        match &copy {
+            Some(copy) => builder.arg(copy),
+            None => builder.arg(&null),
+        };
+        builder.arg(&n).arg(&s.one_minus_beta1).arg(&s.beta2).arg(&s.one_minus_beta2).arg(&decays).arg(&decay);
+        builder.arg(&s.neg_step_size).arg(&s.inv_bias_correction2_sqrt).arg(&s.eps);
+        // SAFETY: the kernel's signature is the arguments pushed; every view holds `n` elements.
+        unsafe { builder.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+        Ok(())
+    }
+
     pub(super) fn apply(args: &[&Tensor], kernel: Kernel) -> Result<Option<Tensor>> {
         let Ok(dev) = args[0].device().as_cuda_device() else { return Ok(None) };
         let Some(module) = module(dev) else { return Ok(None) };
@@ -650,7 +742,7 @@ mod emulated {
 /// GPU can check (NVRTC's module, the launches' arguments) the self-check on the device and the
 /// device check's `parity-fused` do.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::nn::{normalize_rows, normalized_rows_input_grad};
     use super::emulated::per_element;
     use candle_core::{DType, Device, Result, Tensor};
@@ -666,10 +758,11 @@ mod tests {
                 let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/models");
                 let out = std::env::temp_dir().join(format!("layerdiff-cuda-kernels-on-cpu-{}", std::process::id()));
                 let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-                // Address and undefined-behaviour sanitizers: a kernel's read or write outside its
+                // No contracted multiply-adds, as the kernels ask of the GPU (`__f*_rn`). Address and
+                // undefined-behaviour sanitizers: a kernel's read or write outside its
                 // buffers, or an overflow, fails the run.
                 let status = Command::new(&cxx)
-                    .args(["-std=c++20", "-O1", "-pthread", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-I"])
+                    .args(["-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-I"])
                     .arg(&dir)
                     .arg("-o")
                     .arg(&out)
@@ -683,7 +776,7 @@ mod tests {
     }
 
     /// The harness's output for `args` (its operation, dtype and sizes) on `inputs`, laid end to end.
-    fn run(args: &[String], inputs: &[&Tensor]) -> Result<Vec<f32>> {
+    pub(crate) fn run(args: &[String], inputs: &[&Tensor]) -> Result<Vec<f32>> {
         static CALLS: AtomicUsize = AtomicUsize::new(0);
         let base = std::env::temp_dir().join(format!("layerdiff-ck-{}-{}", std::process::id(), CALLS.fetch_add(1, Ordering::SeqCst)));
         let (input, output) = (base.with_extension("in"), base.with_extension("out"));

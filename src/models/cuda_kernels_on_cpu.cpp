@@ -14,6 +14,9 @@
 //   harness swap_axes f32|bf16 A I J E IN OUT                 IN: x (A x I x J x E)
 //   harness transpose_tiled f32|bf16 A I J IN OUT             IN: x (A x I x J)
 //   harness im2col_per_image f32|bf16 B C H W KH KW STRIDE PADDING DILATION IN OUT    IN: x (B x C x H x W)
+//   harness adam_step f32|bf16 N BETA1' BETA2 BETA2' DECAY NEG_STEP INV_BC2 EPS MODEL IN OUT
+//       IN: g, p, m, v (N each); OUT: p, m, v, the model's copy (N each, zeros without MODEL=1);
+//       the f32 scalars as their bits (decimal), DECAY 0 for none
 // as little-endian f32 (bf16 inputs: values bf16 holds exactly); OUT: the result as f32.
 #include <barrier>
 #include <cmath>
@@ -55,6 +58,13 @@ static unsigned int __float_as_uint(float f) {
     std::memcpy(&u, &f, 4);
     return u;
 }
+
+// Each rounded on its own, as on the GPU (the harness is built with -ffp-contract=off).
+static float __fadd_rn(float a, float b) { return a + b; }
+static float __fsub_rn(float a, float b) { return a - b; }
+static float __fmul_rn(float a, float b) { return a * b; }
+static float __fdiv_rn(float a, float b) { return a / b; }
+static float __fsqrt_rn(float a) { return std::sqrt(a); }
 
 #include "cuda_kernels.cu"
 
@@ -226,6 +236,28 @@ static std::vector<float> run(int argc, char **argv) {
         // As cuda_kernels.rs: 32 x 8 threads per 32 x 32 tile.
         launch(Dim3{(nj + 31) / 32, (ni + 31) / 32, a}, Dim3{32, 8, 1}, [&] { transpose_tiled<D>(x.data(), y.data(), ni, nj); });
         return loaded(y);
+    }
+    if (op == "adam_step" && argc == 14) {
+        unsigned int n = std::atoi(argv[3]);
+        float c[7];
+        for (int i = 0; i < 7; i++) c[i] = __uint_as_float((unsigned int)std::strtoul(argv[4 + i], nullptr, 10));
+        bool copy = std::atoi(argv[11]) == 1;
+        std::vector<float> in = read_floats(argv[12], 4 * (size_t)n);
+        auto g = stored(in, 0, n);
+        std::vector<float> p(in.begin() + n, in.begin() + 2 * n), m(in.begin() + 2 * n, in.begin() + 3 * n),
+            v(in.begin() + 3 * n, in.end());
+        std::vector<typename D::T> model(n, D::store(0.0f));
+        unsigned int decays = __float_as_uint(c[3]) != 0;
+        launch(2, 64, [&] {
+            adam_step<D>(g.data(), p.data(), m.data(), v.data(), copy ? model.data() : nullptr, n, c[0], c[1], c[2], decays,
+                         c[3], c[4], c[5], c[6]);
+        });
+        std::vector<float> out = p;
+        out.insert(out.end(), m.begin(), m.end());
+        out.insert(out.end(), v.begin(), v.end());
+        auto copied = loaded(model);
+        out.insert(out.end(), copied.begin(), copied.end());
+        return out;
     }
     std::fprintf(stderr, "usage: see the head of cuda_kernels_on_cpu.cpp\n");
     std::exit(2);
