@@ -21,6 +21,10 @@
 #                                     (tools/ncu_summary.py); every log and
 #                                     JSON packed into $OUT/gpu-check.tgz, plus summary.txt, the
 #                                     two tables and the host's samples.
+#   scripts/gpu-check.sh quick        there, the short check (about 7 minutes): parity in both
+#                                     builds, bf16 full fine-tuning and f32 LoRA against PyTorch,
+#                                     bf16 LoRA, and Nsight Compute over one step of full
+#                                     fine-tuning's stage 2 (`bench --profile-stage 2`).
 #
 # With the device tool: run(command="STEPS=5 scripts/gpu-check.sh run", carry=["gpu-bundle"],
 # timeout_s=480). The run half took 5.8 minutes on an H200 (350 s of device time, plus about 40 s
@@ -105,7 +109,8 @@ ref() {
   step "$name" 90 "$PY" tools/bench_stages_ref.py --device "$DEVICE" "$@" "${tiny[@]}" --json "$WORK/$name.json"
 }
 
-run() {
+# The bundle unpacked, the GPU's name, diffusers and the CUDA libraries' path; $BIN the binary.
+setup() {
   mkdir -p "$OUT" "$WORK"
   : >"$WORK/summary.txt"
   tiny=()
@@ -124,6 +129,52 @@ run() {
 dirs = [os.path.join(p, "cu13", "lib") for p in nvidia.__path__]
 dirs += sorted({os.path.dirname(f) for p in nvidia.__path__ for f in glob.glob(os.path.join(p, "**", "libcudnn.so.9"), recursive=True)})
 print(":".join(dirs))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  fi
+}
+
+# Nsight Compute's time per kernel, summed by kernel: `profile NAME LIMIT ARGS...` (its options,
+# then the command) into $WORK/NAME.log and $OUT/NAME-kernels.txt.
+profile() {
+  local name=$1 limit=$2 ncu
+  shift 2
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  step "$name" "$limit" "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+    --print-summary per-kernel --csv "$@"
+  "$PY" tools/ncu_summary.py "$WORK/$name.log" 30 | tee "$WORK/$name-kernels.txt"
+  cp "$WORK/$name-kernels.txt" "$OUT/"
+}
+
+# The short check (about 7 minutes on an H200): parity in both builds, full fine-tuning and f32
+# against PyTorch, LoRA, and Nsight Compute over one step of full fine-tuning's stage 2.
+quick() {
+  setup
+  if [ "$DEVICE" = cuda ]; then
+    step parity 90 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity --test-threads 1
+    step parity-cudnn 90 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity-cudnn --test-threads 1
+  fi
+  ours ours-bf16-full -- --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
+  ref torch-bf16-full --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
+  ours ours-bf16-lora -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
+  ours ours-f32-lora -- --size "$SIZE" --dtype f32 --finetune lora --steps "$STEPS"
+  ref torch-f32-lora --size "$SIZE" --dtype f32 --finetune lora --steps "$STEPS"
+  if [ "$DEVICE" = cuda ]; then
+    # PyTorch's f32 convolutions round their inputs to TF32 (cuDNN's default there); ours with
+    # LAYERDIFF_TF32=1 do too, and so do our f32 products.
+    BIN=$BIN-cudnn ours ours-f32-lora-cudnn-tf32 LAYERDIFF_TF32=1 -- --size "$SIZE" --dtype f32 --finetune lora --steps "$STEPS"
+    BIN=$BIN-cudnn ours ours-bf16-full-cudnn -- --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
+  fi
+  "$PY" tools/bench_table.py "$WORK"/*.json | tee "$WORK/table.txt"
+  cp "$WORK/table.txt" "$OUT/"
+  if [ "$DEVICE" = cuda ] && [ -n "${PROFILE-1}" ]; then
+    profile ncu-full-stage2 "${NCU_LIMIT:-150}" --profile-from-start off "$BIN" bench --stages --device cuda \
+      --size "$SIZE" --dtype bf16 --finetune full --steps 1 --profile-stage 2
+  fi
+  cat "$WORK/summary.txt"
+}
+
+run() {
+  setup
+  if [ "$DEVICE" = cuda ]; then
     # 1. correctness on the device
     step parity 90 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity --test-threads 1
     step parity-no-htod-cache 90 env LAYERDIFF_TEST_DEVICE=cuda LAYERDIFF_HTOD_CACHE=0 /tmp/gpu-check/models_parity --test-threads 1
@@ -182,16 +233,12 @@ print(":".join(dirs))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     #    plain bench's forward + backward (after its forwards); last, as it may run out of time.
     #    With the fused kernels (NCU_FUSED=0: without; h200-2026-11-28 has that profile), and
     #    cuDNN's convolutions where its parity passed above.
-    local ncu ncu_bin=$BIN
-    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    local ncu_bin=$BIN
     grep -q "^parity-cudnn rc=0 " "$WORK/summary.txt" && ncu_bin=$BIN-cudnn
     export LAYERDIFF_FUSED=${NCU_FUSED-1}  # the default; NCU_FUSED=0 profiles without them
     step plain-bf16 60 "$ncu_bin" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
-    step ncu-bf16 "${NCU_LIMIT:-120}" "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
-      -s "${NCU_SKIP:-3000}" -c "${NCU_KERNELS:-6000}" --print-summary per-kernel --csv \
+    profile ncu-bf16 "${NCU_LIMIT:-120}" -s "${NCU_SKIP:-3000}" -c "${NCU_KERNELS:-6000}" \
       "$ncu_bin" bench --device cuda --size "$SIZE" --dtype bf16 --runs 1
-    "$PY" tools/ncu_summary.py "$WORK/ncu-bf16.log" 30 | tee "$WORK/ncu-kernels.txt"
-    cp "$WORK/ncu-kernels.txt" "$OUT/"
     unset LAYERDIFF_FUSED
   fi
   cat "$WORK/summary.txt"
@@ -200,5 +247,6 @@ print(":".join(dirs))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 case "${1:-}" in
   prepare) prepare ;;
   run) run ;;
-  *) echo "usage: scripts/gpu-check.sh prepare|run" >&2; exit 2 ;;
+  quick) quick ;;
+  *) echo "usage: scripts/gpu-check.sh prepare|run|quick" >&2; exit 2 ;;
 esac

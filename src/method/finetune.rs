@@ -298,9 +298,8 @@ impl LayeredFinetune {
         }
         // Weights that overflowed in the last step would only show when sampling: check once.
         if self.step > start {
-            for (name, var) in self.adam.vars() {
-                check_finite(var.as_tensor(), STAGE2, &format!("the weight {name}"), self.step, &fix)?;
-            }
+            let weights = self.adam.vars().map(|(name, var)| (format!("the weight {name}"), var.as_tensor()));
+            check_finite(weights, STAGE2, self.step, &fix)?;
         }
         Ok(())
     }

@@ -172,34 +172,49 @@ pub fn layered_optimization(
 pub(crate) fn finite_step(loss: &Tensor, tensors: &[&Tensor], what: &str, stage: &str, step: usize, fix: &str) -> Result<f64> {
     let mut values = vec![loss.to_dtype(DType::F64)?.reshape(1)?];
     for t in tensors {
-        values.push(abs_sum(t)?.reshape(1)?);
+        values.push(nonfinite_probe(t)?.reshape(1)?);
     }
     let values = Tensor::cat(&values, 0)?.to_vec1::<f64>()?;
     if !values[0].is_finite() {
         return Err(bad_input(stage, format!("the loss became {} at step {step}", values[0]), fix));
     }
-    if let Some(sum) = values[1..].iter().find(|v| !v.is_finite()) {
-        return Err(diverged(*sum, stage, what, step, fix));
+    if let Some(i) = values[1..].iter().position(|v| !v.is_finite()) {
+        return Err(diverged(tensors[i], stage, what, step, fix));
     }
     Ok(values[0])
 }
 
-/// The error of a diverged stage when `t` holds an inf or a NaN.
-pub(crate) fn check_finite(t: &Tensor, stage: &str, what: &str, step: usize, fix: &str) -> Result<()> {
-    let sum = abs_sum(t)?.to_scalar::<f64>()?;
-    if !sum.is_finite() {
-        return Err(diverged(sum, stage, what, step, fix));
+/// The error of a diverged stage when one of `tensors` (each with its name) holds an inf or a
+/// NaN; read from the device in one transfer.
+pub(crate) fn check_finite<'a>(tensors: impl IntoIterator<Item = (String, &'a Tensor)>, stage: &str, step: usize, fix: &str) -> Result<()> {
+    let tensors: Vec<(String, &Tensor)> = tensors.into_iter().collect();
+    if tensors.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let probes = tensors.iter().map(|(_, t)| Ok(nonfinite_probe(t)?.reshape(1)?)).collect::<Result<Vec<_>>>()?;
+    let probes = Tensor::cat(&probes, 0)?.to_vec1::<f64>()?;
+    match probes.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(diverged(tensors[i].1, stage, &tensors[i].0, step, fix)),
+        None => Ok(()),
+    }
 }
 
-/// `sum |t|` in f64: a sum, not a max, as NaN propagates through sums but compares false in a max.
-fn abs_sum(t: &Tensor) -> Result<Tensor> {
-    Ok(t.to_dtype(DType::F64)?.abs()?.sum_all()?)
+/// `sum(0 t)`, as f64: 0 where every element of `t` is finite, NaN where one is not (`0 inf` and
+/// `0 NaN` are NaN, and NaN propagates through a sum, where a max would skip it). One pass in
+/// `t`'s dtype: a sum of `|t|` in f64 took 0.86 s over full fine-tuning's weights on an H200.
+fn nonfinite_probe(t: &Tensor) -> Result<Tensor> {
+    Ok(t.affine(0.0, 0.0)?.sum_all()?.to_dtype(DType::F64)?)
 }
 
-fn diverged(sum: f64, stage: &str, what: &str, step: usize, fix: &str) -> crate::error::Error {
-    let kind = if sum.is_nan() { "NaN" } else { "infinite" };
+/// The error of `t` (named `what`) holding an inf or a NaN: which, from `sum |t|` in f64 (NaN
+/// where one is NaN, else infinite).
+fn diverged(t: &Tensor, stage: &str, what: &str, step: usize, fix: &str) -> crate::error::Error {
+    let sum = t.to_dtype(DType::F64).and_then(|t| t.abs()?.sum_all()?.to_scalar::<f64>());
+    let kind = match sum {
+        Ok(sum) if sum.is_nan() => "NaN",
+        Ok(_) => "infinite",
+        Err(_) => "not finite",
+    };
     bad_input(stage, format!("{what} became {kind} at step {step}"), fix)
 }
 
@@ -434,6 +449,30 @@ pub fn interpolate_embeddings(object: &Tensor, background: &Tensor, alpha: f64) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The finiteness checks pass finite tensors, huge values included (a sum of them would
+    /// overflow), and name the first tensor holding an inf or a NaN, and which, in f32 and bf16.
+    #[test]
+    fn finiteness_checks_name_the_tensor_and_the_kind() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            let t = |v: &[f32]| -> Result<Tensor> { Ok(Tensor::new(v, &dev)?.to_dtype(dtype)?) };
+            let (huge, inf, nan) = (t(&[3e38, 3e38, -1.0])?, t(&[1.0, f32::INFINITY, 2.0])?, t(&[f32::NAN, f32::NEG_INFINITY])?);
+            fn named<'a>(ts: &[(&str, &'a Tensor)]) -> Vec<(String, &'a Tensor)> {
+                ts.iter().map(|(n, t)| (n.to_string(), *t)).collect()
+            }
+            check_finite(named(&[("a", &huge)]), "stage 2", 7, "lower it")?;
+            let err = check_finite(named(&[("a", &huge), ("b", &inf), ("c", &nan)]), "stage 2", 7, "lower it").unwrap_err().to_string();
+            assert!(err.contains("b became infinite at step 7") && err.contains("lower it"), "{dtype:?}: {err}");
+            let err = check_finite(named(&[("c", &nan), ("b", &inf)]), "stage 2", 7, "x").unwrap_err().to_string();
+            assert!(err.contains("c became NaN"), "{dtype:?}: {err}");
+            let loss = Tensor::new(0.5f32, &dev)?;
+            assert_eq!(finite_step(&loss, &[&huge], "the embeddings", "stage 1", 3, "x")?, 0.5);
+            let err = finite_step(&loss, &[&huge, &inf], "the embeddings", "stage 1", 3, "x").unwrap_err().to_string();
+            assert!(err.contains("the embeddings became infinite at step 3"), "{dtype:?}: {err}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn masked_mse_is_the_mean_over_all_elements() -> Result<()> {
