@@ -172,7 +172,7 @@ fn gpu_path_matches(cpu: &Edits, cudnn: bool) -> Result<()> {
     Ok(())
 }
 
-/// Each of the ten kernels ran emulated (since the process started; `what` names the runs).
+/// Each of the eleven kernels ran emulated (since the process started; `what` names the runs).
 fn every_kernel_ran(what: &str) -> Result<()> {
     let calls = cuda_kernels::emulated_calls();
     eprintln!("emulated kernel calls, {what}: {calls:?}");
@@ -180,6 +180,7 @@ fn every_kernel_ran(what: &str) -> Result<()> {
         "softmax_rows",
         "softmax_input_grad",
         "norm_input_grad",
+        "norm_param_grads",
         "group_norm_rows",
         "add_bias",
         "silu_input_grad",

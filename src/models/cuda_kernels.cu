@@ -246,6 +246,59 @@ __device__ void transpose_tiled(const typename D::T *x, typename D::T *y, unsign
     }
 }
 
+// A norm's scale and shift gradients, in f32 partial sums `partials[p][0][c]` (sum of g x_hat over
+// channel c's elements) and `partials[p][1][c]` (sum of g), x and g as norm_input_grad's rows
+// (channel (r % groups) (n / rest) + j / rest of element j of row r, C channels in all), summed
+// over `p` by the caller. A group norm's rows (`norm_param_grads_runs`): a block per row, its
+// statistics, then each of its channels' runs of `rest` elements; partial p = r / groups, the
+// row's image. A layer norm's (groups = rest = 1, `norm_param_grads_columns`): a block per
+// `per_block` rows, a thread per column summing down them; partial p = the block.
+template <typename D>
+__device__ void norm_param_grads_runs(const typename D::T *x, const typename D::T *g, float *partials, unsigned int n,
+                                      unsigned int groups, unsigned int rest, unsigned int channels, float eps) {
+    __shared__ float shared[32];
+    unsigned long long row = blockIdx.x;
+    x += row * n;
+    g += row * n;
+    float mean, std;
+    row_stats<D>(x, n, eps, shared, mean, std);
+    float *out = partials + (unsigned long long)(row / groups) * 2 * channels + (row % groups) * (n / rest);
+    for (unsigned int k = 0; k < n / rest; k++) {
+        float gx = 0.0f, gs = 0.0f;
+        for (unsigned int j = k * rest + threadIdx.x; j < (k + 1) * rest; j += blockDim.x) {
+            float gj = D::load(g[j]);
+            gx += gj * ((D::load(x[j]) - mean) / std);
+            gs += gj;
+        }
+        gx = block_sum(gx, shared);
+        gs = block_sum(gs, shared);
+        if (threadIdx.x == 0) {
+            out[k] = gx;
+            out[channels + k] = gs;
+        }
+    }
+}
+
+template <typename D>
+__device__ void norm_param_grads_columns(const typename D::T *x, const typename D::T *g, float *partials,
+                                         unsigned int rows, unsigned int n, unsigned int per_block, float eps) {
+    __shared__ float shared[32];
+    float *out = partials + (unsigned long long)blockIdx.x * 2 * n;
+    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) out[j] = out[n + j] = 0.0f;
+    unsigned int first = blockIdx.x * per_block, last = first + per_block < rows ? first + per_block : rows;
+    for (unsigned int r = first; r < last; r++) {
+        const typename D::T *xr = x + (unsigned long long)r * n, *gr = g + (unsigned long long)r * n;
+        float mean, std;
+        row_stats<D>(xr, n, eps, shared, mean, std);
+        // Each thread its own columns: no two threads write one element.
+        for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
+            float gj = D::load(gr[j]);
+            out[j] += gj * ((D::load(xr[j]) - mean) / std);
+            out[n + j] += gj;
+        }
+    }
+}
+
 // Adam's step in place (src/method/adam.rs) over `n` elements: the moments `m`, `v` and the
 // variable `p` in f32, the gradient `g` in D, and where the model reads a copy of `p` in D
 // (`model` not null) that copy too: one pass where the composed step took about eighteen. The
@@ -302,6 +355,12 @@ extern "C" __global__ void swap_axes_##name(const D::T *x, D::T *y, unsigned int
         unsigned int nj, unsigned int ne) { swap_axes<D>(x, y, n, ni, nj, ne); }                           \
 extern "C" __global__ void transpose_tiled_##name(const D::T *x, D::T *y, unsigned int ni, unsigned int nj) {\
     transpose_tiled<D>(x, y, ni, nj); }                                                                    \
+extern "C" __global__ void norm_param_grads_runs_##name(const D::T *x, const D::T *g, float *partials,     \
+        unsigned int n, unsigned int groups, unsigned int rest, unsigned int channels, float eps) {        \
+    norm_param_grads_runs<D>(x, g, partials, n, groups, rest, channels, eps); }                            \
+extern "C" __global__ void norm_param_grads_columns_##name(const D::T *x, const D::T *g, float *partials,  \
+        unsigned int rows, unsigned int n, unsigned int per_block, float eps) {                            \
+    norm_param_grads_columns<D>(x, g, partials, rows, n, per_block, eps); }                                \
 extern "C" __global__ void adam_step_##name(const D::T *g, float *p, float *m, float *v, D::T *model,      \
         unsigned int n, float one_minus_beta1, float beta2, float one_minus_beta2, unsigned int decays,    \
         float decay, float neg_step_size, float inv_bias_correction2_sqrt, float eps) {                    \

@@ -14,6 +14,8 @@
 //   harness swap_axes f32|bf16 A I J E IN OUT                 IN: x (A x I x J x E)
 //   harness transpose_tiled f32|bf16 A I J IN OUT             IN: x (A x I x J)
 //   harness im2col_per_image f32|bf16 B C H W KH KW STRIDE PADDING DILATION IN OUT    IN: x (B x C x H x W)
+//   harness norm_param_grads f32|bf16 ROWS N GROUPS REST EPS IN OUT   IN: x, g (ROWS x N); OUT: the
+//       partials, P x 2 x C (a layer norm's, GROUPS = REST = 1: 32 rows a block, as cuda_kernels.rs)
 //   harness adam_step f32|bf16 N BETA1' BETA2 BETA2' DECAY NEG_STEP INV_BC2 EPS MODEL IN OUT
 //       IN: g, p, m, v (N each); OUT: p, m, v, the model's copy (N each, zeros without MODEL=1);
 //       the f32 scalars as their bits (decimal), DECAY 0 for none
@@ -236,6 +238,23 @@ static std::vector<float> run(int argc, char **argv) {
         // As cuda_kernels.rs: 32 x 8 threads per 32 x 32 tile.
         launch(Dim3{(nj + 31) / 32, (ni + 31) / 32, a}, Dim3{32, 8, 1}, [&] { transpose_tiled<D>(x.data(), y.data(), ni, nj); });
         return loaded(y);
+    }
+    if (op == "norm_param_grads" && argc == 10) {
+        unsigned int rows = std::atoi(argv[3]), n = std::atoi(argv[4]), groups = std::atoi(argv[5]), rest = std::atoi(argv[6]);
+        float eps = std::atof(argv[7]);
+        size_t size = (size_t)rows * n;
+        std::vector<float> in = read_floats(argv[8], 2 * size);
+        auto x = stored(in, 0, size), g = stored(in, size, size);
+        if (groups == 1 && rest == 1) {
+            unsigned int per_block = 32, blocks = (rows + per_block - 1) / per_block;
+            std::vector<float> partials((size_t)blocks * 2 * n);
+            launch(blocks, per_row(n), [&] { norm_param_grads_columns<D>(x.data(), g.data(), partials.data(), rows, n, per_block, eps); });
+            return partials;
+        }
+        unsigned int channels = groups * (n / rest);
+        std::vector<float> partials((size_t)(rows / groups) * 2 * channels);
+        launch(rows, per_row(n), [&] { norm_param_grads_runs<D>(x.data(), g.data(), partials.data(), n, groups, rest, channels, eps); });
+        return partials;
     }
     if (op == "adam_step" && argc == 14) {
         unsigned int n = std::atoi(argv[3]);

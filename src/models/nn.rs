@@ -1001,27 +1001,66 @@ impl LayerNorm {
 }
 
 impl Module for LayerNorm {
+    /// candle's fused kernel forward, one op on the graph whose backward keeps only the input
+    /// ([`norm_rows_backward`]); in f64, which that kernel lacks, composed and differentiable.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if trainable(&self.weight) || trainable(&self.bias) {
+        if xs.dtype() == DType::F64 {
             return self.forward_composed(xs);
         }
-        // candle's fused kernel has no f64 version: compose it there.
-        let ys = if xs.dtype() == DType::F64 {
-            self.forward_composed(&xs.detach())?
-        } else {
-            candle_nn::ops::layer_norm(&xs.detach(), &self.weight, &self.bias, self.eps as f32)?
-        };
-        let (weight, eps) = (self.weight.clone(), self.eps);
-        attach_backward(xs, ys, move |arg, _, grad| {
-            let n = arg.dim(D::Minus1)?;
+        let ys = candle_nn::ops::layer_norm(&xs.detach(), &self.weight.detach(), &self.bias.detach(), self.eps as f32)?;
+        let eps = self.eps;
+        attach_backward3(xs, &self.weight, &self.bias, ys, move |x, w, b, _, grad| {
+            let n = x.dim(D::Minus1)?;
             let rows = |t: &Tensor| t.reshape((t.elem_count() / n, n));
-            if let Some(d) = cuda_kernels::norm_input_grad(&rows(arg)?, &rows(grad)?, &weight, 1, 1, eps)? {
-                return d.reshape(arg.shape());
-            }
-            let (x_hat, std) = normalize_rows(arg, eps)?;
-            let g = grad.to_dtype(x_hat.dtype())?.broadcast_mul(&weight.to_dtype(x_hat.dtype())?)?;
-            normalized_rows_input_grad(&x_hat, &std, &g)?.to_dtype(arg.dtype())
+            let (d_x, sums) = norm_rows_backward(&rows(x)?, &rows(grad)?, w, (1, 1), eps, x.track_op(), trainable(w) || trainable(b))?;
+            let d_x = d_x.map(|d| d.reshape(x.shape())).transpose()?;
+            Ok((d_x, param_grad(&sums, 0, w)?, param_grad(&sums, 1, b)?))
         })
+    }
+}
+
+/// The gradients of a norm over rows `x` `[rows, n]` from its output's gradient `g`, `w` its
+/// scale, channel `(row % groups) (n / rest) + j / rest` of element `j` (`layout` = `(groups,
+/// rest)`; a layer norm's: `(1, 1)`): with `input` the input's, in `x`'s dtype; with `params`
+/// the scale's and shift's, `[2, C]` sums in f32 (`sum g x_hat`, `sum g` per channel). With the
+/// fused kernels one pass each ([`cuda_kernels::norm_input_grad`],
+/// [`cuda_kernels::norm_param_grads`]), else composed in f32.
+fn norm_rows_backward(
+    x: &Tensor,
+    g: &Tensor,
+    w: &Tensor,
+    (groups, rest): (usize, usize),
+    eps: f64,
+    input: bool,
+    params: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let d_x = if input { cuda_kernels::norm_input_grad(x, g, w, groups, rest, eps)? } else { None };
+    let sums = if params { cuda_kernels::norm_param_grads(x, g, groups, rest, eps)? } else { None };
+    if d_x.is_some() == input && sums.is_some() == params {
+        return Ok((d_x, sums));
+    }
+    let (rows, n) = x.dims2()?;
+    let (x_hat, std) = normalize_rows(x, eps)?;
+    let g = g.to_dtype(x_hat.dtype())?;
+    // `[images, groups, channels per group, rest]`: a channel is an index of the middle two.
+    let by_channel = |t: &Tensor| t.reshape((rows / groups, groups, n / rest, rest));
+    let d_x = input
+        .then(|| -> Result<Tensor> {
+            let w = w.to_dtype(g.dtype())?.reshape((1, groups, n / rest, 1))?;
+            let g = by_channel(&g)?.broadcast_mul(&w)?.reshape((rows, n))?;
+            normalized_rows_input_grad(&x_hat, &std, &g)?.to_dtype(x.dtype())
+        })
+        .transpose()?;
+    let channel_sums = |t: &Tensor| by_channel(t)?.sum(3)?.sum(0)?.flatten_all();
+    let sums = params.then(|| Tensor::stack(&[channel_sums(&(&g * &x_hat)?)?, channel_sums(&g)?], 0)).transpose()?;
+    Ok((d_x, sums))
+}
+
+/// Row `i` of a norm's parameter sums ([`norm_rows_backward`]) as `p`'s gradient, where `p` trains.
+fn param_grad(sums: &Option<Tensor>, i: usize, p: &Tensor) -> Result<Option<Tensor>> {
+    match sums {
+        Some(sums) if trainable(p) => Ok(Some(sums.get(i)?.to_dtype(p.dtype())?)),
+        _ => Ok(None),
     }
 }
 
@@ -1116,28 +1155,11 @@ impl GroupNorm {
             let op = cpu_kernels::GroupNormInputGrad { groups: self.groups, eps: self.eps };
             return Ok((Some(x.apply_op3_no_bwd(&w.detach(), &grad.contiguous()?, &op)?), None, None));
         }
-        if x.track_op() && !w_trained && !b_trained {
-            let (rows, (_, _, rest)) = self.grouped(x)?;
-            let (rows, g) = (rows.flatten_to(1)?, self.grouped(grad)?.0.flatten_to(1)?);
-            if let Some(d) = cuda_kernels::norm_input_grad(&rows, &g, w, self.groups, rest, self.eps)? {
-                return Ok((Some(d.reshape(x.shape())?), None, None));
-            }
-        }
-        let dtype = x.dtype();
-        let (rows, (batch, c, rest)) = self.grouped(x)?;
-        let (x_hat, std) = normalize_rows(&rows, self.eps)?;
-        let g = grad.to_dtype(x_hat.dtype())?;
-        let per_channel_sum = |t: &Tensor| t.reshape((batch, c, rest))?.sum(2)?.sum(0);
-        let d_w = if w_trained { Some(per_channel_sum(&(&g * x_hat.reshape(g.shape())?)?)?.to_dtype(w.dtype())?) } else { None };
-        let d_b = if b_trained { Some(per_channel_sum(&g)?.to_dtype(w.dtype())?) } else { None };
-        let d_x = if x.track_op() {
-            let g = self.grouped(&per_channel(&g, &w.to_dtype(g.dtype())?, Tensor::broadcast_mul)?)?.0;
-            let d = normalized_rows_input_grad(&x_hat, &std, &g)?;
-            Some(d.reshape(x.shape())?.to_dtype(dtype)?)
-        } else {
-            None
-        };
-        Ok((d_x, d_w, d_b))
+        let (rows, (_, _, rest)) = self.grouped(x)?;
+        let (rows, g) = (rows.flatten_to(1)?, self.grouped(grad)?.0.flatten_to(1)?);
+        let (d_x, sums) = norm_rows_backward(&rows, &g, w, (self.groups, rest), self.eps, x.track_op(), w_trained || b_trained)?;
+        let d_x = d_x.map(|d| d.reshape(x.shape())).transpose()?;
+        Ok((d_x, param_grad(&sums, 0, w)?, param_grad(&sums, 1, b)?))
     }
 
     /// `silu(group_norm(x))`. Where one op computes the norm (on the CPU, or on a GPU with the
@@ -1503,6 +1525,35 @@ mod tests {
     fn frozen_layer_norm_gradient_matches_finite_differences() -> Result<()> {
         let ln = LayerNorm::new(randn(&[5])?, randn(&[5])?, 1e-5);
         check_grad(&randn(&[2, 3, 5])?, &|x| ln.forward(x))
+    }
+
+    /// The layer norm's own backward (f32: candle's kernel forward, [`norm_rows_backward`]) gives
+    /// the gradients autograd takes through the composed f64 norm, of the input, the scale and
+    /// the shift, frozen and trained, for a 3-D input with a large mean.
+    #[test]
+    fn layer_norm_gradients_in_f32_match_the_composed_f64s() -> Result<()> {
+        let (w, b, x) = (randn(&[5])?, randn(&[5])?, randn(&[2, 3, 5])?.affine(3.0, 20.0)?);
+        let probe = randn(&[2, 3, 5])?;
+        let run = |dtype: DType, train: bool| -> Result<Vec<Tensor>> {
+            let var = |t: &Tensor| -> Result<Tensor> { Ok(Var::from_tensor(&t.to_dtype(dtype)?)?.as_tensor().clone()) };
+            let (xv, wv, bv) = (var(&x)?, var(&w)?, var(&b)?);
+            let (w, b) = if train { (wv.clone(), bv.clone()) } else { (wv.detach(), bv.detach()) };
+            let y = LayerNorm::new(w, b, 1e-5).forward(&xv)?;
+            let grads = (&y * probe.to_dtype(dtype)?)?.sum_all()?.backward()?;
+            let mut out = vec![y.to_dtype(DType::F64)?];
+            for t in [&xv, &wv, &bv].into_iter().take(if train { 3 } else { 1 }) {
+                out.push(grads.get(t).expect("a gradient").to_dtype(DType::F64)?);
+            }
+            Ok(out)
+        };
+        for train in [false, true] {
+            for (ours, reference) in run(DType::F32, train)?.iter().zip(run(DType::F64, train)?) {
+                let scale = reference.abs()?.max_all()?.to_scalar::<f64>()?;
+                let err = (ours - &reference)?.abs()?.max_all()?.to_scalar::<f64>()? / scale;
+                assert!(err < 1e-5, "trained {train}: relative error {err}");
+            }
+        }
+        Ok(())
     }
 
     #[test]
