@@ -21,10 +21,10 @@
 #                                     (tools/ncu_summary.py); every log and
 #                                     JSON packed into $OUT/gpu-check.tgz, plus summary.txt, the
 #                                     two tables and the host's samples.
-#   scripts/gpu-check.sh quick        there, the short check (about 7 minutes): parity in both
-#                                     builds, bf16 full fine-tuning and f32 LoRA against PyTorch,
-#                                     bf16 LoRA, and Nsight Compute over one step of full
-#                                     fine-tuning's stage 2 (`bench --profile-stage 2`).
+#   scripts/gpu-check.sh quick        there, the short check (about 5 minutes): parity in both
+#                                     builds, bf16 LoRA and full fine-tuning in both builds and f32
+#                                     LoRA against PyTorch, and Nsight Compute over one step of
+#                                     full fine-tuning's stage 2 (`bench --profile-stage 2`).
 #
 # With the device tool: run(command="STEPS=5 scripts/gpu-check.sh run", carry=["gpu-bundle"],
 # timeout_s=480). The run half took 5.8 minutes on an H200 (350 s of device time, plus about 40 s
@@ -144,29 +144,33 @@ profile() {
   cp "$WORK/$name-kernels.txt" "$OUT/"
 }
 
-# The short check (about 7 minutes on an H200): parity in both builds, full fine-tuning and f32
-# against PyTorch, LoRA, and Nsight Compute over one step of full fine-tuning's stage 2.
+# The short check (about 5 minutes on an H200 with STEPS=5, PROFILE= skips the last minute),
+# the most wanted first: parity in the `cudnn` build, bf16 LoRA and full fine-tuning in both builds
+# against PyTorch, f32 LoRA against PyTorch with TF32 where PyTorch has it by default (its cuDNN's
+# convolutions, `LAYERDIFF_TF32=conv`), parity in the plain build, then Nsight Compute over one
+# step of full fine-tuning's stage 2 (`bench --profile-stage 2`).
 quick() {
   setup
   if [ "$DEVICE" = cuda ]; then
-    step parity 90 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity --test-threads 1
     step parity-cudnn 90 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity-cudnn --test-threads 1
   fi
-  ours ours-bf16-full -- --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
-  ref torch-bf16-full --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
-  ours ours-bf16-lora -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
-  ours ours-f32-lora -- --size "$SIZE" --dtype f32 --finetune lora --steps "$STEPS"
-  ref torch-f32-lora --size "$SIZE" --dtype f32 --finetune lora --steps "$STEPS"
+  local mode
+  for mode in lora full; do
+    ours "ours-bf16-$mode" -- --size "$SIZE" --dtype bf16 --finetune "$mode" --steps "$STEPS"
+    [ "$DEVICE" = cuda ] && BIN=$BIN-cudnn ours "ours-bf16-$mode-cudnn" -- --size "$SIZE" --dtype bf16 --finetune "$mode" --steps "$STEPS"
+    ref "torch-bf16-$mode" --size "$SIZE" --dtype bf16 --finetune "$mode" --steps "$STEPS"
+  done
   if [ "$DEVICE" = cuda ]; then
-    # PyTorch's f32 convolutions round their inputs to TF32 (cuDNN's default there); ours with
-    # LAYERDIFF_TF32=1 do too, and so do our f32 products.
-    BIN=$BIN-cudnn ours ours-f32-lora-cudnn-tf32 LAYERDIFF_TF32=1 -- --size "$SIZE" --dtype f32 --finetune lora --steps "$STEPS"
-    BIN=$BIN-cudnn ours ours-bf16-full-cudnn -- --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
+    BIN=$BIN-cudnn ours ours-f32-lora-cudnn-tf32conv LAYERDIFF_TF32=conv -- --size "$SIZE" --dtype f32 --finetune lora --steps "$STEPS"
   fi
+  ref torch-f32-lora --size "$SIZE" --dtype f32 --finetune lora --steps "$STEPS"
   "$PY" tools/bench_table.py "$WORK"/*.json | tee "$WORK/table.txt"
   cp "$WORK/table.txt" "$OUT/"
+  if [ "$DEVICE" = cuda ]; then
+    step parity 90 env LAYERDIFF_TEST_DEVICE=cuda /tmp/gpu-check/models_parity --test-threads 1
+  fi
   if [ "$DEVICE" = cuda ] && [ -n "${PROFILE-1}" ]; then
-    profile ncu-full-stage2 "${NCU_LIMIT:-150}" --profile-from-start off "$BIN" bench --stages --device cuda \
+    profile ncu-full-stage2 "${NCU_LIMIT:-150}" --profile-from-start off "$BIN-cudnn" bench --stages --device cuda \
       --size "$SIZE" --dtype bf16 --finetune full --steps 1 --profile-stage 2
   fi
   cat "$WORK/summary.txt"

@@ -132,7 +132,9 @@ pub struct Guidance<'a> {
 /// Settings of a CUDA device, from the environment (no effect elsewhere):
 /// - `LAYERDIFF_TF32=1` (off by default): float32 matrix products through the tensor cores in
 ///   TF32 (10-bit mantissa inputs, float32 sums), as PyTorch's
-///   `torch.backends.cuda.matmul.allow_tf32`.
+///   `torch.backends.cuda.matmul.allow_tf32`, and cuDNN's float32 convolutions too in a `cudnn`
+///   build; `LAYERDIFF_TF32=conv` the convolutions alone, PyTorch's default
+///   (`models::cudnn_conv`).
 ///
 /// Two settings that make a step cheaper on the host are on by default; each variable set to
 /// `0` turns its own off, for comparison (`scripts/gpu-check.sh`, README):

@@ -7,8 +7,9 @@
 //! input gradient needs no flipped kernel, so none is kept during training loops either.
 //!
 //! On by default in a `cudnn` build (`LAYERDIFF_CUDNN=0` turns it off, read once), on CUDA tensors
-//! in f32, f16 and bf16 with f32 accumulation; f32 without TF32 unless `LAYERDIFF_TF32=1`, as our
-//! cuBLAS products (PyTorch's cuDNN allows TF32 by default). Each convolution's algorithm and
+//! in f32, f16 and bf16 with f32 accumulation; f32 without TF32 unless `LAYERDIFF_TF32=1` (our
+//! cuBLAS products too) or `LAYERDIFF_TF32=conv` (the convolutions alone, PyTorch's default:
+//! its cuDNN allows TF32, its matrix products do not). Each convolution's algorithm and
 //! workspace size are cuDNN's heuristic choice, asked once per shape. Before first use on a
 //! device each pass runs on small random inputs (strided, padded, dilated, odd sizes) against
 //! candle's own convolution and its backward on that device; if any differs or cuDNN fails, none
@@ -20,6 +21,15 @@
 use super::nn::Conv2dConfig;
 use candle_core::{DType, Result, Tensor, Var};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// Whether f32 convolutions may round their inputs to TF32 on the tensor cores:
+/// `LAYERDIFF_TF32=1` (with our cuBLAS products, `pipeline::configure_cuda`) or `=conv`
+/// (the convolutions alone, read once).
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+fn tf32() -> bool {
+    static CONV_ONLY: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("LAYERDIFF_TF32").as_deref() == Ok("conv"));
+    *CONV_ONLY || candle_core::cuda::gemm_reduced_precision_f32()
+}
 
 /// Which of a convolution's three products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -312,10 +322,10 @@ mod imp {
         let i32s = |d: [usize; 4]| d.map(|v| v as i32);
         let (p, s, d) = (c.padding as i32, c.stride as i32, c.dilation as i32);
         let mut conv = cu(cudnn.create_conv2d::<f32>([p, p], [s, s], [d, d], sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION))?;
-        // Tensor cores for the half types; for f32 plain FMA, or TF32 where our cuBLAS products
-        // take it too (`LAYERDIFF_TF32=1`).
+        // Tensor cores for the half types; for f32 plain FMA, or TF32 where asked for
+        // ([`super::tf32`]).
         let math = match T::DTYPE {
-            DType::F32 if candle_core::cuda::gemm_reduced_precision_f32() => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+            DType::F32 if super::tf32() => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
             DType::F32 => sys::cudnnMathType_t::CUDNN_FMA_MATH,
             _ => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
         };
@@ -391,8 +401,9 @@ mod imp {
     /// checked before first use.
     fn self_check(device: &candle_core::Device) -> std::result::Result<(), String> {
         let check = || -> Result<Option<String>> {
-            // With `LAYERDIFF_TF32=1` both sides of f32 round their inputs to TF32's 10 bits.
-            let f32_tol = if candle_core::cuda::gemm_reduced_precision_f32() { 1e-2 } else { 1e-4 };
+            // Under TF32 ours rounds f32 inputs to TF32's 10 bits (and with `LAYERDIFF_TF32=1`
+            // the reference's products do too).
+            let f32_tol = if super::tf32() { 1e-2 } else { 1e-4 };
             for (dtype, tol) in [(DType::F32, f32_tol), (DType::F16, 1e-2), (DType::BF16, 3e-2)] {
                 for conv in super::self_check_cases() {
                     let randn = |d: [usize; 4]| Tensor::randn(0f32, 1.0, d.to_vec(), device)?.to_dtype(dtype);
