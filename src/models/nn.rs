@@ -1002,7 +1002,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     /// candle's fused kernel forward, one op on the graph whose backward keeps only the input
-    /// ([`norm_rows_backward`]); in f64, which that kernel lacks, composed and differentiable.
+    /// (`norm_rows_backward`); in f64, which that kernel lacks, composed and differentiable.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if xs.dtype() == DType::F64 {
             return self.forward_composed(xs);
