@@ -414,8 +414,9 @@ impl Adam {
 
     /// The optimizer state as named tensors, torch's names: `step.<name>` (an i64 scalar on the
     /// CPU), `exp_avg.<name>` and `exp_avg_sq.<name>` (on the variables' device). The moments are
-    /// the live ones, not copies (a copy of full fine-tuning's would be 6.9 GB): on the CPU the
-    /// next step writes into them, so write them out before it, or copy them.
+    /// the live ones, not copies (a copy of full fine-tuning's would be 6.9 GB): the next
+    /// in-place step (the CPU's, or the GPU's fused one) writes into them, so write them out
+    /// before it, or copy them.
     pub fn state(&self) -> HashMap<String, Tensor> {
         let mut state = HashMap::new();
         for s in &self.slots {

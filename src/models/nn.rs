@@ -1020,8 +1020,8 @@ impl Module for LayerNorm {
 }
 
 /// The gradients of a norm over rows `x` `[rows, n]` from its output's gradient `g`, `w` its
-/// scale, channel `(row % groups) (n / rest) + j / rest` of element `j` (`layout` = `(groups,
-/// rest)`; a layer norm's: `(1, 1)`): with `input` the input's, in `x`'s dtype; with `params`
+/// scale, channel `(row % groups) (n / rest) + j / rest` of element `j` (a layer norm's
+/// `(groups, rest)`: `(1, 1)`): with `input` the input's, in `x`'s dtype; with `params`
 /// the scale's and shift's, `[2, C]` sums in f32 (`sum g x_hat`, `sum g` per channel). With the
 /// fused kernels one pass each ([`cuda_kernels::norm_input_grad`],
 /// [`cuda_kernels::norm_param_grads`]), else composed in f32.
