@@ -150,7 +150,9 @@ pub struct Guidance<'a> {
 pub fn configure_cuda(device: &Device) {
     let env = |name: &str| std::env::var(name).ok();
     if device.is_cuda() {
-        candle_core::cuda::set_gemm_reduced_precision_f32(env("LAYERDIFF_TF32").as_deref() == Some("1"));
+        let tf32 = env("LAYERDIFF_TF32");
+        candle_core::cuda::set_gemm_reduced_precision_f32(tf32.as_deref() == Some("1"));
+        crate::models::cudnn_conv::set_tf32_convolutions(tf32.as_deref() == Some("conv"));
     }
     #[cfg(feature = "cuda")]
     if let Ok(cuda) = device.as_cuda_device() {

@@ -677,6 +677,7 @@ mod imp {
         s: super::AdamScalars,
         suffix: &str,
     ) -> Result<()> {
+        // Looked up as the other launches' `func(..)`, which tools/nvrtc-check.py reads.
         let func = |name: &str| module.load_function(&format!("{name}_{suffix}")).w();
         let func = func("adam_step")?;
         // The kernel writes `p`, `m`, `v` and `model` through views taken under read locks: no
@@ -923,8 +924,8 @@ pub(crate) mod tests {
                 let sizes = [rows, n, groups, rest].map(|v| v.to_string());
                 let args = [&["norm_param_grads".into(), dtype.as_str().into()], &sizes[..], &[eps.to_string()]].concat();
                 let partials = run(&args, &[&x, &g])?;
-                let channels = groups * (n / rest);
-                let ours = Tensor::from_vec(partials.clone(), (partials.len() / (2 * channels), 2, channels), &Device::Cpu)?.sum(0)?;
+                let (channels, len) = (groups * (n / rest), partials.len());
+                let ours = Tensor::from_vec(partials, (len / (2 * channels), 2, channels), &Device::Cpu)?.sum(0)?;
                 // Each channel's sums over its elements in every row.
                 let (x_hat, _) = normalize_rows(&x, eps)?;
                 let by_channel = |t: &Tensor| t.reshape((rows / groups, groups, n / rest, rest))?.sum(3)?.sum(0)?.flatten_all();

@@ -22,13 +22,21 @@ use super::nn::Conv2dConfig;
 use candle_core::{DType, Result, Tensor, Var};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-/// Whether f32 convolutions may round their inputs to TF32 on the tensor cores:
-/// `LAYERDIFF_TF32=1` (with our cuBLAS products, `pipeline::configure_cuda`) or `=conv`
-/// (the convolutions alone, read once).
+static TF32_CONVOLUTIONS: AtomicBool = AtomicBool::new(false);
+
+/// Lets f32 convolutions alone round their inputs to TF32 on the tensor cores, as PyTorch's cuDNN
+/// does by default (`pipeline::configure_cuda`, from `LAYERDIFF_TF32=conv`). Set it before the
+/// first convolution: each device's self-check is made once, with the tolerance of the setting
+/// then.
+pub fn set_tf32_convolutions(on: bool) {
+    TF32_CONVOLUTIONS.store(on, Ordering::SeqCst);
+}
+
+/// Whether f32 convolutions may round their inputs to TF32: alone ([`set_tf32_convolutions`]) or
+/// with candle's f32 products (`LAYERDIFF_TF32=1`).
 #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
 fn tf32() -> bool {
-    static CONV_ONLY: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("LAYERDIFF_TF32").as_deref() == Ok("conv"));
-    *CONV_ONLY || candle_core::cuda::gemm_reduced_precision_f32()
+    TF32_CONVOLUTIONS.load(Ordering::Relaxed) || candle_core::cuda::gemm_reduced_precision_f32()
 }
 
 /// Which of a convolution's three products.
