@@ -170,6 +170,53 @@ fn unet_gradients_match_the_cpus() -> Result<()> {
     Ok(())
 }
 
+/// Attention in bf16 on the test device, forward and backward, against the CPU's in f32 to bf16's
+/// precision: SD's self-attention at head dimension 40 (partial blocks of queries and tiles of
+/// keys), its cross-attention's 77 keys at 160, and 80. For `LAYERDIFF_TEST_DEVICE=cuda`: the
+/// fused attention kernel (`cuda_kernels::flash_attention`), which must run there.
+#[test]
+fn attention_in_bf16_matches_the_cpus() -> Result<()> {
+    use layerdiff::models::{cuda_kernels, nn::attention};
+    let device = device()?;
+    for (n, seq_q, seq_k, d) in [(8, 300, 300, 40), (8, 300, 77, 160), (4, 130, 130, 80)] {
+        let scale = 1.0 / (d as f64).sqrt();
+        // Values bf16 holds exactly, so that both sides start from the same inputs.
+        let randn = |seq: usize| Tensor::randn(0f32, 1.0, (n, seq, d), &Device::Cpu)?.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        let (q, k, v, g) = (randn(seq_q)?, randn(seq_k)?, randn(seq_k)?, randn(seq_q)?);
+        let run = |device: &Device, dtype: DType| -> Result<Vec<Tensor>> {
+            let vars = [&q, &k, &v].iter().map(|t| Var::from_tensor(&t.to_device(device)?.to_dtype(dtype)?)).collect::<candle_core::Result<Vec<_>>>()?;
+            let out = attention(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), scale, None)?;
+            let grads = (out.to_dtype(DType::F32)? * g.to_device(device)?)?.sum_all()?.backward()?;
+            let mut all = vec![out.to_dtype(DType::F32)?.to_device(&Device::Cpu)?];
+            for var in &vars {
+                all.push(grads.get(var.as_tensor()).ok_or("no gradient")?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+            }
+            Ok(all)
+        };
+        let fused = device.is_cuda() && std::env::var("LAYERDIFF_FUSED").as_deref() != Ok("0") && std::env::var("LAYERDIFF_FLASH").as_deref() != Ok("0");
+        if fused {
+            let [q, k, v] = [&q, &k, &v].map(|t| t.to_device(&device).and_then(|t| t.to_dtype(DType::BF16)));
+            assert!(cuda_kernels::flash_attention(&q?, &k?, &v?, scale)?.is_some(), "the fused attention kernel does not run here");
+        }
+        let (ours, cpu) = (run(&device, DType::BF16)?, run(&Device::Cpu, DType::F32)?);
+        // On a GPU the fused kernel keeps the scores in f32 (products on the tensor cores, f32
+        // sums), where the composed ops round them to bf16; the backward composes in bf16 there,
+        // its products summed in f32. The CPU's own bf16 softmax sums in bf16: up to 1.4e-1 seen
+        // here, so on the CPU this only catches a wrong layout or formula, off by the values' size.
+        let tolerances = match (device.is_cpu(), fused) {
+            (true, _) => [3e-1; 4],
+            (false, true) => [2e-2, 1e-1, 1e-1, 1e-1],
+            (false, false) => [1e-1; 4],
+        };
+        for (((ours, cpu), what), tol) in ours.iter().zip(&cpu).zip(["out", "dq", "dk", "dv"]).zip(tolerances) {
+            let err = max_abs_diff(ours, cpu)? / max_abs_diff(cpu, &cpu.zeros_like()?)?;
+            eprintln!("{device:?}, attention {:?}, {what}: relative error {err:.3e}", (n, seq_q, seq_k, d));
+            assert!(err <= tol, "attention {:?}, {what}: relative error {err:e}", (n, seq_q, seq_k, d));
+        }
+    }
+    Ok(())
+}
+
 /// Adam on the test device steps as on the CPU, bit for bit: f32 variables read by the model as
 /// they are and through bf16 copies, with weight decay, over steps whose bias corrections differ
 /// (a linear loss, so each device's gradient is the same `r`). For `LAYERDIFF_TEST_DEVICE=cuda`:

@@ -21,6 +21,10 @@ source = open(os.path.join(root, "src/models/cuda_kernels.cu"), "rb").read()
 rust = open(os.path.join(root, "src/models/cuda_kernels.rs")).read()
 arches = sorted(set(re.findall(r'"(compute_\d+)"', rust)))
 kernels = {f"{name}_{dtype}" for name in re.findall(r'func\("(\w+)"\)', rust) for dtype in ("f32", "bf16")}
+# The attention kernel, bf16 only, one per padded head dimension (FLASH_HEAD_DIMS).
+flash = re.search(r"FLASH_HEAD_DIMS: \[usize; \d+\] = \[([\d, ]+)\]", rust)
+assert flash, "no FLASH_HEAD_DIMS in cuda_kernels.rs"
+kernels |= {f"flash_attention_d{d.strip()}_bf16" for d in flash.group(1).split(",")}
 assert arches and kernels, "no architectures or kernels found in cuda_kernels.rs"
 
 failed = False

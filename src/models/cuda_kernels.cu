@@ -326,6 +326,161 @@ __device__ void adam_step(const typename D::T *g, float *p, float *m, float *v, 
     }
 }
 
+// D += A B on the tensor cores for one warp (mma.sync m16n8k16, bf16 in, f32 accumulated): A
+// 16 x 16 row-major, B 16 x 8 column-major, D 16 x 8, spread over the lanes as PTX lays them
+// out. With g = lane / 4 and t = lane % 4: a[0] holds A[g][2t, 2t+1] (the lower half the lower
+// column), a[1] A[g+8][2t, 2t+1], a[2] A[g][2t+8, 2t+9], a[3] A[g+8][2t+8, 2t+9]; b0 holds
+// B[2t, 2t+1][g], b1 B[2t+8, 2t+9][g]; c[0], c[1] hold D[g][2t, 2t+1], c[2], c[3] D[g+8][2t, 2t+1].
+// Ampere and later only: cuda_kernels.rs launches no kernel that uses it on older GPUs. The
+// tests' harness (cuda_kernels_on_cpu.cpp) has its own, from these layouts.
+#ifdef __CUDACC_RTC__
+__device__ __forceinline__ void mma_bf16_16816(float *c, const unsigned int *a, unsigned int b0, unsigned int b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    asm volatile("trap;");
+#endif
+}
+#endif
+
+// Two bf16 in one register, `lo` in the lower half (the lower column of an mma operand).
+__device__ __forceinline__ unsigned int bf16_pair(unsigned short lo, unsigned short hi) {
+    return (unsigned int)lo | ((unsigned int)hi << 16);
+}
+
+// The two bf16 at `p` (4-byte aligned) in one register, one load on the GPU.
+__device__ __forceinline__ unsigned int bf16_pair_at(const unsigned short *p) {
+#ifdef __CUDACC_RTC__
+    return *reinterpret_cast<const unsigned int *>(p);
+#else
+    return bf16_pair(p[0], p[1]);
+#endif
+}
+
+// Fused attention, out = softmax(scale q k^T) v, for one (batch x head) per blockIdx.y and 64
+// queries per block (16 per warp, 4 warps), never writing the seq_q x seq_k scores: the keys
+// and values come in tiles of 64 through shared memory, each warp's scores stay in its
+// registers, and the softmax is taken online (FlashAttention-2's forward: a running maximum and
+// sum per row, the output rescaled as the maximum grows). q [seq_q, d], k and v [seq_k, d] per
+// head, bf16, d <= DP (DP a multiple of 16; the columns past d are zeros here); products in bf16
+// on the tensor cores, accumulated in f32, the probabilities rounded to bf16 for the product
+// with v as the composed path rounds them. `scale_log2` = scale log2(e): the exponentials are
+// exp2f's.
+template <int DP>
+__device__ void flash_attention(const unsigned short *q, const unsigned short *k, const unsigned short *v, unsigned short *o,
+                                unsigned int seq_q, unsigned int seq_k, unsigned int d, float scale_log2) {
+    constexpr unsigned int KEYS = 64, STRIDE = DP + 8;  // 8 more: the lanes' rows fall in different banks
+    __shared__ unsigned short ks[KEYS * STRIDE], vs[KEYS * STRIDE];
+    unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    unsigned long long head = blockIdx.y;
+    q += head * seq_q * d;
+    k += head * seq_k * d;
+    v += head * seq_k * d;
+    o += head * seq_q * d;
+    unsigned int row0 = blockIdx.x * 64 + warp * 16 + g, row1 = row0 + 8;
+    auto q_at = [&](unsigned int r, unsigned int c) -> unsigned short { return r < seq_q && c < d ? q[(unsigned long long)r * d + c] : 0; };
+    // The warp's 16 queries as the A operands of the scores' products, one per 16 columns.
+    unsigned int qa[DP / 16][4];
+    #pragma unroll
+    for (int kk = 0; kk < DP / 16; kk++) {
+        unsigned int c = kk * 16 + 2 * t;
+        qa[kk][0] = bf16_pair(q_at(row0, c), q_at(row0, c + 1));
+        qa[kk][1] = bf16_pair(q_at(row1, c), q_at(row1, c + 1));
+        qa[kk][2] = bf16_pair(q_at(row0, c + 8), q_at(row0, c + 9));
+        qa[kk][3] = bf16_pair(q_at(row1, c + 8), q_at(row1, c + 9));
+    }
+    float acc[DP / 8][4];
+    #pragma unroll
+    for (int i = 0; i < DP / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    // Rows g and g + 8 of the warp: the running maximum of scale log2(e) s, and this lane's part of
+    // the running sum of exp2 of (that - the maximum).
+    float m0 = __uint_as_float(0xff800000u), m1 = m0, l0 = 0.0f, l1 = 0.0f;
+    for (unsigned int first = 0; first < seq_k; first += KEYS) {
+        __syncthreads();  // the last tile is read
+        for (unsigned int i = threadIdx.x; i < KEYS * DP; i += blockDim.x) {
+            unsigned int r = i / DP, c = i % DP, key = first + r;
+            bool inside = key < seq_k && c < d;
+            ks[r * STRIDE + c] = inside ? k[(unsigned long long)key * d + c] : 0;
+            vs[r * STRIDE + c] = inside ? v[(unsigned long long)key * d + c] : 0;
+        }
+        __syncthreads();
+        // The scores s = q k^T of the tile, 8 keys per n-tile.
+        float s[KEYS / 8][4];
+        #pragma unroll
+        for (int j = 0; j < KEYS / 8; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            const unsigned short *key = ks + (j * 8 + g) * STRIDE + 2 * t;  // even: pairs aligned
+            #pragma unroll
+            for (int kk = 0; kk < DP / 16; kk++)
+                mma_bf16_16816(s[j], qa[kk], bf16_pair_at(key + kk * 16), bf16_pair_at(key + kk * 16 + 8));
+        }
+        // Scaled; the keys past seq_k out.
+        float max0 = m0, max1 = m1;
+        #pragma unroll
+        for (int j = 0; j < KEYS / 8; j++)
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {
+                bool inside = first + j * 8 + 2 * t + (e & 1) < seq_k;
+                s[j][e] = inside ? s[j][e] * scale_log2 : __uint_as_float(0xff800000u);
+                if (e < 2) max0 = fmaxf(max0, s[j][e]); else max1 = fmaxf(max1, s[j][e]);
+            }
+        // The 4 lanes of a row hold its columns.
+        for (int lanes = 1; lanes < 4; lanes <<= 1) {
+            max0 = fmaxf(max0, __shfl_xor_sync(0xffffffffu, max0, lanes));
+            max1 = fmaxf(max1, __shfl_xor_sync(0xffffffffu, max1, lanes));
+        }
+        float r0 = exp2f(m0 - max0), r1 = exp2f(m1 - max1);  // 0 at the first tile
+        m0 = max0;
+        m1 = max1;
+        l0 *= r0;
+        l1 *= r1;
+        #pragma unroll
+        for (int i = 0; i < DP / 8; i++) {
+            acc[i][0] *= r0;
+            acc[i][1] *= r0;
+            acc[i][2] *= r1;
+            acc[i][3] *= r1;
+        }
+        // p = exp2(s - max), then acc += p v: two n-tiles of p are one A operand (16 keys), v's
+        // rows the B operands' k.
+        #pragma unroll
+        for (int kk = 0; kk < KEYS / 16; kk++) {
+            unsigned short p[2][4];
+            #pragma unroll
+            for (int h = 0; h < 2; h++)
+                #pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float pe = exp2f(s[2 * kk + h][e] - (e < 2 ? m0 : m1));
+                    if (e < 2) l0 += pe; else l1 += pe;
+                    p[h][e] = BF16::store(pe);
+                }
+            unsigned int pa[4] = {bf16_pair(p[0][0], p[0][1]), bf16_pair(p[0][2], p[0][3]), bf16_pair(p[1][0], p[1][1]),
+                                  bf16_pair(p[1][2], p[1][3])};
+            const unsigned short *value = vs + (kk * 16 + 2 * t) * STRIDE + g;
+            #pragma unroll
+            for (int i = 0; i < DP / 8; i++) {
+                const unsigned short *col = value + i * 8;
+                mma_bf16_16816(acc[i], pa, bf16_pair(col[0], col[STRIDE]), bf16_pair(col[8 * STRIDE], col[9 * STRIDE]));
+            }
+        }
+    }
+    for (int lanes = 1; lanes < 4; lanes <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, lanes);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, lanes);
+    }
+    float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+    #pragma unroll
+    for (int i = 0; i < DP / 8; i++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) {
+            unsigned int r = e < 2 ? row0 : row1, c = i * 8 + 2 * t + (e & 1);
+            if (r < seq_q && c < d) o[(unsigned long long)r * d + c] = BF16::store(acc[i][e] * (e < 2 ? inv0 : inv1));
+        }
+}
+
 #define KERNELS(D, name)                                                                                   \
 extern "C" __global__ void softmax_input_grad_##name(const D::T *p, const D::T *dp, const D::T *dot,       \
         D::T *ds, unsigned int n, unsigned int cols, float scale) {                                        \
@@ -368,3 +523,18 @@ extern "C" __global__ void adam_step_##name(const D::T *g, float *p, float *m, f
                  neg_step_size, inv_bias_correction2_sqrt, eps); }
 KERNELS(F32, f32)
 KERNELS(BF16, bf16)
+
+// The attention kernels by padded head dimension (cuda_kernels.rs's FLASH_HEAD_DIMS), bf16 only.
+#define FLASH(DP)                                                                                          \
+extern "C" __global__ void __launch_bounds__(128) flash_attention_d##DP##_bf16(const unsigned short *q,   \
+        const unsigned short *k, const unsigned short *v, unsigned short *o, unsigned int seq_q,           \
+        unsigned int seq_k, unsigned int d, float scale_log2) {                                            \
+    flash_attention<DP>(q, k, v, o, seq_q, seq_k, d, scale_log2); }
+FLASH(16)
+FLASH(32)
+FLASH(48)
+FLASH(64)
+FLASH(80)
+FLASH(96)
+FLASH(128)
+FLASH(160)

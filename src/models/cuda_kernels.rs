@@ -244,6 +244,38 @@ pub fn swap_axes(x: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Optio
     apply(&[&x.contiguous()?], Kernel::SwapAxes { a, i, j, e })
 }
 
+/// The head dimensions the attention kernel is built for, each a multiple of 16 (a smaller one is
+/// padded to the next: SD 1's 40, 80 and 160 run as 48, 80 and 160), as `flash_attention_d{DP}`
+/// in `cuda_kernels.cu`.
+const FLASH_HEAD_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
+
+/// Queries per block of the attention kernel (4 warps of 16).
+const FLASH_QUERIES: usize = 64;
+
+/// `softmax(scale q k^T) v` for `q` `[n, seq_q, d]` and `k`, `v` `[n, seq_k, d]` in bf16: one
+/// kernel that never writes the `seq_q x seq_k` scores (FlashAttention-2's forward, its products
+/// on the tensor cores: GPUs from Ampere on). `LAYERDIFF_FLASH=0` turns it off alone, to time
+/// the composed path. `Ok(None)` where it does not apply: f32 (whose products must stay f32),
+/// head dimensions past 160, an older GPU.
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    static ON: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("LAYERDIFF_FLASH").as_deref() != Ok("0"));
+    if !*ON || !applies(&[q, k, v]) || q.dtype() != DType::BF16 || q.rank() != 3 || k.rank() != 3 || scale <= 0.0 {
+        return Ok(None);
+    }
+    let ((n, seq_q, d), (n_k, seq_k, d_k)) = (q.dims3()?, k.dims3()?);
+    let fits = k.shape() == v.shape() && (n_k, d_k) == (n, d) && seq_q > 0 && seq_k > 0 && n <= 65_535;
+    let small = q.elem_count() < 1 << 31 && k.elem_count() < 1 << 31;
+    if !(fits && small && flash_padded(d).is_some() && (q.device().is_cpu() || imp::tensor_cores(q.device()))) {
+        return Ok(None);
+    }
+    apply(&[&q.contiguous()?, &k.contiguous()?, &v.contiguous()?], Kernel::FlashAttention { scale: scale as f32 })
+}
+
+/// The head dimension `d` padded to the attention kernel's that takes it.
+fn flash_padded(d: usize) -> Option<usize> {
+    FLASH_HEAD_DIMS.into_iter().find(|&p| d <= p)
+}
+
 /// Adam's constants for one step of one variable, in f32, as src/method/adam.rs computes them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamScalars {
@@ -298,6 +330,7 @@ fn self_check_cases() -> Vec<(Kernel, Vec<Vec<usize>>)> {
         (Kernel::SwapAxes { a: 2, i: 7, j: 3, e: 5 }, vec![vec![2, 7, 3, 5]]),
         (Kernel::SwapAxes { a: 2, i: 40, j: 70, e: 1 }, vec![vec![2, 40, 70, 1]]),
         (Kernel::Im2Col(windows), vec![vec![2, 3, 7, 6]]),
+        (Kernel::FlashAttention { scale: 0.3 }, vec![vec![2, 70, 40], vec![2, 100, 40], vec![2, 100, 40]]),
     ]
 }
 
@@ -339,6 +372,16 @@ enum Kernel {
     Geglu,
     GegluInputGrad,
     SwapAxes { a: usize, i: usize, j: usize, e: usize },
+    FlashAttention { scale: f32 },
+}
+
+impl Kernel {
+    /// Whether the kernel is built in bf16 only (the attention's, whose products are the tensor
+    /// cores').
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn bf16_only(self) -> bool {
+        matches!(self, Kernel::FlashAttention { .. })
+    }
 }
 
 /// For the device's self-checks (these kernels', cuDNN's): `Some("by {gap} (their largest
@@ -378,6 +421,10 @@ mod imp {
     pub(super) fn adam_step(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: Option<&Tensor>, _: super::AdamScalars) -> Result<bool> {
         Ok(false)
     }
+
+    pub(super) fn tensor_cores(_: &candle_core::Device) -> bool {
+        false
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -407,6 +454,13 @@ mod imp {
             (9, 0) => "compute_90",
             _ => return None,
         })
+    }
+
+    /// Whether `device` has bf16 tensor cores (`mma.sync` m16n8k16 in bf16: compute capability 8
+    /// and up).
+    pub(super) fn tensor_cores(device: &candle_core::Device) -> bool {
+        let Ok(dev) = device.as_cuda_device() else { return false };
+        dev.cuda_stream().context().compute_capability().is_ok_and(|(major, _)| major >= 8)
     }
 
     /// The module on `dev`, loaded once per device; `None` (with one warning) if it cannot be.
@@ -624,6 +678,20 @@ mod imp {
                 // SAFETY: the kernel's signature is the arguments pushed.
                 unsafe { builder.launch(cfg) }.w()?;
             }
+            Kernel::FlashAttention { scale } => {
+                let (heads, seq_q, d) = shape.dims3()?;
+                let seq_k = args[1].1.shape().dims3()?.1;
+                let padded = super::flash_padded(d).ok_or_else(|| candle_core::Error::Msg(format!("no attention kernel for head dimension {d}")))?;
+                let func = func(&format!("flash_attention_d{padded}"))?;
+                let scale_log2 = (scale as f64 * std::f64::consts::LOG2_E) as f32;
+                let [seq_q_u32, seq_k, d] = [seq_q, seq_k, d].map(|v| v as u32);
+                let mut builder = stream.launch_builder(&func);
+                builder.arg(&views[0]).arg(&views[1]).arg(&views[2]).arg(&out).arg(&seq_q_u32).arg(&seq_k).arg(&d).arg(&scale_log2);
+                let grid = (seq_q.div_ceil(super::FLASH_QUERIES) as u32, heads as u32, 1);
+                let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: the kernel's signature is the arguments pushed.
+                unsafe { builder.launch(cfg) }.w()?;
+            }
             Kernel::SwapAxes { i, j, e, .. } => {
                 let func = func("swap_axes")?;
                 let [n, i, j, e] = [n, i, j, e].map(|v| v as u32);
@@ -720,6 +788,9 @@ mod imp {
         let check = || -> Result<Option<String>> {
             for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
                 for (kernel, shapes) in super::self_check_cases() {
+                    if kernel.bf16_only() && (dtype != DType::BF16 || !tensor_cores(&device)) {
+                        continue;
+                    }
                     let args = shapes.into_iter().map(|s| Tensor::randn(0f32, 1.0, s, &device)?.to_dtype(dtype)).collect::<Result<Vec<_>>>()?;
                     let args: Vec<&Tensor> = args.iter().collect();
                     let ours = run(&args, kernel, module.clone())?;
@@ -803,6 +874,10 @@ mod emulated {
                 ("geglu", (&halves[0] * halves[1].gelu_erf()?)?)
             }
             Kernel::GegluInputGrad => ("geglu_input_grad", geglu_input_grad_composed(&a[0], &a[1])?),
+            Kernel::FlashAttention { scale } => {
+                let probs = candle_nn::ops::softmax_last_dim(&(a[0].matmul(&a[1].t()?)? * scale as f64)?)?;
+                ("flash_attention", probs.matmul(&a[2])?)
+            }
             Kernel::SwapAxes { a: n_a, i, j, e } => ("swap_axes", a[0].reshape((n_a, i, j, e))?.transpose(1, 2)?.contiguous()?),
             Kernel::Im2Col(w) => {
                 let c = Conv2dConfig { padding: w.padding, stride: w.stride, dilation: w.dilation };
@@ -887,7 +962,8 @@ pub(crate) mod tests {
         let reference = reference.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(ours.len(), reference.len());
         let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
-        Ok(ours.iter().zip(&reference).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale)
+        // A NaN anywhere is an infinite error (f32::max would pass over it).
+        Ok(ours.iter().zip(&reference).fold(0f32, |m, (a, b)| if (a - b).is_nan() { f32::INFINITY } else { m.max((a - b).abs()) }) / scale)
     }
 
     #[test]
@@ -962,6 +1038,26 @@ pub(crate) mod tests {
                 let err = relative_error(&ours, &candle_nn::ops::softmax_last_dim(&(&x * 0.3)?)?)?;
                 assert!(err < tol, "{dtype:?}, {rows}x{cols}: {err}");
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn flash_attention_kernel_matches_the_composed_attention() -> Result<()> {
+        // (heads, seq_q, seq_k, d): SD's head dimension 40 (padded to 48) with a partial block of
+        // queries and a partial tile of keys; cross-attention's 77 keys at 80; fewer keys than a
+        // tile at 16. Scores spread wide (a std of about 4), so that the running maximum moves.
+        for (n, seq_q, seq_k, d) in [(2, 70, 100, 40), (1, 20, 77, 80), (3, 64, 9, 16)] {
+            let (q, k, v) = (randn(&[n, seq_q, d], DType::BF16)?, randn(&[n, seq_k, d], DType::BF16)?, randn(&[n, seq_k, d], DType::BF16)?);
+            let q = (q * 2.0)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            let scale = 1.0 / (d as f64).sqrt() * 3.0;
+            let sizes = [n, seq_q, seq_k, d].map(|v| v.to_string());
+            let args = [&["flash".into(), "bf16".into()], &sizes[..], &[scale.to_string()]].concat();
+            let ours = run(&args, &[&q, &k, &v])?;
+            let reference = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?.matmul(&v)?;
+            // bf16's precision: the probabilities and the output are rounded to it.
+            let err = relative_error(&ours, &reference)?;
+            eprintln!("flash err {err}"); assert!(err < 1e-2, "{:?}: {err}", (n, seq_q, seq_k, d));
         }
         Ok(())
     }

@@ -16,6 +16,7 @@
 //   harness im2col_per_image f32|bf16 B C H W KH KW STRIDE PADDING DILATION IN OUT    IN: x (B x C x H x W)
 //   harness norm_param_grads f32|bf16 ROWS N GROUPS REST EPS IN OUT   IN: x, g (ROWS x N); OUT: the
 //       partials, P x 2 x C (a layer norm's, GROUPS = REST = 1: 32 rows a block, as cuda_kernels.rs)
+//   harness flash bf16 N SEQ_Q SEQ_K D SCALE IN OUT          IN: q (N x SEQ_Q x D), k, v (N x SEQ_K x D)
 //   harness adam_step f32|bf16 N BETA1' BETA2 BETA2' DECAY NEG_STEP INV_BC2 EPS MODEL IN OUT
 //       IN: g, p, m, v (N each); OUT: p, m, v, the model's copy (N each, zeros without MODEL=1);
 //       the f32 scalars as their bits (decimal), DECAY 0 for none
@@ -27,6 +28,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 struct Dim3 {
@@ -36,11 +38,13 @@ static thread_local Dim3 threadIdx, blockIdx;
 static Dim3 blockDim, gridDim;
 static std::barrier<> *block_barrier;
 static std::vector<float> shuffle_slots;
+static std::vector<unsigned int> mma_slots;  // 6 registers per thread
 
 #define __global__
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
+#define __launch_bounds__(threads)
 
 static void __syncthreads() { block_barrier->arrive_and_wait(); }
 static float __shfl_xor_sync(unsigned int, float v, int offset) {
@@ -68,6 +72,32 @@ static float __fmul_rn(float a, float b) { return a * b; }
 static float __fdiv_rn(float a, float b) { return a / b; }
 static float __fsqrt_rn(float a) { return std::sqrt(a); }
 
+// The warp's mma.sync m16n8k16 (bf16 in, f32 accumulated) from the fragments' layouts that
+// cuda_kernels.cu describes: each lane's registers through the slots between two barriers (every
+// thread of the block calls it, as the kernel's warps do), then each lane's four sums in f32.
+static void mma_bf16_16816(float *c, const unsigned int *a, unsigned int b0, unsigned int b1) {
+    unsigned int warp = threadIdx.x / 32 * 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    unsigned int *mine = &mma_slots[threadIdx.x * 6];
+    for (int i = 0; i < 4; i++) mine[i] = a[i];
+    mine[4] = b0;
+    mine[5] = b1;
+    __syncthreads();
+    auto half = [](unsigned int reg, unsigned int k) { return __uint_as_float((k % 2 ? reg >> 16 : reg & 0xffffu) << 16); };
+    auto at_a = [&](unsigned int row, unsigned int k) {
+        return half(mma_slots[(warp + row % 8 * 4 + k % 8 / 2) * 6 + (row >= 8) + 2 * (k >= 8)], k);
+    };
+    auto at_b = [&](unsigned int k, unsigned int col) { return half(mma_slots[(warp + col * 4 + k % 8 / 2) * 6 + 4 + (k >= 8)], k); };
+    float out[4];
+    for (unsigned int e = 0; e < 4; e++) {
+        unsigned int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+        float sum = c[e];
+        for (unsigned int k = 0; k < 16; k++) sum += at_a(row, k) * at_b(k, col);
+        out[e] = sum;
+    }
+    __syncthreads();
+    for (int e = 0; e < 4; e++) c[e] = out[e];
+}
+
 #include "cuda_kernels.cu"
 
 // A grid of `grid` blocks of `block` threads, one block at a time, a host thread per CUDA thread.
@@ -77,6 +107,7 @@ static void launch(Dim3 grid, Dim3 block, F kernel) {
     blockDim = block;
     unsigned int threads = block.x * block.y;
     shuffle_slots.assign(threads, 0.0f);
+    mma_slots.assign(threads * 6, 0);
     for (unsigned int bz = 0; bz < grid.z; bz++)
         for (unsigned int by = 0; by < grid.y; by++)
             for (unsigned int bx = 0; bx < grid.x; bx++) {
@@ -276,6 +307,33 @@ static std::vector<float> run(int argc, char **argv) {
         out.insert(out.end(), v.begin(), v.end());
         auto copied = loaded(model);
         out.insert(out.end(), copied.begin(), copied.end());
+        return out;
+    }
+    if (op == "flash" && argc == 10) {
+        unsigned int n = std::atoi(argv[3]), seq_q = std::atoi(argv[4]), seq_k = std::atoi(argv[5]), d = std::atoi(argv[6]);
+        float scale_log2 = std::atof(argv[7]) * 1.4426950408889634f;
+        size_t nq = (size_t)n * seq_q * d, nk = (size_t)n * seq_k * d;
+        std::vector<float> in = read_floats(argv[8], nq + 2 * nk);
+        auto as_bf16 = [&](size_t from, size_t len) {
+            std::vector<unsigned short> t(len);
+            for (size_t i = 0; i < len; i++) t[i] = BF16::store(in[from + i]);
+            return t;
+        };
+        auto q = as_bf16(0, nq), k = as_bf16(nq, nk), v = as_bf16(nq + nk, nk);
+        std::vector<unsigned short> o(nq);
+        // As cuda_kernels.rs: 64 queries a block of 4 warps, a head per grid row.
+        auto kernel = [&](auto padded) {
+            constexpr int DP = decltype(padded)::value;
+            launch((seq_q + 63) / 64, 128, [&] { flash_attention<DP>(q.data(), k.data(), v.data(), o.data(), seq_q, seq_k, d, scale_log2); }, n);
+        };
+        switch ((d + 15) / 16 * 16) {
+        case 16: kernel(std::integral_constant<int, 16>()); break;
+        case 48: kernel(std::integral_constant<int, 48>()); break;
+        case 80: kernel(std::integral_constant<int, 80>()); break;
+        default: std::fprintf(stderr, "flash: the harness has no kernel for head dimension %u\n", d); std::exit(2);
+        }
+        std::vector<float> out(nq);
+        for (size_t i = 0; i < nq; i++) out[i] = BF16::load(o[i]);
         return out;
     }
     std::fprintf(stderr, "usage: see the head of cuda_kernels_on_cpu.cpp\n");

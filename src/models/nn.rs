@@ -258,7 +258,8 @@ const ATTENTION_SCORES_PER_SLICE: usize = 1 << 26;
 /// pairs at a time (the attention slicing of diffusers), else as many as
 /// `ATTENTION_SCORES_PER_SLICE` allows. On the CPU (contiguous f32) it runs a block of query
 /// rows at a time (`cpu_kernels::Attention`), so no `seq x seq` matrix exists and `slice` has
-/// nothing left to bound.
+/// nothing left to bound. On a GPU in bf16 the forward is one fused kernel that writes no scores
+/// either ([`cuda_kernels::flash_attention`]); the backward still takes slices.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<usize>) -> Result<Tensor> {
     if [q, k, v].into_iter().all(cpu_kernels::applies) {
         let out = q.detach().apply_op3_no_bwd(&k.detach(), &v.detach(), &cpu_kernels::Attention { scale: scale as f32 })?;
@@ -284,8 +285,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<u
         }
     };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let out = over_slices(n, size, |s, l| probs(&qd.narrow(0, s, l)?, &kd.narrow(0, s, l)?)?.matmul(&vd.narrow(0, s, l)?))?;
-    attach_backward3(q, k, v, Tensor::cat(&out, 0)?, move |q, k, v, out, grad| {
+    let out = match cuda_kernels::flash_attention(&qd, &kd, &vd, scale)? {
+        Some(out) => out,
+        None => Tensor::cat(&over_slices(n, size, |s, l| probs(&qd.narrow(0, s, l)?, &kd.narrow(0, s, l)?)?.matmul(&vd.narrow(0, s, l)?))?, 0)?,
+    };
+    attach_backward3(q, k, v, out, move |q, k, v, out, grad| {
         // Per slice: P again, dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dP P)),
         // dq = scale dS k, dk = scale dS^T q. rowsum(dP P) = rowsum(dO O) (as flash attention
         // computes it) and the scale goes on dq and dk: two fewer passes over the seq x seq scores.
