@@ -8,6 +8,7 @@
 //! - [`AttentionBlock`]: the VAE's single-head spatial self-attention (diffusers' `Attention`
 //!   with a `group_norm` and a residual connection).
 
+use crate::models::cuda_kernels;
 use crate::models::nn::{
     attention, conv2d, group_norm, layer_norm, linear, linear_b, swap_axes, Conv2d, Conv2dConfig, GroupNorm, LayerNorm,
     Linear,
@@ -20,10 +21,11 @@ use candle_nn::VarBuilder;
 /// scores are what diffusers' classic attention processor keeps too; in f32 the `seq x seq`
 /// scores, the costliest tensors of a step, took twice the bytes (docs/performance.md). f16 keeps
 /// f32: candle sums f16 in f16 (the backward's row sums over 4096 scores). On the CPU candle's
-/// half-precision matmuls are slower than f32 ones.
+/// half-precision matmuls are slower than f32 ones; the GPU's path emulated on the CPU
+/// (`cuda_kernels::emulate_on_cpu`) takes the GPU's dtype.
 fn attention_dtype(dtype: DType, device: &candle_core::Device) -> DType {
     match dtype {
-        DType::BF16 if device.is_cuda() => DType::BF16,
+        DType::BF16 if device.is_cuda() || cuda_kernels::emulating() => DType::BF16,
         DType::F16 | DType::BF16 => DType::F32,
         d => d,
     }
