@@ -154,7 +154,8 @@ fn gpu_path_matches(cpu: &Edits, cudnn: bool) -> Result<()> {
     let grads = backward(&unet(DType::BF16, false)?.0, &context_bf16)?;
     let grad = grads.get(context_bf16.as_tensor()).ok_or("no context gradient")?;
     // bf16 keeps 8 bits through some hundred ops each way: the CPU's own bf16 path is 4.4e-2
-    // off here, this one 4.3e-2 to 4.5e-2 (its attention in bf16 as the GPU runs it); a wrong layout or formula is off by the gradient's size.
+    // off here, this one 4.3e-2 to 4.5e-2 (its attention in bf16, as the GPU runs it); a wrong
+    // layout or formula is off by the gradient's size.
     check("frozen, bf16: grad.context", grad, &fx["grad.context"], 1e-1)?;
     let (trainable, vars) = unet(DType::F32, true)?;
     let grads = backward(&trainable, &context)?;
