@@ -22,8 +22,9 @@
 #                                     JSON packed into $OUT/gpu-check.tgz, plus summary.txt, the
 #                                     two tables and the host's samples.
 #   scripts/gpu-check.sh quick        there, the short check (about 5 minutes): parity in both
-#                                     builds, bf16 LoRA and full fine-tuning in both builds and f32
-#                                     LoRA against PyTorch, and Nsight Compute over one step of
+#                                     builds, bf16 LoRA and full fine-tuning in both builds (and
+#                                     full once more with the attention composed, LAYERDIFF_FLASH=0)
+#                                     and f32 LoRA against PyTorch, and Nsight Compute over one step of
 #                                     full fine-tuning's stage 2 (`bench --profile-stage 2`).
 #
 # With the device tool: run(command="STEPS=5 scripts/gpu-check.sh run", carry=["gpu-bundle"],
@@ -146,7 +147,7 @@ profile() {
 
 # The short check (about 5 minutes on an H200 with STEPS=5, PROFILE= skips the last minute),
 # the most wanted first: parity in the `cudnn` build, bf16 LoRA and full fine-tuning in both builds
-# against PyTorch, f32 LoRA against PyTorch with TF32 where PyTorch has it by default (its cuDNN's
+# against PyTorch (and full with the attention composed), f32 LoRA against PyTorch with TF32 where PyTorch has it by default (its cuDNN's
 # convolutions, `LAYERDIFF_TF32=conv`), parity in the plain build, then Nsight Compute over one
 # step of full fine-tuning's stage 2 (`bench --profile-stage 2`).
 quick() {
@@ -161,6 +162,8 @@ quick() {
     ref "torch-bf16-$mode" --size "$SIZE" --dtype bf16 --finetune "$mode" --steps "$STEPS"
   done
   if [ "$DEVICE" = cuda ]; then
+    # the fused attention's gain: the same step with the attention composed
+    BIN=$BIN-cudnn ours ours-bf16-full-cudnn-noflash LAYERDIFF_FLASH=0 -- --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
     BIN=$BIN-cudnn ours ours-f32-lora-cudnn-tf32conv LAYERDIFF_TF32=conv -- --size "$SIZE" --dtype f32 --finetune lora --steps "$STEPS"
   fi
   ref torch-f32-lora --size "$SIZE" --dtype f32 --finetune lora --steps "$STEPS"
@@ -203,6 +206,8 @@ run() {
   # without the fused CUDA kernels (src/models/cuda_kernels.rs, on by default)
   ours ours-bf16-lora-unfused LAYERDIFF_FUSED=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
   ours ours-bf16-full-unfused LAYERDIFF_FUSED=0 -- --size "$SIZE" --dtype bf16 --finetune full --steps "$STEPS"
+  # with the fused kernels but the attention composed (LAYERDIFF_FLASH=0)
+  ours ours-bf16-lora-noflash LAYERDIFF_FLASH=0 -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
   # cuDNN's convolutions ($BIN-cudnn), with the fused kernels and without
   if [ "$DEVICE" = cuda ]; then
     BIN=$BIN-cudnn ours ours-bf16-lora-cudnn -- --size "$SIZE" --dtype bf16 --finetune lora --steps "$STEPS"
