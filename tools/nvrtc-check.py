@@ -21,10 +21,14 @@ source = open(os.path.join(root, "src/models/cuda_kernels.cu"), "rb").read()
 rust = open(os.path.join(root, "src/models/cuda_kernels.rs")).read()
 arches = sorted(set(re.findall(r'"(compute_\d+)"', rust)))
 kernels = {f"{name}_{dtype}" for name in re.findall(r'func\("(\w+)"\)', rust) for dtype in ("f32", "bf16")}
-# The attention kernel, bf16 only, one per padded head dimension (FLASH_HEAD_DIMS).
-flash = re.search(r"FLASH_HEAD_DIMS: \[usize; \d+\] = \[([\d, ]+)\]", rust)
-assert flash, "no FLASH_HEAD_DIMS in cuda_kernels.rs"
-kernels |= {f"flash_attention_d{d.strip()}_bf16" for d in flash.group(1).split(",")}
+# The attention kernels, bf16 only, one per padded head dimension: the forward's for each of
+# FLASH_HEAD_DIMS, the backward's two for each of FLASH_BACKWARD_HEAD_DIMS.
+def head_dims(name):
+    found = re.search(name + r": \[usize; \d+\] = \[([\d, ]+)\]", rust)
+    assert found, f"no {name} in cuda_kernels.rs"
+    return [d.strip() for d in found.group(1).split(",")]
+kernels |= {f"flash_attention_d{d}_bf16" for d in head_dims("FLASH_HEAD_DIMS")}
+kernels |= {f"flash_attention_grad_{part}_d{d}_bf16" for d in head_dims("FLASH_BACKWARD_HEAD_DIMS") for part in ("q", "kv")}
 assert arches and kernels, "no architectures or kernels found in cuda_kernels.rs"
 
 failed = False

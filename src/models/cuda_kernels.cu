@@ -360,6 +360,82 @@ __device__ __forceinline__ unsigned int bf16_pair_at(const unsigned short *p) {
 #endif
 }
 
+// The fused attention's tiles: 64 rows (queries or keys) a block, 16 a warp, shared-memory rows
+// of DP + 8 bf16 (8 more: the lanes' rows fall in different banks).
+#define FLASH_ROWS 64u
+#define FLASH_STRIDE(DP) ((DP) + 8)
+
+// Rows [first, first + 64) of `x` [rows, d] into `tile` (zeros past `rows` and `d`), by the block.
+template <int DP>
+__device__ void flash_tile(const unsigned short *x, unsigned int first, unsigned int rows, unsigned int d, unsigned short *tile) {
+    for (unsigned int i = threadIdx.x; i < FLASH_ROWS * DP; i += blockDim.x) {
+        unsigned int r = i / DP, c = i % DP;
+        tile[r * FLASH_STRIDE(DP) + c] = first + r < rows && c < d ? x[(unsigned long long)(first + r) * d + c] : 0;
+    }
+}
+
+// The warp's 16 rows of `x` [rows, d] from `row` (this lane's g: rows row and row + 8) as the A
+// operands of products over the columns, one per 16 (zeros past `rows` and `d`).
+template <int DP>
+__device__ void flash_rows_as_a(const unsigned short *x, unsigned int row, unsigned int rows, unsigned int d, unsigned int (*a)[4]) {
+    unsigned int t = threadIdx.x % 4;
+    auto at = [&](unsigned int r, unsigned int c) -> unsigned short { return r < rows && c < d ? x[(unsigned long long)r * d + c] : 0; };
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; kk++) {
+        unsigned int c = kk * 16 + 2 * t;
+        a[kk][0] = bf16_pair(at(row, c), at(row, c + 1));
+        a[kk][1] = bf16_pair(at(row + 8, c), at(row + 8, c + 1));
+        a[kk][2] = bf16_pair(at(row, c + 8), at(row, c + 9));
+        a[kk][3] = bf16_pair(at(row + 8, c + 8), at(row + 8, c + 9));
+    }
+}
+
+// s = a tile^T: the warp's 16 rows (A operands `a`) against the tile's 64 rows, over DP columns;
+// s[j] holds columns 8j to 8j + 7 (tile rows) as mma's D.
+template <int DP>
+__device__ void flash_times_tile_t(const unsigned int (*a)[4], const unsigned short *tile, float (*s)[4]) {
+    unsigned int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int j = 0; j < FLASH_ROWS / 8; j++) {
+        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+        const unsigned short *row = tile + (j * 8 + g) * FLASH_STRIDE(DP) + 2 * t;  // even: pairs aligned
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; kk++) mma_bf16_16816(s[j], a[kk], bf16_pair_at(row + kk * 16), bf16_pair_at(row + kk * 16 + 8));
+    }
+}
+
+// acc += p tile: the warp's 16 x 64 `p` (as flash_times_tile_t's s, rounded to bf16 here) times
+// the tile's 64 rows of DP columns; acc[i] holds columns 8i to 8i + 7.
+template <int DP>
+__device__ void flash_times_tile(const float (*p)[4], const unsigned short *tile, float (*acc)[4]) {
+    unsigned int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int kk = 0; kk < FLASH_ROWS / 16; kk++) {
+        // Two of p's n-tiles are one A operand: D's layout over 8 columns is A's over 16.
+        const float *lo = p[2 * kk], *hi = p[2 * kk + 1];
+        unsigned int a[4] = {bf16_pair(BF16::store(lo[0]), BF16::store(lo[1])), bf16_pair(BF16::store(lo[2]), BF16::store(lo[3])),
+                             bf16_pair(BF16::store(hi[0]), BF16::store(hi[1])), bf16_pair(BF16::store(hi[2]), BF16::store(hi[3]))};
+        const unsigned short *col = tile + (kk * 16 + 2 * t) * FLASH_STRIDE(DP) + g;
+#pragma unroll
+        for (int i = 0; i < DP / 8; i++, col += 8)
+            mma_bf16_16816(acc[i], a, bf16_pair(col[0], col[FLASH_STRIDE(DP)]),
+                           bf16_pair(col[8 * FLASH_STRIDE(DP)], col[9 * FLASH_STRIDE(DP)]));
+    }
+}
+
+// The warp's 16 rows of acc times `scale` into `out` [rows, d] from `row` (this lane's g).
+template <int DP>
+__device__ void flash_store_rows(const float (*acc)[4], float scale, unsigned short *out, unsigned int row, unsigned int rows, unsigned int d) {
+    unsigned int t = threadIdx.x % 4;
+#pragma unroll
+    for (int i = 0; i < DP / 8; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            unsigned int r = row + 8 * (e / 2), c = i * 8 + 2 * t + (e & 1);
+            if (r < rows && c < d) out[(unsigned long long)r * d + c] = BF16::store(acc[i][e] * scale);
+        }
+}
+
 // Fused attention, out = softmax(scale q k^T) v, for one (batch x head) per blockIdx.y and 64
 // queries per block (16 per warp, 4 warps), never writing the seq_q x seq_k scores: the keys
 // and values come in tiles of 64 through shared memory, each warp's scores stay in its
@@ -368,117 +444,194 @@ __device__ __forceinline__ unsigned int bf16_pair_at(const unsigned short *p) {
 // head, bf16, d <= DP (DP a multiple of 16; the columns past d are zeros here); products in bf16
 // on the tensor cores, accumulated in f32, the probabilities rounded to bf16 for the product
 // with v as the composed path rounds them. `scale_log2` = scale log2(e): the exponentials are
-// exp2f's.
+// exp2f's. Also each row's log-sum-exp of the scaled scores, `lse` [seq_q] (f32, natural log),
+// for the backward.
 template <int DP>
 __device__ void flash_attention(const unsigned short *q, const unsigned short *k, const unsigned short *v, unsigned short *o,
-                                unsigned int seq_q, unsigned int seq_k, unsigned int d, float scale_log2) {
-    constexpr unsigned int KEYS = 64, STRIDE = DP + 8;  // 8 more: the lanes' rows fall in different banks
-    __shared__ unsigned short ks[KEYS * STRIDE], vs[KEYS * STRIDE];
-    unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+                                float *lse, unsigned int seq_q, unsigned int seq_k, unsigned int d, float scale_log2) {
+    __shared__ unsigned short ks[FLASH_ROWS * FLASH_STRIDE(DP)], vs[FLASH_ROWS * FLASH_STRIDE(DP)];
+    unsigned int t = threadIdx.x % 4;
     unsigned long long head = blockIdx.y;
     q += head * seq_q * d;
     k += head * seq_k * d;
     v += head * seq_k * d;
     o += head * seq_q * d;
-    unsigned int row0 = blockIdx.x * 64 + warp * 16 + g, row1 = row0 + 8;
-    auto q_at = [&](unsigned int r, unsigned int c) -> unsigned short { return r < seq_q && c < d ? q[(unsigned long long)r * d + c] : 0; };
-    // The warp's 16 queries as the A operands of the scores' products, one per 16 columns.
+    lse += head * seq_q;
+    unsigned int row = blockIdx.x * FLASH_ROWS + threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
     unsigned int qa[DP / 16][4];
-    #pragma unroll
-    for (int kk = 0; kk < DP / 16; kk++) {
-        unsigned int c = kk * 16 + 2 * t;
-        qa[kk][0] = bf16_pair(q_at(row0, c), q_at(row0, c + 1));
-        qa[kk][1] = bf16_pair(q_at(row1, c), q_at(row1, c + 1));
-        qa[kk][2] = bf16_pair(q_at(row0, c + 8), q_at(row0, c + 9));
-        qa[kk][3] = bf16_pair(q_at(row1, c + 8), q_at(row1, c + 9));
-    }
+    flash_rows_as_a<DP>(q, row, seq_q, d, qa);
     float acc[DP / 8][4];
-    #pragma unroll
+#pragma unroll
     for (int i = 0; i < DP / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-    // Rows g and g + 8 of the warp: the running maximum of scale log2(e) s, and this lane's part of
+    // Rows `row` and `row + 8`: the running maximum of scale log2(e) s, and this lane's part of
     // the running sum of exp2 of (that - the maximum).
-    float m0 = __uint_as_float(0xff800000u), m1 = m0, l0 = 0.0f, l1 = 0.0f;
-    for (unsigned int first = 0; first < seq_k; first += KEYS) {
+    float m[2] = {__uint_as_float(0xff800000u), __uint_as_float(0xff800000u)}, l[2] = {0.0f, 0.0f};
+    for (unsigned int first = 0; first < seq_k; first += FLASH_ROWS) {
         __syncthreads();  // the last tile is read
-        for (unsigned int i = threadIdx.x; i < KEYS * DP; i += blockDim.x) {
-            unsigned int r = i / DP, c = i % DP, key = first + r;
-            bool inside = key < seq_k && c < d;
-            ks[r * STRIDE + c] = inside ? k[(unsigned long long)key * d + c] : 0;
-            vs[r * STRIDE + c] = inside ? v[(unsigned long long)key * d + c] : 0;
-        }
+        flash_tile<DP>(k, first, seq_k, d, ks);
+        flash_tile<DP>(v, first, seq_k, d, vs);
         __syncthreads();
-        // The scores s = q k^T of the tile, 8 keys per n-tile.
-        float s[KEYS / 8][4];
-        #pragma unroll
-        for (int j = 0; j < KEYS / 8; j++) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-            const unsigned short *key = ks + (j * 8 + g) * STRIDE + 2 * t;  // even: pairs aligned
-            #pragma unroll
-            for (int kk = 0; kk < DP / 16; kk++)
-                mma_bf16_16816(s[j], qa[kk], bf16_pair_at(key + kk * 16), bf16_pair_at(key + kk * 16 + 8));
-        }
+        float s[FLASH_ROWS / 8][4];
+        flash_times_tile_t<DP>(qa, ks, s);
         // Scaled; the keys past seq_k out.
-        float max0 = m0, max1 = m1;
-        #pragma unroll
-        for (int j = 0; j < KEYS / 8; j++)
-            #pragma unroll
+        float max[2] = {m[0], m[1]};
+#pragma unroll
+        for (int j = 0; j < FLASH_ROWS / 8; j++)
+#pragma unroll
             for (int e = 0; e < 4; e++) {
                 bool inside = first + j * 8 + 2 * t + (e & 1) < seq_k;
                 s[j][e] = inside ? s[j][e] * scale_log2 : __uint_as_float(0xff800000u);
-                if (e < 2) max0 = fmaxf(max0, s[j][e]); else max1 = fmaxf(max1, s[j][e]);
+                max[e / 2] = fmaxf(max[e / 2], s[j][e]);
             }
         // The 4 lanes of a row hold its columns.
-        for (int lanes = 1; lanes < 4; lanes <<= 1) {
-            max0 = fmaxf(max0, __shfl_xor_sync(0xffffffffu, max0, lanes));
-            max1 = fmaxf(max1, __shfl_xor_sync(0xffffffffu, max1, lanes));
+        float rescale[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            max[h] = fmaxf(max[h], __shfl_xor_sync(0xffffffffu, max[h], 1));
+            max[h] = fmaxf(max[h], __shfl_xor_sync(0xffffffffu, max[h], 2));
+            rescale[h] = exp2f(m[h] - max[h]);  // 0 at the first tile
+            m[h] = max[h];
+            l[h] *= rescale[h];
         }
-        float r0 = exp2f(m0 - max0), r1 = exp2f(m1 - max1);  // 0 at the first tile
-        m0 = max0;
-        m1 = max1;
-        l0 *= r0;
-        l1 *= r1;
-        #pragma unroll
-        for (int i = 0; i < DP / 8; i++) {
-            acc[i][0] *= r0;
-            acc[i][1] *= r0;
-            acc[i][2] *= r1;
-            acc[i][3] *= r1;
-        }
-        // p = exp2(s - max), then acc += p v: two n-tiles of p are one A operand (16 keys), v's
-        // rows the B operands' k.
-        #pragma unroll
-        for (int kk = 0; kk < KEYS / 16; kk++) {
-            unsigned short p[2][4];
-            #pragma unroll
-            for (int h = 0; h < 2; h++)
-                #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float pe = exp2f(s[2 * kk + h][e] - (e < 2 ? m0 : m1));
-                    if (e < 2) l0 += pe; else l1 += pe;
-                    p[h][e] = BF16::store(pe);
-                }
-            unsigned int pa[4] = {bf16_pair(p[0][0], p[0][1]), bf16_pair(p[0][2], p[0][3]), bf16_pair(p[1][0], p[1][1]),
-                                  bf16_pair(p[1][2], p[1][3])};
-            const unsigned short *value = vs + (kk * 16 + 2 * t) * STRIDE + g;
-            #pragma unroll
-            for (int i = 0; i < DP / 8; i++) {
-                const unsigned short *col = value + i * 8;
-                mma_bf16_16816(acc[i], pa, bf16_pair(col[0], col[STRIDE]), bf16_pair(col[8 * STRIDE], col[9 * STRIDE]));
+#pragma unroll
+        for (int i = 0; i < DP / 8; i++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][e] *= rescale[e / 2];
+        // p = exp2(s - max) in place of s, then acc += p v.
+#pragma unroll
+        for (int j = 0; j < FLASH_ROWS / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s[j][e] = exp2f(s[j][e] - m[e / 2]);
+                l[e / 2] += s[j][e];
             }
-        }
+        flash_times_tile<DP>(s, vs, acc);
     }
-    for (int lanes = 1; lanes < 4; lanes <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, lanes);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, lanes);
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+        if (t == 0 && row + 8 * h < seq_q) lse[row + 8 * h] = (m[h] + log2f(l[h])) * 0.69314718055994531f;
     }
-    float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
-    #pragma unroll
+    // Each row's own 1 / l: the two rows' differ, so the scale goes in per row.
+    float inv[2] = {1.0f / l[0], 1.0f / l[1]};
+#pragma unroll
     for (int i = 0; i < DP / 8; i++)
-        #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            unsigned int r = e < 2 ? row0 : row1, c = i * 8 + 2 * t + (e & 1);
-            if (r < seq_q && c < d) o[(unsigned long long)r * d + c] = BF16::store(acc[i][e] * (e < 2 ? inv0 : inv1));
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[i][e] *= inv[e / 2];
+    flash_store_rows<DP>(acc, 1.0f, o, row, seq_q, d);
+}
+
+// The fused attention's backward, FlashAttention-2's, in two kernels that each recompute the
+// probabilities tile by tile from q, k and the forward's `lse`, p = exp(scale s - lse), so that
+// no seq_q x seq_k matrix is written, and no two blocks add into one output (no atomics: the
+// same bits on every run). With g the output's gradient and `delta` = rowsum(g out) [seq_q]
+// (f32), dp = g v^T and ds = p (dp - delta): dq = scale ds k here, a block per 64 queries
+// looping over the keys; dk = scale ds^T q and dv = p^T g in flash_attention_grad_kv.
+template <int DP>
+__device__ void flash_attention_grad_q(const unsigned short *q, const unsigned short *k, const unsigned short *v,
+                                       const unsigned short *g, const float *lse, const float *delta, unsigned short *dq,
+                                       unsigned int seq_q, unsigned int seq_k, unsigned int d, float scale_log2, float scale) {
+    __shared__ unsigned short ks[FLASH_ROWS * FLASH_STRIDE(DP)], vs[FLASH_ROWS * FLASH_STRIDE(DP)];
+    unsigned int t = threadIdx.x % 4;
+    unsigned long long head = blockIdx.y;
+    q += head * seq_q * d;
+    k += head * seq_k * d;
+    v += head * seq_k * d;
+    g += head * seq_q * d;
+    dq += head * seq_q * d;
+    unsigned int row = blockIdx.x * FLASH_ROWS + threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
+    unsigned int qa[DP / 16][4], ga[DP / 16][4];
+    flash_rows_as_a<DP>(q, row, seq_q, d, qa);
+    flash_rows_as_a<DP>(g, row, seq_q, d, ga);
+    // Rows `row` and `row + 8`: lse in log2 (of exp2(scale log2(e) s)) and delta.
+    float lse2[2], dl[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        bool inside = row + 8 * h < seq_q;
+        lse2[h] = inside ? lse[head * seq_q + row + 8 * h] * 1.4426950408889634f : 0.0f;
+        dl[h] = inside ? delta[head * seq_q + row + 8 * h] : 0.0f;
+    }
+    float acc[DP / 8][4];
+#pragma unroll
+    for (int i = 0; i < DP / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    for (unsigned int first = 0; first < seq_k; first += FLASH_ROWS) {
+        __syncthreads();  // the last tile is read
+        flash_tile<DP>(k, first, seq_k, d, ks);
+        flash_tile<DP>(v, first, seq_k, d, vs);
+        __syncthreads();
+        float p[FLASH_ROWS / 8][4], dp[FLASH_ROWS / 8][4];
+        flash_times_tile_t<DP>(qa, ks, p);
+        flash_times_tile_t<DP>(ga, vs, dp);
+#pragma unroll
+        for (int j = 0; j < FLASH_ROWS / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                bool inside = first + j * 8 + 2 * t + (e & 1) < seq_k;
+                p[j][e] = inside ? exp2f(p[j][e] * scale_log2 - lse2[e / 2]) : 0.0f;
+                p[j][e] *= dp[j][e] - dl[e / 2];  // ds
+            }
+        flash_times_tile<DP>(p, ks, acc);
+    }
+    flash_store_rows<DP>(acc, scale, dq, row, seq_q, d);
+}
+
+// dk = scale ds^T q and dv = p^T g (flash_attention_grad_q's terms), a block per 64 keys (16 per
+// warp) looping over the queries: the products transposed, s^T = k q^T, with the queries' lse
+// and delta per column.
+template <int DP>
+__device__ void flash_attention_grad_kv(const unsigned short *q, const unsigned short *k, const unsigned short *v,
+                                        const unsigned short *g, const float *lse, const float *delta, unsigned short *dk,
+                                        unsigned short *dv, unsigned int seq_q, unsigned int seq_k, unsigned int d, float scale_log2,
+                                        float scale) {
+    __shared__ unsigned short qs[FLASH_ROWS * FLASH_STRIDE(DP)], gs[FLASH_ROWS * FLASH_STRIDE(DP)];
+    __shared__ float lse2s[FLASH_ROWS], deltas[FLASH_ROWS];
+    unsigned int t = threadIdx.x % 4;
+    unsigned long long head = blockIdx.y;
+    q += head * seq_q * d;
+    k += head * seq_k * d;
+    v += head * seq_k * d;
+    g += head * seq_q * d;
+    lse += head * seq_q;
+    delta += head * seq_q;
+    dk += head * seq_k * d;
+    dv += head * seq_k * d;
+    unsigned int row = blockIdx.x * FLASH_ROWS + threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
+    unsigned int ka[DP / 16][4], va[DP / 16][4];
+    flash_rows_as_a<DP>(k, row, seq_k, d, ka);
+    flash_rows_as_a<DP>(v, row, seq_k, d, va);
+    float dk_acc[DP / 8][4], dv_acc[DP / 8][4];
+#pragma unroll
+    for (int i = 0; i < DP / 8; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk_acc[i][e] = dv_acc[i][e] = 0.0f;
+    for (unsigned int first = 0; first < seq_q; first += FLASH_ROWS) {
+        __syncthreads();  // the last tile is read
+        flash_tile<DP>(q, first, seq_q, d, qs);
+        flash_tile<DP>(g, first, seq_q, d, gs);
+        for (unsigned int i = threadIdx.x; i < FLASH_ROWS; i += blockDim.x) {
+            // Past seq_q an infinite lse: p = 0 there.
+            bool inside = first + i < seq_q;
+            lse2s[i] = inside ? lse[first + i] * 1.4426950408889634f : __uint_as_float(0x7f800000u);
+            deltas[i] = inside ? delta[first + i] : 0.0f;
         }
+        __syncthreads();
+        float p[FLASH_ROWS / 8][4], ds[FLASH_ROWS / 8][4];
+        flash_times_tile_t<DP>(ka, qs, p);
+        flash_times_tile_t<DP>(va, gs, ds);  // dp^T = v g^T
+#pragma unroll
+        for (int j = 0; j < FLASH_ROWS / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                unsigned int col = j * 8 + 2 * t + (e & 1);
+                p[j][e] = exp2f(p[j][e] * scale_log2 - lse2s[col]);
+                ds[j][e] = p[j][e] * (ds[j][e] - deltas[col]);
+            }
+        flash_times_tile<DP>(p, gs, dv_acc);
+        flash_times_tile<DP>(ds, qs, dk_acc);
+    }
+    flash_store_rows<DP>(dk_acc, scale, dk, row, seq_k, d);
+    flash_store_rows<DP>(dv_acc, 1.0f, dv, row, seq_k, d);
 }
 
 #define KERNELS(D, name)                                                                                   \
@@ -524,17 +677,31 @@ extern "C" __global__ void adam_step_##name(const D::T *g, float *p, float *m, f
 KERNELS(F32, f32)
 KERNELS(BF16, bf16)
 
-// The attention kernels by padded head dimension (cuda_kernels.rs's FLASH_HEAD_DIMS), bf16 only.
-#define FLASH(DP)                                                                                          \
+// The attention kernels by padded head dimension, bf16 only: the forward for each of
+// cuda_kernels.rs's FLASH_HEAD_DIMS, the backward's two for FLASH_BACKWARD_HEAD_DIMS (past 96 the
+// key-and-value kernel's registers spill).
+#define FLASH_FORWARD(DP)                                                                                  \
 extern "C" __global__ void __launch_bounds__(128) flash_attention_d##DP##_bf16(const unsigned short *q,   \
-        const unsigned short *k, const unsigned short *v, unsigned short *o, unsigned int seq_q,           \
-        unsigned int seq_k, unsigned int d, float scale_log2) {                                            \
-    flash_attention<DP>(q, k, v, o, seq_q, seq_k, d, scale_log2); }
+        const unsigned short *k, const unsigned short *v, unsigned short *o, float *lse,                   \
+        unsigned int seq_q, unsigned int seq_k, unsigned int d, float scale_log2) {                        \
+    flash_attention<DP>(q, k, v, o, lse, seq_q, seq_k, d, scale_log2); }
+#define FLASH_BACKWARD(DP)                                                                                 \
+extern "C" __global__ void __launch_bounds__(128) flash_attention_grad_q_d##DP##_bf16(                    \
+        const unsigned short *q, const unsigned short *k, const unsigned short *v, const unsigned short *g, \
+        const float *lse, const float *delta, unsigned short *dq, unsigned int seq_q, unsigned int seq_k,  \
+        unsigned int d, float scale_log2, float scale) {                                                   \
+    flash_attention_grad_q<DP>(q, k, v, g, lse, delta, dq, seq_q, seq_k, d, scale_log2, scale); }          \
+extern "C" __global__ void __launch_bounds__(128) flash_attention_grad_kv_d##DP##_bf16(                   \
+        const unsigned short *q, const unsigned short *k, const unsigned short *v, const unsigned short *g, \
+        const float *lse, const float *delta, unsigned short *dk, unsigned short *dv, unsigned int seq_q,  \
+        unsigned int seq_k, unsigned int d, float scale_log2, float scale) {                               \
+    flash_attention_grad_kv<DP>(q, k, v, g, lse, delta, dk, dv, seq_q, seq_k, d, scale_log2, scale); }
+#define FLASH(DP) FLASH_FORWARD(DP) FLASH_BACKWARD(DP)
 FLASH(16)
 FLASH(32)
 FLASH(48)
 FLASH(64)
 FLASH(80)
 FLASH(96)
-FLASH(128)
-FLASH(160)
+FLASH_FORWARD(128)
+FLASH_FORWARD(160)

@@ -244,36 +244,70 @@ pub fn swap_axes(x: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Optio
     apply(&[&x.contiguous()?], Kernel::SwapAxes { a, i, j, e })
 }
 
-/// The head dimensions the attention kernel is built for, each a multiple of 16 (a smaller one is
-/// padded to the next: SD 1's 40, 80 and 160 run as 48, 80 and 160), as `flash_attention_d{DP}`
-/// in `cuda_kernels.cu`.
+/// The head dimensions the attention kernels are built for, each a multiple of 16 (a smaller one
+/// runs padded to the next: SD 1's 40, 80 and 160 as 48, 80 and 160), as `flash_attention_d{DP}`
+/// in `cuda_kernels.cu`; the backward's (`flash_attention_grad_q_d{DP}`, `..._grad_kv_d{DP}`)
+/// stop at 96, past which the key-and-value kernel's registers spill.
 const FLASH_HEAD_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
+const FLASH_BACKWARD_HEAD_DIMS: [usize; 6] = [16, 32, 48, 64, 80, 96];
 
-/// Queries per block of the attention kernel (4 warps of 16).
-const FLASH_QUERIES: usize = 64;
+/// Rows (queries, or keys in the backward's second kernel) per block of the attention kernels:
+/// 4 warps of 16.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const FLASH_ROWS: usize = 64;
 
-/// `softmax(scale q k^T) v` for `q` `[n, seq_q, d]` and `k`, `v` `[n, seq_k, d]` in bf16: one
+/// `softmax(scale q k^T) v` for `q` `[n, seq_q, d]` and `k`, `v` `[n, seq_k, d]` in bf16, and each
+/// row's log-sum-exp of `scale q k^T` (`[n, seq_q]`, f32) for [`flash_attention_backward`]: one
 /// kernel that never writes the `seq_q x seq_k` scores (FlashAttention-2's forward, its products
-/// on the tensor cores: GPUs from Ampere on). `LAYERDIFF_FLASH=0` turns it off alone, to time
-/// the composed path. `Ok(None)` where it does not apply: f32 (whose products must stay f32),
-/// head dimensions past 160, an older GPU.
-pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+/// on the tensor cores: GPUs from Ampere on). `LAYERDIFF_FLASH=0` turns the attention kernels
+/// alone off, to time the composed path. `Ok(None)` where they do not apply: f32 (whose products
+/// must stay f32), head dimensions past 160, an older GPU, or they failed their check on the
+/// device before first use.
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<(Tensor, Tensor)>> {
+    if !flash_applies(q, k, v, scale, &FLASH_HEAD_DIMS)? {
+        return Ok(None);
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    match q.device().is_cpu() {
+        true => emulated::flash_forward(&q, &k, &v, scale).map(Some),
+        false => imp::flash_forward(&q, &k, &v, scale),
+    }
+}
+
+/// The gradients of [`flash_attention`]'s `q`, `k` and `v` from its output `out`, that output's
+/// gradient `grad` and its `lse`: two kernels that recompute the probabilities tile by tile (no
+/// `seq x seq` matrix written), one per block of queries for `dq`, one per block of keys for `dk`
+/// and `dv`, neither adding into another block's output (the same bits on every run). Head
+/// dimensions up to 96; `Ok(None)` where they do not apply, as [`flash_attention`].
+pub fn flash_attention_backward(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor, lse: &Tensor, scale: f64) -> Result<Option<[Tensor; 3]>> {
+    if !flash_applies(q, k, v, scale, &FLASH_BACKWARD_HEAD_DIMS)? || out.shape() != q.shape() || grad.shape() != q.shape() {
+        return Ok(None);
+    }
+    // delta = rowsum(grad out) in f32, each row's dot that the score gradients subtract.
+    let delta = (grad.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?.sum(D::Minus1)?;
+    let [q, k, v, grad, lse] = [q, k, v, grad, lse].map(Tensor::contiguous);
+    let (q, k, v, grad, lse) = (q?, k?, v?, grad?, lse?);
+    match q.device().is_cpu() {
+        true => emulated::flash_backward(&q, &k, &v, &grad, &lse, &delta, scale).map(Some),
+        false => imp::flash_backward(&q, &k, &v, &grad, &lse, &delta, scale),
+    }
+}
+
+/// Whether the attention kernels for head dimensions `dims` apply to `q`, `k`, `v`.
+fn flash_applies(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, dims: &[usize]) -> Result<bool> {
     static ON: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("LAYERDIFF_FLASH").as_deref() != Ok("0"));
     if !*ON || !applies(&[q, k, v]) || q.dtype() != DType::BF16 || q.rank() != 3 || k.rank() != 3 || scale <= 0.0 {
-        return Ok(None);
+        return Ok(false);
     }
     let ((n, seq_q, d), (n_k, seq_k, d_k)) = (q.dims3()?, k.dims3()?);
     let fits = k.shape() == v.shape() && (n_k, d_k) == (n, d) && seq_q > 0 && seq_k > 0 && n <= 65_535;
     let small = q.elem_count() < 1 << 31 && k.elem_count() < 1 << 31;
-    if !(fits && small && flash_padded(d).is_some() && (q.device().is_cpu() || imp::tensor_cores(q.device()))) {
-        return Ok(None);
-    }
-    apply(&[&q.contiguous()?, &k.contiguous()?, &v.contiguous()?], Kernel::FlashAttention { scale: scale as f32 })
+    Ok(fits && small && flash_padded(d, dims).is_some() && (q.device().is_cpu() || imp::tensor_cores(q.device())))
 }
 
-/// The head dimension `d` padded to the attention kernel's that takes it.
-fn flash_padded(d: usize) -> Option<usize> {
-    FLASH_HEAD_DIMS.into_iter().find(|&p| d <= p)
+/// The head dimension `d` padded to that of the kernel among `dims` that takes it.
+fn flash_padded(d: usize, dims: &[usize]) -> Option<usize> {
+    dims.iter().copied().find(|&p| d <= p)
 }
 
 /// Adam's constants for one step of one variable, in f32, as src/method/adam.rs computes them.
@@ -330,7 +364,6 @@ fn self_check_cases() -> Vec<(Kernel, Vec<Vec<usize>>)> {
         (Kernel::SwapAxes { a: 2, i: 7, j: 3, e: 5 }, vec![vec![2, 7, 3, 5]]),
         (Kernel::SwapAxes { a: 2, i: 40, j: 70, e: 1 }, vec![vec![2, 40, 70, 1]]),
         (Kernel::Im2Col(windows), vec![vec![2, 3, 7, 6]]),
-        (Kernel::FlashAttention { scale: 0.3 }, vec![vec![2, 70, 40], vec![2, 100, 40], vec![2, 100, 40]]),
     ]
 }
 
@@ -372,16 +405,6 @@ enum Kernel {
     Geglu,
     GegluInputGrad,
     SwapAxes { a: usize, i: usize, j: usize, e: usize },
-    FlashAttention { scale: f32 },
-}
-
-impl Kernel {
-    /// Whether the kernel is built in bf16 only (the attention's, whose products are the tensor
-    /// cores').
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn bf16_only(self) -> bool {
-        matches!(self, Kernel::FlashAttention { .. })
-    }
 }
 
 /// For the device's self-checks (these kernels', cuDNN's): `Some("by {gap} (their largest
@@ -425,13 +448,21 @@ mod imp {
     pub(super) fn tensor_cores(_: &candle_core::Device) -> bool {
         false
     }
+
+    pub(super) fn flash_forward(_: &Tensor, _: &Tensor, _: &Tensor, _: f64) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+
+    pub(super) fn flash_backward(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: f64) -> Result<Option<[Tensor; 3]>> {
+        Ok(None)
+    }
 }
 
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{Kernel, SOURCE};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaModule, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor};
@@ -678,20 +709,6 @@ mod imp {
                 // SAFETY: the kernel's signature is the arguments pushed.
                 unsafe { builder.launch(cfg) }.w()?;
             }
-            Kernel::FlashAttention { scale } => {
-                let (heads, seq_q, d) = shape.dims3()?;
-                let seq_k = args[1].1.shape().dims3()?.1;
-                let padded = super::flash_padded(d).ok_or_else(|| candle_core::Error::Msg(format!("no attention kernel for head dimension {d}")))?;
-                let func = func(&format!("flash_attention_d{padded}"))?;
-                let scale_log2 = (scale as f64 * std::f64::consts::LOG2_E) as f32;
-                let [seq_q_u32, seq_k, d] = [seq_q, seq_k, d].map(|v| v as u32);
-                let mut builder = stream.launch_builder(&func);
-                builder.arg(&views[0]).arg(&views[1]).arg(&views[2]).arg(&out).arg(&seq_q_u32).arg(&seq_k).arg(&d).arg(&scale_log2);
-                let grid = (seq_q.div_ceil(super::FLASH_QUERIES) as u32, heads as u32, 1);
-                let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-                // SAFETY: the kernel's signature is the arguments pushed.
-                unsafe { builder.launch(cfg) }.w()?;
-            }
             Kernel::SwapAxes { i, j, e, .. } => {
                 let func = func("swap_axes")?;
                 let [n, i, j, e] = [n, i, j, e].map(|v| v as u32);
@@ -774,6 +791,139 @@ mod imp {
         Ok(())
     }
 
+    /// The module on `q`'s device if the attention kernels are ready there: built, and past
+    /// their check against candle's ops (`flash_check`, made once per device; a failure is
+    /// logged once and composes the attention from then on).
+    fn flash_module(q: &Tensor) -> Option<(&CudaDevice, Arc<CudaModule>)> {
+        static CHECKED: Mutex<Vec<(candle_core::cuda_backend::DeviceId, bool)>> = Mutex::new(Vec::new());
+        let dev = q.device().as_cuda_device().ok()?;
+        let module = module(dev)?;
+        let mut checked = CHECKED.lock().ok()?;
+        let ready = match checked.iter().find(|(id, _)| *id == dev.id()) {
+            Some((_, ready)) => *ready,
+            None => {
+                let ready = super::outcome(flash_check(q.device(), &module));
+                if let Err(e) = &ready {
+                    tracing::warn!("the fused attention kernels cannot be used here, composing the attention instead: {e}");
+                }
+                checked.push((dev.id(), ready.is_ok()));
+                ready.is_ok()
+            }
+        };
+        ready.then_some((dev, module))
+    }
+
+    /// The attention kernels on small random inputs (partial blocks of queries and keys, SD's
+    /// head dimension 40) against what they compute composed (`emulated`), on the device.
+    fn flash_check(device: &candle_core::Device, module: &Arc<CudaModule>) -> Result<Option<String>> {
+        let dev = device.as_cuda_device()?;
+        let randn = |seq: usize| Tensor::randn(0f32, 1.0, (2, seq, 40), device)?.to_dtype(DType::BF16);
+        let (q, k, v, g) = (randn(70)?, randn(100)?, randn(100)?, randn(70)?);
+        let scale = 0.3;
+        let (out, lse) = launch_flash_forward(dev, module, [&q, &k, &v], scale)?;
+        let (out_c, lse_c) = super::emulated::flash_forward(&q, &k, &v, scale)?;
+        let delta = (g.to_dtype(DType::F32)? * out_c.to_dtype(DType::F32)?)?.sum(candle_core::D::Minus1)?;
+        let ours = launch_flash_backward(dev, module, [&q, &k, &v, &g], &lse_c, &delta, scale)?;
+        let theirs = super::emulated::flash_backward(&q, &k, &v, &g, &lse_c, &delta, scale)?;
+        let pairs = [(&out, &out_c, "out", 3e-2), (&lse, &lse_c, "lse", 1e-4)].into_iter();
+        let pairs = pairs.chain(ours.iter().zip(&theirs).zip(["dq", "dk", "dv"]).map(|((a, b), what)| (a, b, what, 3e-2)));
+        for (ours, theirs, what, tol) in pairs {
+            if let Some(gap) = super::differs(ours, theirs, tol)? {
+                return Ok(Some(format!("the attention's {what} differs from candle's ops {gap}")));
+            }
+        }
+        Ok(None)
+    }
+
+    pub(super) fn flash_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<(Tensor, Tensor)>> {
+        let Some((dev, module)) = flash_module(q) else { return Ok(None) };
+        launch_flash_forward(dev, &module, [q, k, v], scale).map(Some)
+    }
+
+    pub(super) fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, lse: &Tensor, delta: &Tensor, scale: f64) -> Result<Option<[Tensor; 3]>> {
+        let Some((dev, module)) = flash_module(q) else { return Ok(None) };
+        launch_flash_backward(dev, &module, [q, k, v, g], lse, delta, scale).map(Some)
+    }
+
+    /// The attention kernels' grid: a block of 4 warps per 64 rows, a (batch x head) per row of
+    /// blocks.
+    fn flash_config(rows: usize, heads: usize) -> LaunchConfig {
+        let grid = (rows.div_ceil(super::FLASH_ROWS) as u32, heads as u32, 1);
+        LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// The kernel `name` for head dimension `d` among `dims`.
+    fn flash_function(module: &Arc<CudaModule>, name: &str, d: usize, dims: &[usize]) -> Result<CudaFunction> {
+        let padded = super::flash_padded(d, dims).ok_or_else(|| candle_core::Error::Msg(format!("no {name} kernel for head dimension {d}")))?;
+        module.load_function(&format!("{name}_d{padded}_bf16")).w()
+    }
+
+    /// The output and lse of the attention of `q`, `k`, `v` (contiguous bf16), written by the
+    /// kernel into new tensors through views taken under read locks, as Adam's step writes.
+    fn launch_flash_forward(dev: &CudaDevice, module: &Arc<CudaModule>, [q, k, v]: [&Tensor; 3], scale: f64) -> Result<(Tensor, Tensor)> {
+        let (heads, seq_q, d) = q.dims3()?;
+        let seq_k = k.dim(1)?;
+        let func = flash_function(module, "flash_attention", d, &super::FLASH_HEAD_DIMS)?;
+        let out = Tensor::zeros(q.shape(), DType::BF16, q.device())?;
+        let lse = Tensor::zeros((heads, seq_q), DType::F32, q.device())?;
+        let guards = [q, k, v, &out].map(Tensor::storage_and_layout);
+        let [q_v, k_v, v_v, out_v] = [0, 1, 2, 3].map(|i| view::<half::bf16>(&guards[i].0, guards[i].1));
+        let (q_v, k_v, v_v, out_v) = (q_v?, k_v?, v_v?, out_v?);
+        let lse_guard = lse.storage_and_layout();
+        let lse_v = view::<f32>(&lse_guard.0, lse_guard.1)?;
+        let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+        let [seq_q_u32, seq_k, d] = [seq_q, seq_k, d].map(|v| v as u32);
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(&q_v).arg(&k_v).arg(&v_v).arg(&out_v).arg(&lse_v).arg(&seq_q_u32).arg(&seq_k).arg(&d).arg(&scale_log2);
+        // SAFETY: the kernel's signature is the arguments pushed; the views hold its rows.
+        unsafe { builder.launch(flash_config(seq_q, heads)) }.w()?;
+        drop((guards, lse_guard));
+        Ok((out, lse))
+    }
+
+    /// `[dq, dk, dv]` of the attention of `q`, `k`, `v` from the output's gradient `g` (all
+    /// contiguous bf16), the forward's `lse` and `delta` = rowsum(g out) (f32): the two backward
+    /// kernels, each writing new tensors as [`launch_flash_forward`] does.
+    fn launch_flash_backward(
+        dev: &CudaDevice,
+        module: &Arc<CudaModule>,
+        [q, k, v, g]: [&Tensor; 4],
+        lse: &Tensor,
+        delta: &Tensor,
+        scale: f64,
+    ) -> Result<[Tensor; 3]> {
+        let (heads, seq_q, d) = q.dims3()?;
+        let seq_k = k.dim(1)?;
+        let grad_q = flash_function(module, "flash_attention_grad_q", d, &super::FLASH_BACKWARD_HEAD_DIMS)?;
+        let grad_kv = flash_function(module, "flash_attention_grad_kv", d, &super::FLASH_BACKWARD_HEAD_DIMS)?;
+        let (lse, delta) = (lse.contiguous()?, delta.contiguous()?);
+        let grads = [q, k, v].map(|t| Tensor::zeros(t.shape(), DType::BF16, t.device()));
+        let [dq, dk, dv] = grads;
+        let (dq, dk, dv) = (dq?, dk?, dv?);
+        let guards = [q, k, v, g, &dq, &dk, &dv].map(Tensor::storage_and_layout);
+        let [q_v, k_v, v_v, g_v, dq_v, dk_v, dv_v] = [0, 1, 2, 3, 4, 5, 6].map(|i| view::<half::bf16>(&guards[i].0, guards[i].1));
+        let (q_v, k_v, v_v, g_v, dq_v, dk_v, dv_v) = (q_v?, k_v?, v_v?, g_v?, dq_v?, dk_v?, dv_v?);
+        let f32_guards = [&lse, &delta].map(Tensor::storage_and_layout);
+        let [lse_v, delta_v] = [0, 1].map(|i| view::<f32>(&f32_guards[i].0, f32_guards[i].1));
+        let (lse_v, delta_v) = (lse_v?, delta_v?);
+        let (scale_log2, scale) = ((scale * std::f64::consts::LOG2_E) as f32, scale as f32);
+        let [seq_q_u32, seq_k_u32, d] = [seq_q, seq_k, d].map(|v| v as u32);
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&grad_q);
+        builder.arg(&q_v).arg(&k_v).arg(&v_v).arg(&g_v).arg(&lse_v).arg(&delta_v).arg(&dq_v);
+        builder.arg(&seq_q_u32).arg(&seq_k_u32).arg(&d).arg(&scale_log2).arg(&scale);
+        // SAFETY: the kernel's signature is the arguments pushed; the views hold its rows.
+        unsafe { builder.launch(flash_config(seq_q, heads)) }.w()?;
+        let mut builder = stream.launch_builder(&grad_kv);
+        builder.arg(&q_v).arg(&k_v).arg(&v_v).arg(&g_v).arg(&lse_v).arg(&delta_v).arg(&dk_v).arg(&dv_v);
+        builder.arg(&seq_q_u32).arg(&seq_k_u32).arg(&d).arg(&scale_log2).arg(&scale);
+        // SAFETY: as above.
+        unsafe { builder.launch(flash_config(seq_k, heads)) }.w()?;
+        drop((guards, f32_guards));
+        Ok([dq, dk, dv])
+    }
+
     pub(super) fn apply(args: &[&Tensor], kernel: Kernel) -> Result<Option<Tensor>> {
         let Ok(dev) = args[0].device().as_cuda_device() else { return Ok(None) };
         let Some(module) = module(dev) else { return Ok(None) };
@@ -788,9 +938,6 @@ mod imp {
         let check = || -> Result<Option<String>> {
             for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
                 for (kernel, shapes) in super::self_check_cases() {
-                    if kernel.bf16_only() && (dtype != DType::BF16 || !tensor_cores(&device)) {
-                        continue;
-                    }
                     let args = shapes.into_iter().map(|s| Tensor::randn(0f32, 1.0, s, &device)?.to_dtype(dtype)).collect::<Result<Vec<_>>>()?;
                     let args: Vec<&Tensor> = args.iter().collect();
                     let ours = run(&args, kernel, module.clone())?;
@@ -874,10 +1021,6 @@ mod emulated {
                 ("geglu", (&halves[0] * halves[1].gelu_erf()?)?)
             }
             Kernel::GegluInputGrad => ("geglu_input_grad", geglu_input_grad_composed(&a[0], &a[1])?),
-            Kernel::FlashAttention { scale } => {
-                let probs = candle_nn::ops::softmax_last_dim(&(a[0].matmul(&a[1].t()?)? * scale as f64)?)?;
-                ("flash_attention", probs.matmul(&a[2])?)
-            }
             Kernel::SwapAxes { a: n_a, i, j, e } => ("swap_axes", a[0].reshape((n_a, i, j, e))?.transpose(1, 2)?.contiguous()?),
             Kernel::Im2Col(w) => {
                 let c = Conv2dConfig { padding: w.padding, stride: w.stride, dilation: w.dilation };
@@ -887,13 +1030,48 @@ mod emulated {
                 ("im2col_per_image", cols)
             }
         };
+        record(name);
+        out.reshape(out_shape(kernel, args[0].shape())?)?.to_dtype(out_dtype(kernel, dtype))
+    }
+
+    /// One more call of the kernel `name`.
+    fn record(name: &'static str) {
         if let Ok(mut calls) = CALLS.lock() {
             match calls.iter_mut().find(|(n, _)| *n == name) {
                 Some(entry) => entry.1 += 1,
                 None => calls.push((name, 1)),
             }
         }
-        out.reshape(out_shape(kernel, args[0].shape())?)?.to_dtype(out_dtype(kernel, dtype))
+    }
+
+    /// `scale q k^T` in f32 and each row's log-sum-exp.
+    fn scores_and_lse(q: &Tensor, k: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+        let s = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * scale)?;
+        let max = s.max_keepdim(D::Minus1)?;
+        let lse = (s.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+        Ok((s, lse))
+    }
+
+    /// What `flash_attention` computes: the output (in the arguments' dtype) and lse (f32).
+    pub(super) fn flash_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+        let (s, lse) = scores_and_lse(q, k, scale)?;
+        let out = s.broadcast_sub(&lse)?.exp()?.matmul(&v.to_dtype(DType::F32)?)?;
+        record("flash_attention");
+        Ok((out.to_dtype(q.dtype())?, lse.squeeze(D::Minus1)?))
+    }
+
+    /// What `flash_attention_backward`'s kernels compute, from `lse` and `delta` = rowsum(grad out):
+    /// `[dq, dk, dv]` in the arguments' dtype.
+    pub(super) fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor, lse: &Tensor, delta: &Tensor, scale: f64) -> Result<[Tensor; 3]> {
+        let [q32, k32, v32, g32] = [q, k, v, grad].map(|t| t.to_dtype(DType::F32));
+        let (q32, k32, v32, g32) = (q32?, k32?, v32?, g32?);
+        let s = (q32.matmul(&k32.t()?)? * scale)?;
+        let p = s.broadcast_sub(&lse.unsqueeze(D::Minus1)?)?.exp()?;
+        let ds = (&p * g32.matmul(&v32.t()?)?.broadcast_sub(&delta.unsqueeze(D::Minus1)?)?)?;
+        let grads = [(ds.matmul(&k32)? * scale)?, (ds.t()?.matmul(&q32)? * scale)?, p.t()?.matmul(&g32)?];
+        record("flash_attention_backward");
+        let [dq, dk, dv] = grads.map(|t| t.to_dtype(q.dtype()));
+        Ok([dq?, dk?, dv?])
     }
 }
 
@@ -1043,21 +1221,39 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn flash_attention_kernel_matches_the_composed_attention() -> Result<()> {
-        // (heads, seq_q, seq_k, d): SD's head dimension 40 (padded to 48) with a partial block of
-        // queries and a partial tile of keys; cross-attention's 77 keys at 80; fewer keys than a
-        // tile at 16. Scores spread wide (a std of about 4), so that the running maximum moves.
+    fn flash_attention_kernels_match_the_composed_attention() -> Result<()> {
+        // (heads, seq_q, seq_k, d): SD's head dimension 40 (padded to 48) with partial blocks of
+        // queries and keys; cross-attention's 77 keys at 80; fewer keys than a tile at 16. Scores
+        // spread wide (a std of about 4), so that the forward's running maximum moves.
         for (n, seq_q, seq_k, d) in [(2, 70, 100, 40), (1, 20, 77, 80), (3, 64, 9, 16)] {
-            let (q, k, v) = (randn(&[n, seq_q, d], DType::BF16)?, randn(&[n, seq_k, d], DType::BF16)?, randn(&[n, seq_k, d], DType::BF16)?);
+            let (q, k, v, g) = (randn(&[n, seq_q, d], DType::BF16)?, randn(&[n, seq_k, d], DType::BF16)?, randn(&[n, seq_k, d], DType::BF16)?, randn(&[n, seq_q, d], DType::BF16)?);
             let q = (q * 2.0)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
-            let scale = 1.0 / (d as f64).sqrt() * 3.0;
+            let scale = 3.0 / (d as f64).sqrt();
             let sizes = [n, seq_q, seq_k, d].map(|v| v.to_string());
-            let args = [&["flash".into(), "bf16".into()], &sizes[..], &[scale.to_string()]].concat();
-            let ours = run(&args, &[&q, &k, &v])?;
-            let reference = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?.matmul(&v)?;
+            let args = |op: &str| [&[op.into(), "bf16".into()], &sizes[..], &[scale.to_string()]].concat();
+            // The composed attention in f32 and its backward.
+            let s = (q.matmul(&k.t()?)? * scale)?;
+            let max = s.max_keepdim(2)?;
+            let lse = (s.broadcast_sub(&max)?.exp()?.sum_keepdim(2)?.log()? + &max)?;
+            let p = s.broadcast_sub(&lse)?.exp()?;
+            let out = p.matmul(&v)?;
+            let delta = (&g * &out)?.sum_keepdim(2)?;
+            let ds = (&p * g.matmul(&v.t()?)?.broadcast_sub(&delta)?)?;
+            let grads = [(ds.matmul(&k)? * scale)?, (ds.t()?.matmul(&q)? * scale)?, p.t()?.matmul(&g)?];
+            let case = (n, seq_q, seq_k, d);
             // bf16's precision: the probabilities and the output are rounded to it.
-            let err = relative_error(&ours, &reference)?;
-            eprintln!("flash err {err}"); assert!(err < 1e-2, "{:?}: {err}", (n, seq_q, seq_k, d));
+            let forward = run(&args("flash"), &[&q, &k, &v])?;
+            let (ours_out, ours_lse) = forward.split_at(n * seq_q * d);
+            assert!(relative_error(ours_out, &out)? < 1e-2, "{case:?}: out {}", relative_error(ours_out, &out)?);
+            assert!(relative_error(ours_lse, &lse)? < 1e-5, "{case:?}: lse {}", relative_error(ours_lse, &lse)?);
+            // And the score gradients ds too, before their products.
+            let backward = run(&args("flash_backward"), &[&q, &k, &v, &g, &lse, &delta])?;
+            let (dq, rest) = backward.split_at(n * seq_q * d);
+            let (dk, dv) = rest.split_at(n * seq_k * d);
+            for ((ours, reference), what) in [dq, dk, dv].into_iter().zip(&grads).zip(["dq", "dk", "dv"]) {
+                let err = relative_error(ours, reference)?;
+                assert!(err < 1e-2, "{case:?}: {what} {err}");
+            }
         }
         Ok(())
     }

@@ -16,7 +16,10 @@
 //   harness im2col_per_image f32|bf16 B C H W KH KW STRIDE PADDING DILATION IN OUT    IN: x (B x C x H x W)
 //   harness norm_param_grads f32|bf16 ROWS N GROUPS REST EPS IN OUT   IN: x, g (ROWS x N); OUT: the
 //       partials, P x 2 x C (a layer norm's, GROUPS = REST = 1: 32 rows a block, as cuda_kernels.rs)
-//   harness flash bf16 N SEQ_Q SEQ_K D SCALE IN OUT          IN: q (N x SEQ_Q x D), k, v (N x SEQ_K x D)
+//   harness flash bf16 N SEQ_Q SEQ_K D SCALE IN OUT          IN: q (N x SEQ_Q x D), k, v (N x SEQ_K x D);
+//       OUT: the output, then each row's lse (N x SEQ_Q)
+//   harness flash_backward bf16 N SEQ_Q SEQ_K D SCALE IN OUT IN: q, k, v, g (N x SEQ_Q x D), then lse and
+//       delta (N x SEQ_Q each, as f32); OUT: dq, dk, dv
 //   harness adam_step f32|bf16 N BETA1' BETA2 BETA2' DECAY NEG_STEP INV_BC2 EPS MODEL IN OUT
 //       IN: g, p, m, v (N each); OUT: p, m, v, the model's copy (N each, zeros without MODEL=1);
 //       the f32 scalars as their bits (decimal), DECAY 0 for none
@@ -309,31 +312,53 @@ static std::vector<float> run(int argc, char **argv) {
         out.insert(out.end(), copied.begin(), copied.end());
         return out;
     }
-    if (op == "flash" && argc == 10) {
+    if ((op == "flash" || op == "flash_backward") && argc == 10) {
+        bool backward = op == "flash_backward";
         unsigned int n = std::atoi(argv[3]), seq_q = std::atoi(argv[4]), seq_k = std::atoi(argv[5]), d = std::atoi(argv[6]);
-        float scale_log2 = std::atof(argv[7]) * 1.4426950408889634f;
-        size_t nq = (size_t)n * seq_q * d, nk = (size_t)n * seq_k * d;
-        std::vector<float> in = read_floats(argv[8], nq + 2 * nk);
+        float scale = std::atof(argv[7]), scale_log2 = scale * 1.4426950408889634f;
+        size_t nq = (size_t)n * seq_q * d, nk = (size_t)n * seq_k * d, rows = (size_t)n * seq_q;
+        std::vector<float> in = read_floats(argv[8], nq + 2 * nk + (backward ? nq + 2 * rows : 0));
         auto as_bf16 = [&](size_t from, size_t len) {
             std::vector<unsigned short> t(len);
             for (size_t i = 0; i < len; i++) t[i] = BF16::store(in[from + i]);
             return t;
         };
         auto q = as_bf16(0, nq), k = as_bf16(nq, nk), v = as_bf16(nq + nk, nk);
-        std::vector<unsigned short> o(nq);
-        // As cuda_kernels.rs: 64 queries a block of 4 warps, a head per grid row.
-        auto kernel = [&](auto padded) {
+        std::vector<float> out;
+        auto append = [&](const std::vector<unsigned short> &t) {
+            for (unsigned short x : t) out.push_back(BF16::load(x));
+        };
+        // As cuda_kernels.rs: 64 rows a block of 4 warps, a head per grid row.
+        auto kernels = [&](auto padded) {
             constexpr int DP = decltype(padded)::value;
-            launch((seq_q + 63) / 64, 128, [&] { flash_attention<DP>(q.data(), k.data(), v.data(), o.data(), seq_q, seq_k, d, scale_log2); }, n);
+            if (!backward) {
+                std::vector<unsigned short> o(nq);
+                std::vector<float> lse(rows);
+                launch((seq_q + 63) / 64, 128, [&] { flash_attention<DP>(q.data(), k.data(), v.data(), o.data(), lse.data(), seq_q, seq_k, d, scale_log2); }, n);
+                append(o);
+                out.insert(out.end(), lse.begin(), lse.end());
+                return;
+            }
+            auto g = as_bf16(nq + 2 * nk, nq);
+            const float *lse = in.data() + 2 * nq + 2 * nk, *delta = lse + rows;
+            std::vector<unsigned short> dq(nq), dk(nk), dv(nk);
+            launch((seq_q + 63) / 64, 128, [&] {
+                flash_attention_grad_q<DP>(q.data(), k.data(), v.data(), g.data(), lse, delta, dq.data(), seq_q, seq_k, d, scale_log2, scale);
+            }, n);
+            launch((seq_k + 63) / 64, 128, [&] {
+                flash_attention_grad_kv<DP>(q.data(), k.data(), v.data(), g.data(), lse, delta, dk.data(), dv.data(), seq_q, seq_k, d,
+                                            scale_log2, scale);
+            }, n);
+            append(dq);
+            append(dk);
+            append(dv);
         };
         switch ((d + 15) / 16 * 16) {
-        case 16: kernel(std::integral_constant<int, 16>()); break;
-        case 48: kernel(std::integral_constant<int, 48>()); break;
-        case 80: kernel(std::integral_constant<int, 80>()); break;
+        case 16: kernels(std::integral_constant<int, 16>()); break;
+        case 48: kernels(std::integral_constant<int, 48>()); break;
+        case 80: kernels(std::integral_constant<int, 80>()); break;
         default: std::fprintf(stderr, "flash: the harness has no kernel for head dimension %u\n", d); std::exit(2);
         }
-        std::vector<float> out(nq);
-        for (size_t i = 0; i < nq; i++) out[i] = BF16::load(o[i]);
         return out;
     }
     std::fprintf(stderr, "usage: see the head of cuda_kernels_on_cpu.cpp\n");

@@ -259,7 +259,8 @@ const ATTENTION_SCORES_PER_SLICE: usize = 1 << 26;
 /// `ATTENTION_SCORES_PER_SLICE` allows. On the CPU (contiguous f32) it runs a block of query
 /// rows at a time (`cpu_kernels::Attention`), so no `seq x seq` matrix exists and `slice` has
 /// nothing left to bound. On a GPU in bf16 the forward is one fused kernel that writes no scores
-/// either ([`cuda_kernels::flash_attention`]); the backward still takes slices.
+/// either ([`cuda_kernels::flash_attention`]), and so is the backward (two kernels, head
+/// dimensions up to 96: [`cuda_kernels::flash_attention_backward`]); past 96 it takes slices.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<usize>) -> Result<Tensor> {
     if [q, k, v].into_iter().all(cpu_kernels::applies) {
         let out = q.detach().apply_op3_no_bwd(&k.detach(), &v.detach(), &cpu_kernels::Attention { scale: scale as f32 })?;
@@ -268,47 +269,66 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<u
             Ok((Some(d_q), Some(d_k), Some(d_v)))
         });
     }
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    if let Some((out, lse)) = cuda_kernels::flash_attention(&qd, &kd, &vd, scale)? {
+        return attach_backward3(q, k, v, out, move |q, k, v, out, grad| {
+            let grads = match cuda_kernels::flash_attention_backward(q, k, v, out, grad, &lse, scale)? {
+                Some(grads) => grads,
+                None => attention_backward_sliced(q, k, v, out, grad, scale, slice)?,
+            };
+            let [d_q, d_k, d_v] = grads.map(Some);
+            Ok((d_q, d_k, d_v))
+        });
+    }
+    let size = attention_slice(q, k, slice)?;
+    let out = over_slices(q.dim(0)?, size, |s, l| attention_probs(&qd.narrow(0, s, l)?, &kd.narrow(0, s, l)?, scale)?.matmul(&vd.narrow(0, s, l)?))?;
+    attach_backward3(q, k, v, Tensor::cat(&out, 0)?, move |q, k, v, out, grad| {
+        let [d_q, d_k, d_v] = attention_backward_sliced(q, k, v, out, grad, scale, slice)?.map(Some);
+        Ok((d_q, d_k, d_v))
+    })
+}
+
+/// How many `(batch x head)` pairs of [`attention`] to take at a time: at most `slice`, and as
+/// many as `ATTENTION_SCORES_PER_SLICE` allows.
+fn attention_slice(q: &Tensor, k: &Tensor, slice: Option<usize>) -> Result<usize> {
     let (n, seq_q, _) = q.dims3()?;
     let fits = (ATTENTION_SCORES_PER_SLICE / (seq_q * k.dim(1)?).max(1)).max(1);
-    let size = fits.min(slice.filter(|&s| s > 0).unwrap_or(n));
-    // With the fused kernels the scale is the softmax's (and its gradient's), not a pass of its own
-    // over the queries (and over dq and dk).
-    let fused = cuda_kernels::applies(&[q, k, v]);
-    let probs = move |q: &Tensor, k: &Tensor| -> Result<Tensor> {
-        if !fused {
-            return softmax_value(&(q * scale)?.matmul(&k.t()?)?);
+    Ok(fits.min(slice.filter(|&s| s > 0).unwrap_or(n)))
+}
+
+/// `softmax(scale q k^T)`. With the fused kernels the scale is the softmax's (and its
+/// gradient's), not a pass of its own over the queries (and over dq and dk).
+fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
+    if !cuda_kernels::applies(&[q, k]) {
+        return softmax_value(&(q * scale)?.matmul(&k.t()?)?);
+    }
+    let scores = q.matmul(&k.t()?)?;
+    match cuda_kernels::softmax_last_dim(&scores, scale)? {
+        Some(p) => Ok(p),
+        None => softmax_value(&(scores * scale)?),
+    }
+}
+
+/// [`attention`]'s `[dq, dk, dv]` composed, the probabilities recomputed a slice at a time.
+fn attention_backward_sliced(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor, scale: f64, slice: Option<usize>) -> Result<[Tensor; 3]> {
+    // Per slice: P again, dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dP P)),
+    // dq = scale dS k, dk = scale dS^T q. rowsum(dP P) = rowsum(dO O) (as flash attention
+    // computes it) and the scale goes on dq and dk: two fewer passes over the seq x seq scores.
+    let parts = over_slices(q.dim(0)?, attention_slice(q, k, slice)?, |s, l| {
+        let (q, k, v) = (q.narrow(0, s, l)?, k.narrow(0, s, l)?, v.narrow(0, s, l)?);
+        let (o, g) = (out.narrow(0, s, l)?, grad.narrow(0, s, l)?);
+        let p = attention_probs(&q, &k, scale)?;
+        let d_v = p.t()?.matmul(&g)?;
+        let d_p = g.matmul(&v.t()?)?;
+        let dot = (&g * &o)?.sum_keepdim(D::Minus1)?;
+        if let Some(d_s) = cuda_kernels::softmax_input_grad(&p, &d_p, &dot, scale)? {
+            return Ok([d_s.matmul(&k)?, d_s.t()?.matmul(&q)?, d_v]);
         }
-        let scores = q.matmul(&k.t()?)?;
-        match cuda_kernels::softmax_last_dim(&scores, scale)? {
-            Some(p) => Ok(p),
-            None => softmax_value(&(scores * scale)?),
-        }
-    };
-    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let out = match cuda_kernels::flash_attention(&qd, &kd, &vd, scale)? {
-        Some(out) => out,
-        None => Tensor::cat(&over_slices(n, size, |s, l| probs(&qd.narrow(0, s, l)?, &kd.narrow(0, s, l)?)?.matmul(&vd.narrow(0, s, l)?))?, 0)?,
-    };
-    attach_backward3(q, k, v, out, move |q, k, v, out, grad| {
-        // Per slice: P again, dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dP P)),
-        // dq = scale dS k, dk = scale dS^T q. rowsum(dP P) = rowsum(dO O) (as flash attention
-        // computes it) and the scale goes on dq and dk: two fewer passes over the seq x seq scores.
-        let parts = over_slices(n, size, |s, l| {
-            let (q, k, v) = (q.narrow(0, s, l)?, k.narrow(0, s, l)?, v.narrow(0, s, l)?);
-            let (o, g) = (out.narrow(0, s, l)?, grad.narrow(0, s, l)?);
-            let p = probs(&q, &k)?;
-            let d_v = p.t()?.matmul(&g)?;
-            let d_p = g.matmul(&v.t()?)?;
-            let dot = (&g * &o)?.sum_keepdim(D::Minus1)?;
-            if let Some(d_s) = cuda_kernels::softmax_input_grad(&p, &d_p, &dot, scale)? {
-                return Ok([d_s.matmul(&k)?, d_s.t()?.matmul(&q)?, d_v]);
-            }
-            let d_s = softmax_input_grad(&p, &d_p, &dot)?;
-            Ok([(d_s.matmul(&k)? * scale)?, (d_s.t()?.matmul(&q)? * scale)?, d_v])
-        })?;
-        let cat = |i: usize| Tensor::cat(&parts.iter().map(|p| &p[i]).collect::<Vec<_>>(), 0).map(Some);
-        Ok((cat(0)?, cat(1)?, cat(2)?))
-    })
+        let d_s = softmax_input_grad(&p, &d_p, &dot)?;
+        Ok([(d_s.matmul(&k)? * scale)?, (d_s.t()?.matmul(&q)? * scale)?, d_v])
+    })?;
+    let cat = |i: usize| Tensor::cat(&parts.iter().map(|p| &p[i]).collect::<Vec<_>>(), 0);
+    Ok([cat(0)?, cat(1)?, cat(2)?])
 }
 
 /// `f(start, len)` for the slices of `0..n`, `size` long (the last one shorter).
