@@ -205,7 +205,7 @@ fn attention_in_bf16_matches_the_cpus() -> Result<()> {
         }
         let (ours, cpu) = (run(&device, DType::BF16)?, run(&Device::Cpu, DType::F32)?);
         // On a GPU the fused kernels keep the scores in f32 (products on the tensor cores, f32
-        // sums; 2.7e-3 at most, emulated on the CPU: tests/fused_emulated.rs), where the composed
+        // sums; about 3e-3 emulated on the CPU: tests/fused_emulated.rs), where the composed
         // ops round them to bf16 (as the backward past head dimension 96 does). The CPU's own
         // bf16 softmax sums in bf16: up to 1.4e-1 seen here, so on the CPU this only catches a
         // wrong layout or formula, off by the values' size.

@@ -525,13 +525,15 @@ __device__ void flash_attention(const unsigned short *q, const unsigned short *k
 // The fused attention's backward, FlashAttention-2's, in two kernels that each recompute the
 // probabilities tile by tile from q, k and the forward's `lse`, p = exp(scale s - lse), so that
 // no seq_q x seq_k matrix is written, and no two blocks add into one output (no atomics: the
-// same bits on every run). With g the output's gradient and `delta` = rowsum(g out) [seq_q]
-// (f32), dp = g v^T and ds = p (dp - delta): dq = scale ds k here, a block per 64 queries
-// looping over the keys; dk = scale ds^T q and dv = p^T g in flash_attention_grad_kv.
+// same bits on every run). With g the output's gradient, dp = g v^T and ds = p (dp - delta),
+// delta = rowsum(g out): here delta [seq_q] (f32, written for the second kernel) and
+// dq = scale ds k, a block per 64 queries looping over the keys; dk = scale ds^T q and
+// dv = p^T g in flash_attention_grad_kv, launched after it.
 template <int DP>
 __device__ void flash_attention_grad_q(const unsigned short *q, const unsigned short *k, const unsigned short *v,
-                                       const unsigned short *g, const float *lse, const float *delta, unsigned short *dq,
-                                       unsigned int seq_q, unsigned int seq_k, unsigned int d, float scale_log2, float scale) {
+                                       const unsigned short *g, const unsigned short *out, const float *lse, float *delta,
+                                       unsigned short *dq, unsigned int seq_q, unsigned int seq_k, unsigned int d, float scale_log2,
+                                       float scale) {
     __shared__ unsigned short ks[FLASH_ROWS * FLASH_STRIDE(DP)], vs[FLASH_ROWS * FLASH_STRIDE(DP)];
     unsigned int t = threadIdx.x % 4;
     unsigned long long head = blockIdx.y;
@@ -539,18 +541,28 @@ __device__ void flash_attention_grad_q(const unsigned short *q, const unsigned s
     k += head * seq_k * d;
     v += head * seq_k * d;
     g += head * seq_q * d;
+    out += head * seq_q * d;
+    lse += head * seq_q;
+    delta += head * seq_q;
     dq += head * seq_q * d;
     unsigned int row = blockIdx.x * FLASH_ROWS + threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
     unsigned int qa[DP / 16][4], ga[DP / 16][4];
     flash_rows_as_a<DP>(q, row, seq_q, d, qa);
     flash_rows_as_a<DP>(g, row, seq_q, d, ga);
-    // Rows `row` and `row + 8`: lse in log2 (of exp2(scale log2(e) s)) and delta.
+    // Rows `row` and `row + 8`: lse in log2 (of exp2(scale log2(e) s)), and delta, each lane
+    // summing every 4th column, then the row's 4 lanes.
     float lse2[2], dl[2];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        bool inside = row + 8 * h < seq_q;
-        lse2[h] = inside ? lse[head * seq_q + row + 8 * h] * 1.4426950408889634f : 0.0f;
-        dl[h] = inside ? delta[head * seq_q + row + 8 * h] : 0.0f;
+        unsigned int r = row + 8 * h;
+        bool inside = r < seq_q;
+        lse2[h] = inside ? lse[r] * 1.4426950408889634f : 0.0f;
+        float sum = 0.0f;
+        for (unsigned int c = t; inside && c < d; c += 4) sum += BF16::load(g[(unsigned long long)r * d + c]) * BF16::load(out[(unsigned long long)r * d + c]);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        dl[h] = sum;
+        if (inside && t == 0) delta[r] = sum;
     }
     float acc[DP / 8][4];
 #pragma unroll
@@ -688,9 +700,9 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_d##DP##_bf16(c
 #define FLASH_BACKWARD(DP)                                                                                 \
 extern "C" __global__ void __launch_bounds__(128) flash_attention_grad_q_d##DP##_bf16(                    \
         const unsigned short *q, const unsigned short *k, const unsigned short *v, const unsigned short *g, \
-        const float *lse, const float *delta, unsigned short *dq, unsigned int seq_q, unsigned int seq_k,  \
-        unsigned int d, float scale_log2, float scale) {                                                   \
-    flash_attention_grad_q<DP>(q, k, v, g, lse, delta, dq, seq_q, seq_k, d, scale_log2, scale); }          \
+        const unsigned short *out, const float *lse, float *delta, unsigned short *dq, unsigned int seq_q,  \
+        unsigned int seq_k, unsigned int d, float scale_log2, float scale) {                               \
+    flash_attention_grad_q<DP>(q, k, v, g, out, lse, delta, dq, seq_q, seq_k, d, scale_log2, scale); }     \
 extern "C" __global__ void __launch_bounds__(128) flash_attention_grad_kv_d##DP##_bf16(                   \
         const unsigned short *q, const unsigned short *k, const unsigned short *v, const unsigned short *g, \
         const float *lse, const float *delta, unsigned short *dk, unsigned short *dv, unsigned int seq_q,  \

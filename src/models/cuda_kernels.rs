@@ -283,13 +283,11 @@ pub fn flash_attention_backward(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor
     if !flash_applies(q, k, v, scale, &FLASH_BACKWARD_HEAD_DIMS)? || out.shape() != q.shape() || grad.shape() != q.shape() {
         return Ok(None);
     }
-    // delta = rowsum(grad out) in f32, each row's dot that the score gradients subtract.
-    let delta = (grad.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?.sum(D::Minus1)?;
-    let [q, k, v, grad, lse] = [q, k, v, grad, lse].map(Tensor::contiguous);
-    let (q, k, v, grad, lse) = (q?, k?, v?, grad?, lse?);
+    let [q, k, v, out, grad, lse] = [q, k, v, out, grad, lse].map(Tensor::contiguous);
+    let (q, k, v, out, grad, lse) = (q?, k?, v?, out?, grad?, lse?);
     match q.device().is_cpu() {
-        true => emulated::flash_backward(&q, &k, &v, &grad, &lse, &delta, scale).map(Some),
-        false => imp::flash_backward(&q, &k, &v, &grad, &lse, &delta, scale),
+        true => emulated::flash_backward(&q, &k, &v, &out, &grad, &lse, scale).map(Some),
+        false => imp::flash_backward(&q, &k, &v, &out, &grad, &lse, scale),
     }
 }
 
@@ -750,7 +748,7 @@ mod imp {
     fn view<'a, T: CudaDType>(storage: &'a candle_core::Storage, layout: &Layout) -> Result<CudaView<'a, T>> {
         match storage {
             candle_core::Storage::Cuda(s) => Ok(s.as_cuda_slice::<T>()?.slice(layout.start_offset()..)),
-            _ => candle_core::bail!("adam_step: a tensor off the GPU"),
+            _ => candle_core::bail!("a fused kernel's tensor off the GPU"),
         }
     }
 
@@ -822,9 +820,8 @@ mod imp {
         let scale = 0.3;
         let (out, lse) = launch_flash_forward(dev, module, [&q, &k, &v], scale)?;
         let (out_c, lse_c) = super::emulated::flash_forward(&q, &k, &v, scale)?;
-        let delta = (g.to_dtype(DType::F32)? * out_c.to_dtype(DType::F32)?)?.sum(candle_core::D::Minus1)?;
-        let ours = launch_flash_backward(dev, module, [&q, &k, &v, &g], &lse_c, &delta, scale)?;
-        let theirs = super::emulated::flash_backward(&q, &k, &v, &g, &lse_c, &delta, scale)?;
+        let ours = launch_flash_backward(dev, module, [&q, &k, &v, &out_c, &g], &lse_c, scale)?;
+        let theirs = super::emulated::flash_backward(&q, &k, &v, &out_c, &g, &lse_c, scale)?;
         let pairs = [(&out, &out_c, "out", 3e-2), (&lse, &lse_c, "lse", 1e-4)].into_iter();
         let pairs = pairs.chain(ours.iter().zip(&theirs).zip(["dq", "dk", "dv"]).map(|((a, b), what)| (a, b, what, 3e-2)));
         for (ours, theirs, what, tol) in pairs {
@@ -840,9 +837,9 @@ mod imp {
         launch_flash_forward(dev, &module, [q, k, v], scale).map(Some)
     }
 
-    pub(super) fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, lse: &Tensor, delta: &Tensor, scale: f64) -> Result<Option<[Tensor; 3]>> {
+    pub(super) fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, g: &Tensor, lse: &Tensor, scale: f64) -> Result<Option<[Tensor; 3]>> {
         let Some((dev, module)) = flash_module(q) else { return Ok(None) };
-        launch_flash_backward(dev, &module, [q, k, v, g], lse, delta, scale).map(Some)
+        launch_flash_backward(dev, &module, [q, k, v, out, g], lse, scale).map(Some)
     }
 
     /// The attention kernels' grid: a block of 4 warps per 64 rows, a (batch x head) per row of
@@ -882,28 +879,23 @@ mod imp {
         Ok((out, lse))
     }
 
-    /// `[dq, dk, dv]` of the attention of `q`, `k`, `v` from the output's gradient `g` (all
-    /// contiguous bf16), the forward's `lse` and `delta` = rowsum(g out) (f32): the two backward
-    /// kernels, each writing new tensors as [`launch_flash_forward`] does.
-    fn launch_flash_backward(
-        dev: &CudaDevice,
-        module: &Arc<CudaModule>,
-        [q, k, v, g]: [&Tensor; 4],
-        lse: &Tensor,
-        delta: &Tensor,
-        scale: f64,
-    ) -> Result<[Tensor; 3]> {
+    /// `[dq, dk, dv]` of the attention of `q`, `k`, `v` from its output `out` and that output's
+    /// gradient `g` (all contiguous bf16) and the forward's `lse` (f32): the two backward
+    /// kernels, writing new tensors as [`launch_flash_forward`] does (the first also each row's
+    /// delta, which the second reads).
+    fn launch_flash_backward(dev: &CudaDevice, module: &Arc<CudaModule>, [q, k, v, out, g]: [&Tensor; 5], lse: &Tensor, scale: f64) -> Result<[Tensor; 3]> {
         let (heads, seq_q, d) = q.dims3()?;
         let seq_k = k.dim(1)?;
         let grad_q = flash_function(module, "flash_attention_grad_q", d, &super::FLASH_BACKWARD_HEAD_DIMS)?;
         let grad_kv = flash_function(module, "flash_attention_grad_kv", d, &super::FLASH_BACKWARD_HEAD_DIMS)?;
-        let (lse, delta) = (lse.contiguous()?, delta.contiguous()?);
+        let lse = lse.contiguous()?;
+        let delta = Tensor::zeros(lse.shape(), DType::F32, q.device())?;
         let grads = [q, k, v].map(|t| Tensor::zeros(t.shape(), DType::BF16, t.device()));
         let [dq, dk, dv] = grads;
         let (dq, dk, dv) = (dq?, dk?, dv?);
-        let guards = [q, k, v, g, &dq, &dk, &dv].map(Tensor::storage_and_layout);
-        let [q_v, k_v, v_v, g_v, dq_v, dk_v, dv_v] = [0, 1, 2, 3, 4, 5, 6].map(|i| view::<half::bf16>(&guards[i].0, guards[i].1));
-        let (q_v, k_v, v_v, g_v, dq_v, dk_v, dv_v) = (q_v?, k_v?, v_v?, g_v?, dq_v?, dk_v?, dv_v?);
+        let guards = [q, k, v, out, g, &dq, &dk, &dv].map(Tensor::storage_and_layout);
+        let [q_v, k_v, v_v, out_v, g_v, dq_v, dk_v, dv_v] = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| view::<half::bf16>(&guards[i].0, guards[i].1));
+        let (q_v, k_v, v_v, out_v, g_v, dq_v, dk_v, dv_v) = (q_v?, k_v?, v_v?, out_v?, g_v?, dq_v?, dk_v?, dv_v?);
         let f32_guards = [&lse, &delta].map(Tensor::storage_and_layout);
         let [lse_v, delta_v] = [0, 1].map(|i| view::<f32>(&f32_guards[i].0, f32_guards[i].1));
         let (lse_v, delta_v) = (lse_v?, delta_v?);
@@ -911,7 +903,7 @@ mod imp {
         let [seq_q_u32, seq_k_u32, d] = [seq_q, seq_k, d].map(|v| v as u32);
         let stream = dev.cuda_stream();
         let mut builder = stream.launch_builder(&grad_q);
-        builder.arg(&q_v).arg(&k_v).arg(&v_v).arg(&g_v).arg(&lse_v).arg(&delta_v).arg(&dq_v);
+        builder.arg(&q_v).arg(&k_v).arg(&v_v).arg(&g_v).arg(&out_v).arg(&lse_v).arg(&delta_v).arg(&dq_v);
         builder.arg(&seq_q_u32).arg(&seq_k_u32).arg(&d).arg(&scale_log2).arg(&scale);
         // SAFETY: the kernel's signature is the arguments pushed; the views hold its rows.
         unsafe { builder.launch(flash_config(seq_q, heads)) }.w()?;
@@ -1060,11 +1052,13 @@ mod emulated {
         Ok((out.to_dtype(q.dtype())?, lse.squeeze(D::Minus1)?))
     }
 
-    /// What `flash_attention_backward`'s kernels compute, from `lse` and `delta` = rowsum(grad out):
+    /// What `flash_attention_backward`'s kernels compute, from the forward's `out` and `lse`:
     /// `[dq, dk, dv]` in the arguments' dtype.
-    pub(super) fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor, lse: &Tensor, delta: &Tensor, scale: f64) -> Result<[Tensor; 3]> {
+    pub(super) fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor, lse: &Tensor, scale: f64) -> Result<[Tensor; 3]> {
         let [q32, k32, v32, g32] = [q, k, v, grad].map(|t| t.to_dtype(DType::F32));
         let (q32, k32, v32, g32) = (q32?, k32?, v32?, g32?);
+        // Each row's rowsum(grad out), which the score gradients subtract.
+        let delta = (&g32 * out.to_dtype(DType::F32)?)?.sum(D::Minus1)?;
         let s = (q32.matmul(&k32.t()?)? * scale)?;
         let p = s.broadcast_sub(&lse.unsqueeze(D::Minus1)?)?.exp()?;
         let ds = (&p * g32.matmul(&v32.t()?)?.broadcast_sub(&delta.unsqueeze(D::Minus1)?)?)?;
@@ -1247,7 +1241,7 @@ pub(crate) mod tests {
             assert!(relative_error(ours_out, &out)? < 1e-2, "{case:?}: out {}", relative_error(ours_out, &out)?);
             assert!(relative_error(ours_lse, &lse)? < 1e-5, "{case:?}: lse {}", relative_error(ours_lse, &lse)?);
             // And the score gradients ds too, before their products.
-            let backward = run(&args("flash_backward"), &[&q, &k, &v, &g, &lse, &delta])?;
+            let backward = run(&args("flash_backward"), &[&q, &k, &v, &g, &out, &lse])?;
             let (dq, rest) = backward.split_at(n * seq_q * d);
             let (dk, dv) = rest.split_at(n * seq_k * d);
             for ((ours, reference), what) in [dq, dk, dv].into_iter().zip(&grads).zip(["dq", "dk", "dv"]) {

@@ -18,8 +18,8 @@
 //       partials, P x 2 x C (a layer norm's, GROUPS = REST = 1: 32 rows a block, as cuda_kernels.rs)
 //   harness flash bf16 N SEQ_Q SEQ_K D SCALE IN OUT          IN: q (N x SEQ_Q x D), k, v (N x SEQ_K x D);
 //       OUT: the output, then each row's lse (N x SEQ_Q)
-//   harness flash_backward bf16 N SEQ_Q SEQ_K D SCALE IN OUT IN: q, k, v, g (N x SEQ_Q x D), then lse and
-//       delta (N x SEQ_Q each, as f32); OUT: dq, dk, dv
+//   harness flash_backward bf16 N SEQ_Q SEQ_K D SCALE IN OUT IN: q, k, v, g, out (g and out N x SEQ_Q x D),
+//       then lse (N x SEQ_Q, as f32); OUT: dq, dk, dv
 //   harness adam_step f32|bf16 N BETA1' BETA2 BETA2' DECAY NEG_STEP INV_BC2 EPS MODEL IN OUT
 //       IN: g, p, m, v (N each); OUT: p, m, v, the model's copy (N each, zeros without MODEL=1);
 //       the f32 scalars as their bits (decimal), DECAY 0 for none
@@ -317,7 +317,7 @@ static std::vector<float> run(int argc, char **argv) {
         unsigned int n = std::atoi(argv[3]), seq_q = std::atoi(argv[4]), seq_k = std::atoi(argv[5]), d = std::atoi(argv[6]);
         float scale = std::atof(argv[7]), scale_log2 = scale * 1.4426950408889634f;
         size_t nq = (size_t)n * seq_q * d, nk = (size_t)n * seq_k * d, rows = (size_t)n * seq_q;
-        std::vector<float> in = read_floats(argv[8], nq + 2 * nk + (backward ? nq + 2 * rows : 0));
+        std::vector<float> in = read_floats(argv[8], nq + 2 * nk + (backward ? 2 * nq + rows : 0));
         auto as_bf16 = [&](size_t from, size_t len) {
             std::vector<unsigned short> t(len);
             for (size_t i = 0; i < len; i++) t[i] = BF16::store(in[from + i]);
@@ -339,15 +339,17 @@ static std::vector<float> run(int argc, char **argv) {
                 out.insert(out.end(), lse.begin(), lse.end());
                 return;
             }
-            auto g = as_bf16(nq + 2 * nk, nq);
-            const float *lse = in.data() + 2 * nq + 2 * nk, *delta = lse + rows;
+            auto g = as_bf16(nq + 2 * nk, nq), o = as_bf16(2 * nq + 2 * nk, nq);
+            const float *lse = in.data() + 3 * nq + 2 * nk;
+            std::vector<float> delta(rows);
             std::vector<unsigned short> dq(nq), dk(nk), dv(nk);
             launch((seq_q + 63) / 64, 128, [&] {
-                flash_attention_grad_q<DP>(q.data(), k.data(), v.data(), g.data(), lse, delta, dq.data(), seq_q, seq_k, d, scale_log2, scale);
+                flash_attention_grad_q<DP>(q.data(), k.data(), v.data(), g.data(), o.data(), lse, delta.data(), dq.data(), seq_q, seq_k,
+                                           d, scale_log2, scale);
             }, n);
             launch((seq_k + 63) / 64, 128, [&] {
-                flash_attention_grad_kv<DP>(q.data(), k.data(), v.data(), g.data(), lse, delta, dk.data(), dv.data(), seq_q, seq_k, d,
-                                            scale_log2, scale);
+                flash_attention_grad_kv<DP>(q.data(), k.data(), v.data(), g.data(), lse, delta.data(), dk.data(), dv.data(), seq_q, seq_k,
+                                            d, scale_log2, scale);
             }, n);
             append(dq);
             append(dk);
