@@ -855,14 +855,42 @@ mod imp {
         module.load_function(&format!("{name}_d{padded}_bf16")).w()
     }
 
+    /// A new tensor on `like`'s device, its elements not set (the kernel that gets it writes each
+    /// one): candle's own constructors fill theirs, a pass more.
+    fn uninit(like: &Tensor, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
+        like.apply_op1_no_bwd(&Uninit(shape.into(), dtype))
+    }
+
+    struct Uninit(Shape, DType);
+
+    impl candle_core::CustomOp1 for Uninit {
+        fn name(&self) -> &'static str {
+            "uninit"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("uninit on the CPU")
+        }
+
+        fn cuda_fwd(&self, like: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+            let (dev, n) = (like.device(), self.0.elem_count());
+            // SAFETY: see `uninit`: every element is written before any is read.
+            let storage = match self.1 {
+                DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n)? }, dev.clone()),
+                DType::BF16 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(n)? }, dev.clone()),
+                d => candle_core::bail!("uninit in {d:?}"),
+            };
+            Ok((storage, self.0.clone()))
+        }
+    }
+
     /// The output and lse of the attention of `q`, `k`, `v` (contiguous bf16), written by the
     /// kernel into new tensors through views taken under read locks, as Adam's step writes.
     fn launch_flash_forward(dev: &CudaDevice, module: &Arc<CudaModule>, [q, k, v]: [&Tensor; 3], scale: f64) -> Result<(Tensor, Tensor)> {
         let (heads, seq_q, d) = q.dims3()?;
         let seq_k = k.dim(1)?;
         let func = flash_function(module, "flash_attention", d, &super::FLASH_HEAD_DIMS)?;
-        let out = Tensor::zeros(q.shape(), DType::BF16, q.device())?;
-        let lse = Tensor::zeros((heads, seq_q), DType::F32, q.device())?;
+        let (out, lse) = (uninit(q, q.shape(), DType::BF16)?, uninit(q, (heads, seq_q), DType::F32)?);
         let guards = [q, k, v, &out].map(Tensor::storage_and_layout);
         let [q_v, k_v, v_v, out_v] = [0, 1, 2, 3].map(|i| view::<half::bf16>(&guards[i].0, guards[i].1));
         let (q_v, k_v, v_v, out_v) = (q_v?, k_v?, v_v?, out_v?);
@@ -889,8 +917,8 @@ mod imp {
         let grad_q = flash_function(module, "flash_attention_grad_q", d, &super::FLASH_BACKWARD_HEAD_DIMS)?;
         let grad_kv = flash_function(module, "flash_attention_grad_kv", d, &super::FLASH_BACKWARD_HEAD_DIMS)?;
         let lse = lse.contiguous()?;
-        let delta = Tensor::zeros(lse.shape(), DType::F32, q.device())?;
-        let grads = [q, k, v].map(|t| Tensor::zeros(t.shape(), DType::BF16, t.device()));
+        let delta = uninit(q, lse.shape(), DType::F32)?;
+        let grads = [q, k, v].map(|t| uninit(t, t.shape(), DType::BF16));
         let [dq, dk, dv] = grads;
         let (dq, dk, dv) = (dq?, dk?, dv?);
         let guards = [q, k, v, out, g, &dq, &dk, &dv].map(Tensor::storage_and_layout);
