@@ -365,6 +365,11 @@ __device__ __forceinline__ unsigned int bf16_pair_at(const unsigned short *p) {
 #define FLASH_ROWS 64u
 #define FLASH_STRIDE(DP) ((DP) + 8)
 
+// This lane's first row in the grid's (of its warp's 16, rows `row` and `row + 8` are its).
+__device__ __forceinline__ unsigned int flash_row() {
+    return blockIdx.x * FLASH_ROWS + threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
+}
+
 // Rows [first, first + 64) of `x` [rows, d] into `tile` (zeros past `rows` and `d`), by the block.
 template <int DP>
 __device__ void flash_tile(const unsigned short *x, unsigned int first, unsigned int rows, unsigned int d, unsigned short *tile) {
@@ -436,8 +441,8 @@ __device__ void flash_store_rows(const float (*acc)[4], float scale, unsigned sh
         }
 }
 
-// Fused attention, out = softmax(scale q k^T) v, for one (batch x head) per blockIdx.y and 64
-// queries per block (16 per warp, 4 warps), never writing the seq_q x seq_k scores: the keys
+// Fused attention, out = softmax(scale q k^T) v, for one (batch x head) (the grid's row: the
+// kernels' entry points below point each at its own) and 64 queries per block (16 per warp, 4 warps), never writing the seq_q x seq_k scores: the keys
 // and values come in tiles of 64 through shared memory, each warp's scores stay in its
 // registers, and the softmax is taken online (FlashAttention-2's forward: a running maximum and
 // sum per row, the output rescaled as the maximum grows). q [seq_q, d], k and v [seq_k, d] per
@@ -450,14 +455,7 @@ template <int DP>
 __device__ void flash_attention(const unsigned short *q, const unsigned short *k, const unsigned short *v, unsigned short *o,
                                 float *lse, unsigned int seq_q, unsigned int seq_k, unsigned int d, float scale_log2) {
     __shared__ unsigned short ks[FLASH_ROWS * FLASH_STRIDE(DP)], vs[FLASH_ROWS * FLASH_STRIDE(DP)];
-    unsigned int t = threadIdx.x % 4;
-    unsigned long long head = blockIdx.y;
-    q += head * seq_q * d;
-    k += head * seq_k * d;
-    v += head * seq_k * d;
-    o += head * seq_q * d;
-    lse += head * seq_q;
-    unsigned int row = blockIdx.x * FLASH_ROWS + threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
+    unsigned int t = threadIdx.x % 4, row = flash_row();
     unsigned int qa[DP / 16][4];
     flash_rows_as_a<DP>(q, row, seq_q, d, qa);
     float acc[DP / 8][4];
@@ -535,17 +533,7 @@ __device__ void flash_attention_grad_q(const unsigned short *q, const unsigned s
                                        unsigned short *dq, unsigned int seq_q, unsigned int seq_k, unsigned int d, float scale_log2,
                                        float scale) {
     __shared__ unsigned short ks[FLASH_ROWS * FLASH_STRIDE(DP)], vs[FLASH_ROWS * FLASH_STRIDE(DP)];
-    unsigned int t = threadIdx.x % 4;
-    unsigned long long head = blockIdx.y;
-    q += head * seq_q * d;
-    k += head * seq_k * d;
-    v += head * seq_k * d;
-    g += head * seq_q * d;
-    out += head * seq_q * d;
-    lse += head * seq_q;
-    delta += head * seq_q;
-    dq += head * seq_q * d;
-    unsigned int row = blockIdx.x * FLASH_ROWS + threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
+    unsigned int t = threadIdx.x % 4, row = flash_row();
     unsigned int qa[DP / 16][4], ga[DP / 16][4];
     flash_rows_as_a<DP>(q, row, seq_q, d, qa);
     flash_rows_as_a<DP>(g, row, seq_q, d, ga);
@@ -598,17 +586,7 @@ __device__ void flash_attention_grad_kv(const unsigned short *q, const unsigned 
                                         float scale) {
     __shared__ unsigned short qs[FLASH_ROWS * FLASH_STRIDE(DP)], gs[FLASH_ROWS * FLASH_STRIDE(DP)];
     __shared__ float lse2s[FLASH_ROWS], deltas[FLASH_ROWS];
-    unsigned int t = threadIdx.x % 4;
-    unsigned long long head = blockIdx.y;
-    q += head * seq_q * d;
-    k += head * seq_k * d;
-    v += head * seq_k * d;
-    g += head * seq_q * d;
-    lse += head * seq_q;
-    delta += head * seq_q;
-    dk += head * seq_k * d;
-    dv += head * seq_k * d;
-    unsigned int row = blockIdx.x * FLASH_ROWS + threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
+    unsigned int t = threadIdx.x % 4, row = flash_row();
     unsigned int ka[DP / 16][4], va[DP / 16][4];
     flash_rows_as_a<DP>(k, row, seq_k, d, ka);
     flash_rows_as_a<DP>(v, row, seq_k, d, va);
@@ -692,22 +670,29 @@ KERNELS(BF16, bf16)
 // The attention kernels by padded head dimension, bf16 only: the forward for each of
 // cuda_kernels.rs's FLASH_HEAD_DIMS, the backward's two for FLASH_BACKWARD_HEAD_DIMS (past 96 the
 // key-and-value kernel's registers spill).
+// The grid row's (batch x head) offset in tensors of `n` elements per head.
+#define FLASH_HEAD(n) ((unsigned long long)blockIdx.y * (n))
 #define FLASH_FORWARD(DP)                                                                                  \
 extern "C" __global__ void __launch_bounds__(128) flash_attention_d##DP##_bf16(const unsigned short *q,   \
         const unsigned short *k, const unsigned short *v, unsigned short *o, float *lse,                   \
         unsigned int seq_q, unsigned int seq_k, unsigned int d, float scale_log2) {                        \
-    flash_attention<DP>(q, k, v, o, lse, seq_q, seq_k, d, scale_log2); }
+    unsigned long long hq = FLASH_HEAD(seq_q * d), hk = FLASH_HEAD(seq_k * d), hr = FLASH_HEAD(seq_q);     \
+    flash_attention<DP>(q + hq, k + hk, v + hk, o + hq, lse + hr, seq_q, seq_k, d, scale_log2); }
 #define FLASH_BACKWARD(DP)                                                                                 \
 extern "C" __global__ void __launch_bounds__(128) flash_attention_grad_q_d##DP##_bf16(                    \
         const unsigned short *q, const unsigned short *k, const unsigned short *v, const unsigned short *g, \
         const unsigned short *out, const float *lse, float *delta, unsigned short *dq, unsigned int seq_q,  \
         unsigned int seq_k, unsigned int d, float scale_log2, float scale) {                               \
-    flash_attention_grad_q<DP>(q, k, v, g, out, lse, delta, dq, seq_q, seq_k, d, scale_log2, scale); }     \
+    unsigned long long hq = FLASH_HEAD(seq_q * d), hk = FLASH_HEAD(seq_k * d), hr = FLASH_HEAD(seq_q);     \
+    flash_attention_grad_q<DP>(q + hq, k + hk, v + hk, g + hq, out + hq, lse + hr, delta + hr, dq + hq,    \
+                               seq_q, seq_k, d, scale_log2, scale); }                                      \
 extern "C" __global__ void __launch_bounds__(128) flash_attention_grad_kv_d##DP##_bf16(                   \
         const unsigned short *q, const unsigned short *k, const unsigned short *v, const unsigned short *g, \
         const float *lse, const float *delta, unsigned short *dk, unsigned short *dv, unsigned int seq_q,  \
         unsigned int seq_k, unsigned int d, float scale_log2, float scale) {                               \
-    flash_attention_grad_kv<DP>(q, k, v, g, lse, delta, dk, dv, seq_q, seq_k, d, scale_log2, scale); }
+    unsigned long long hq = FLASH_HEAD(seq_q * d), hk = FLASH_HEAD(seq_k * d), hr = FLASH_HEAD(seq_q);     \
+    flash_attention_grad_kv<DP>(q + hq, k + hk, v + hk, g + hq, lse + hr, delta + hr, dk + hk, dv + hk,    \
+                                seq_q, seq_k, d, scale_log2, scale); }
 #define FLASH(DP) FLASH_FORWARD(DP) FLASH_BACKWARD(DP)
 FLASH(16)
 FLASH(32)

@@ -328,13 +328,17 @@ static std::vector<float> run(int argc, char **argv) {
         auto append = [&](const std::vector<unsigned short> &t) {
             for (unsigned short x : t) out.push_back(BF16::load(x));
         };
-        // As cuda_kernels.rs: 64 rows a block of 4 warps, a head per grid row.
+        // As cuda_kernels.rs: 64 rows a block of 4 warps, a head per grid row (its entry points
+        // offset each tensor to the row's head: hq, hk, hr here).
         auto kernels = [&](auto padded) {
             constexpr int DP = decltype(padded)::value;
             if (!backward) {
                 std::vector<unsigned short> o(nq);
                 std::vector<float> lse(rows);
-                launch((seq_q + 63) / 64, 128, [&] { flash_attention<DP>(q.data(), k.data(), v.data(), o.data(), lse.data(), seq_q, seq_k, d, scale_log2); }, n);
+                launch((seq_q + 63) / 64, 128, [&] {
+                    size_t hq = blockIdx.y * (size_t)seq_q * d, hk = blockIdx.y * (size_t)seq_k * d, hr = blockIdx.y * (size_t)seq_q;
+                    flash_attention<DP>(q.data() + hq, k.data() + hk, v.data() + hk, o.data() + hq, lse.data() + hr, seq_q, seq_k, d, scale_log2);
+                }, n);
                 append(o);
                 out.insert(out.end(), lse.begin(), lse.end());
                 return;
@@ -344,12 +348,14 @@ static std::vector<float> run(int argc, char **argv) {
             std::vector<float> delta(rows);
             std::vector<unsigned short> dq(nq), dk(nk), dv(nk);
             launch((seq_q + 63) / 64, 128, [&] {
-                flash_attention_grad_q<DP>(q.data(), k.data(), v.data(), g.data(), o.data(), lse, delta.data(), dq.data(), seq_q, seq_k,
-                                           d, scale_log2, scale);
+                size_t hq = blockIdx.y * (size_t)seq_q * d, hk = blockIdx.y * (size_t)seq_k * d, hr = blockIdx.y * (size_t)seq_q;
+                flash_attention_grad_q<DP>(q.data() + hq, k.data() + hk, v.data() + hk, g.data() + hq, o.data() + hq, lse + hr,
+                                           delta.data() + hr, dq.data() + hq, seq_q, seq_k, d, scale_log2, scale);
             }, n);
             launch((seq_k + 63) / 64, 128, [&] {
-                flash_attention_grad_kv<DP>(q.data(), k.data(), v.data(), g.data(), lse, delta.data(), dk.data(), dv.data(), seq_q, seq_k,
-                                            d, scale_log2, scale);
+                size_t hq = blockIdx.y * (size_t)seq_q * d, hk = blockIdx.y * (size_t)seq_k * d, hr = blockIdx.y * (size_t)seq_q;
+                flash_attention_grad_kv<DP>(q.data() + hq, k.data() + hk, v.data() + hk, g.data() + hq, lse + hr, delta.data() + hr,
+                                            dk.data() + hk, dv.data() + hk, seq_q, seq_k, d, scale_log2, scale);
             }, n);
             append(dq);
             append(dk);
