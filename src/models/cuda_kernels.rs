@@ -300,7 +300,7 @@ fn flash_applies(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, dims: &[usize])
     let ((n, seq_q, d), (n_k, seq_k, d_k)) = (q.dims3()?, k.dims3()?);
     let fits = k.shape() == v.shape() && (n_k, d_k) == (n, d) && seq_q > 0 && seq_k > 0 && n <= 65_535;
     let small = q.elem_count() < 1 << 31 && k.elem_count() < 1 << 31;
-    Ok(fits && small && flash_padded(d, dims).is_some() && (q.device().is_cpu() || imp::tensor_cores(q.device())))
+    Ok(fits && small && flash_padded(d, dims).is_some())
 }
 
 /// The head dimension `d` padded to that of the kernel among `dims` that takes it.
@@ -443,10 +443,6 @@ mod imp {
         Ok(false)
     }
 
-    pub(super) fn tensor_cores(_: &candle_core::Device) -> bool {
-        false
-    }
-
     pub(super) fn flash_forward(_: &Tensor, _: &Tensor, _: &Tensor, _: f64) -> Result<Option<(Tensor, Tensor)>> {
         Ok(None)
     }
@@ -485,10 +481,9 @@ mod imp {
         })
     }
 
-    /// Whether `device` has bf16 tensor cores (`mma.sync` m16n8k16 in bf16: compute capability 8
+    /// Whether `dev` has bf16 tensor cores (`mma.sync` m16n8k16 in bf16: compute capability 8
     /// and up).
-    pub(super) fn tensor_cores(device: &candle_core::Device) -> bool {
-        let Ok(dev) = device.as_cuda_device() else { return false };
+    fn tensor_cores(dev: &CudaDevice) -> bool {
         dev.cuda_stream().context().compute_capability().is_ok_and(|(major, _)| major >= 8)
     }
 
@@ -789,9 +784,9 @@ mod imp {
         Ok(())
     }
 
-    /// The module on `q`'s device if the attention kernels are ready there: built, and past
-    /// their check against candle's ops (`flash_check`, made once per device; a failure is
-    /// logged once and composes the attention from then on).
+    /// The module on `q`'s device if the attention kernels are ready there: tensor cores, the
+    /// kernels built, and past their check against candle's ops (`flash_check`, made once per
+    /// device; a failure is logged once and composes the attention from then on).
     fn flash_module(q: &Tensor) -> Option<(&CudaDevice, Arc<CudaModule>)> {
         static CHECKED: Mutex<Vec<(candle_core::cuda_backend::DeviceId, bool)>> = Mutex::new(Vec::new());
         let dev = q.device().as_cuda_device().ok()?;
@@ -800,12 +795,12 @@ mod imp {
         let ready = match checked.iter().find(|(id, _)| *id == dev.id()) {
             Some((_, ready)) => *ready,
             None => {
-                let ready = super::outcome(flash_check(q.device(), &module));
-                if let Err(e) = &ready {
-                    tracing::warn!("the fused attention kernels cannot be used here, composing the attention instead: {e}");
-                }
-                checked.push((dev.id(), ready.is_ok()));
-                ready.is_ok()
+                let ready = tensor_cores(dev)
+                    && super::outcome(flash_check(q.device(), &module))
+                        .inspect_err(|e| tracing::warn!("the fused attention kernels cannot be used here, composing the attention instead: {e}"))
+                        .is_ok();
+                checked.push((dev.id(), ready));
+                ready
             }
         };
         ready.then_some((dev, module))
