@@ -364,15 +364,32 @@ __device__ __forceinline__ unsigned int bf16_pair_at(const unsigned short *p) {
 // of DP + 8 bf16 (8 more: the lanes' rows fall in different banks).
 #define FLASH_ROWS 64u
 #define FLASH_STRIDE(DP) ((DP) + 8)
+#define FLASH_ALIGN __align__(16)
 
 // This lane's first row in the grid's (of its warp's 16, rows `row` and `row + 8` are its).
 __device__ __forceinline__ unsigned int flash_row() {
     return blockIdx.x * FLASH_ROWS + threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
 }
 
-// Rows [first, first + 64) of `x` [rows, d] into `tile` (zeros past `rows` and `d`), by the block.
+// 16 bytes, for one load or store of 8 bf16.
+struct alignas(16) Bytes16 {
+    unsigned int v[4];
+};
+
+// Rows [first, first + 64) of `x` [rows, d] into `tile` (zeros past `rows` and `d`), by the block:
+// 8 elements a load and a store where the rows allow (d a multiple of 8, x 16-byte aligned:
+// SD's head dimensions), else one (a load of 2 bytes takes as many instructions as one of 16).
 template <int DP>
 __device__ void flash_tile(const unsigned short *x, unsigned int first, unsigned int rows, unsigned int d, unsigned short *tile) {
+    if (d % 8 == 0 && (unsigned long long)x % 16 == 0) {
+        for (unsigned int i = threadIdx.x; i < FLASH_ROWS * DP / 8; i += blockDim.x) {
+            unsigned int r = i / (DP / 8), c = i % (DP / 8) * 8;
+            Bytes16 *to = reinterpret_cast<Bytes16 *>(tile + r * FLASH_STRIDE(DP) + c);  // rows of 16 (DP + 8) bytes
+            if (first + r < rows && c < d) *to = *reinterpret_cast<const Bytes16 *>(x + (unsigned long long)(first + r) * d + c);
+            else *to = Bytes16{{0, 0, 0, 0}};
+        }
+        return;
+    }
     for (unsigned int i = threadIdx.x; i < FLASH_ROWS * DP; i += blockDim.x) {
         unsigned int r = i / DP, c = i % DP;
         tile[r * FLASH_STRIDE(DP) + c] = first + r < rows && c < d ? x[(unsigned long long)(first + r) * d + c] : 0;
@@ -454,7 +471,7 @@ __device__ void flash_store_rows(const float (*acc)[4], float scale, unsigned sh
 template <int DP>
 __device__ void flash_attention(const unsigned short *q, const unsigned short *k, const unsigned short *v, unsigned short *o,
                                 float *lse, unsigned int seq_q, unsigned int seq_k, unsigned int d, float scale_log2) {
-    __shared__ unsigned short ks[FLASH_ROWS * FLASH_STRIDE(DP)], vs[FLASH_ROWS * FLASH_STRIDE(DP)];
+    __shared__ FLASH_ALIGN unsigned short ks[FLASH_ROWS * FLASH_STRIDE(DP)], vs[FLASH_ROWS * FLASH_STRIDE(DP)];
     unsigned int t = threadIdx.x % 4, row = flash_row();
     unsigned int qa[DP / 16][4];
     flash_rows_as_a<DP>(q, row, seq_q, d, qa);
@@ -532,7 +549,7 @@ __device__ void flash_attention_grad_q(const unsigned short *q, const unsigned s
                                        const unsigned short *g, const unsigned short *out, const float *lse, float *delta,
                                        unsigned short *dq, unsigned int seq_q, unsigned int seq_k, unsigned int d, float scale_log2,
                                        float scale) {
-    __shared__ unsigned short ks[FLASH_ROWS * FLASH_STRIDE(DP)], vs[FLASH_ROWS * FLASH_STRIDE(DP)];
+    __shared__ FLASH_ALIGN unsigned short ks[FLASH_ROWS * FLASH_STRIDE(DP)], vs[FLASH_ROWS * FLASH_STRIDE(DP)];
     unsigned int t = threadIdx.x % 4, row = flash_row();
     unsigned int qa[DP / 16][4], ga[DP / 16][4];
     flash_rows_as_a<DP>(q, row, seq_q, d, qa);
@@ -584,7 +601,7 @@ __device__ void flash_attention_grad_kv(const unsigned short *q, const unsigned 
                                         const unsigned short *g, const float *lse, const float *delta, unsigned short *dk,
                                         unsigned short *dv, unsigned int seq_q, unsigned int seq_k, unsigned int d, float scale_log2,
                                         float scale) {
-    __shared__ unsigned short qs[FLASH_ROWS * FLASH_STRIDE(DP)], gs[FLASH_ROWS * FLASH_STRIDE(DP)];
+    __shared__ FLASH_ALIGN unsigned short qs[FLASH_ROWS * FLASH_STRIDE(DP)], gs[FLASH_ROWS * FLASH_STRIDE(DP)];
     __shared__ float lse2s[FLASH_ROWS], deltas[FLASH_ROWS];
     unsigned int t = threadIdx.x % 4, row = flash_row();
     unsigned int ka[DP / 16][4], va[DP / 16][4];

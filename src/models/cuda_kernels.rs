@@ -1243,9 +1243,10 @@ pub(crate) mod tests {
     #[test]
     fn flash_attention_kernels_match_the_composed_attention() -> Result<()> {
         // (heads, seq_q, seq_k, d): SD's head dimension 40 (padded to 48) with partial blocks of
-        // queries and keys; cross-attention's 77 keys at 80; fewer keys than a tile at 16. Scores
-        // spread wide (a std of about 4), so that the forward's running maximum moves.
-        for (n, seq_q, seq_k, d) in [(2, 70, 100, 40), (1, 20, 77, 80), (3, 64, 9, 16)] {
+        // queries and keys; cross-attention's 77 keys at 80; fewer keys than a tile at 16; 20, not
+        // a multiple of 8, whose tiles load an element at a time. Scores spread wide (a std of
+        // about 4), so that the forward's running maximum moves.
+        for (n, seq_q, seq_k, d) in [(2, 70, 100, 40), (1, 20, 77, 80), (3, 64, 9, 16), (2, 33, 50, 20)] {
             let (q, k, v, g) = (randn(&[n, seq_q, d], DType::BF16)?, randn(&[n, seq_k, d], DType::BF16)?, randn(&[n, seq_k, d], DType::BF16)?, randn(&[n, seq_q, d], DType::BF16)?);
             let q = (q * 2.0)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
             let scale = 3.0 / (d as f64).sqrt();

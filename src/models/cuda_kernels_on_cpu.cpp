@@ -48,6 +48,7 @@ static std::vector<unsigned int> mma_slots;  // 6 registers per thread
 #define __forceinline__ inline
 #define __shared__ static
 #define __launch_bounds__(threads)
+#define __align__(n) __attribute__((aligned(n)))
 
 static void __syncthreads() { block_barrier->arrive_and_wait(); }
 static float __shfl_xor_sync(unsigned int, float v, int offset) {
@@ -363,6 +364,7 @@ static std::vector<float> run(int argc, char **argv) {
         };
         switch ((d + 15) / 16 * 16) {
         case 16: kernels(std::integral_constant<int, 16>()); break;
+        case 32: kernels(std::integral_constant<int, 32>()); break;
         case 48: kernels(std::integral_constant<int, 48>()); break;
         case 80: kernels(std::integral_constant<int, 80>()); break;
         default: std::fprintf(stderr, "flash: the harness has no kernel for head dimension %u\n", d); std::exit(2);
