@@ -344,6 +344,21 @@ __device__ __forceinline__ void mma_bf16_16816(float *c, const unsigned int *a, 
     asm volatile("trap;");
 #endif
 }
+
+// Four 8 x 8 bf16 matrices from shared memory, each transposed into one register of each lane
+// (ldmatrix .x4 .trans): lane L gives the address of row L % 8 of matrix L / 8 (16-byte
+// aligned), and lane (g, t) gets rows 2t and 2t + 1 of column g of each, as an mma B operand's
+// register holds them. The harness has its own, from this layout.
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int *r, const unsigned short *row) {
+#if __CUDA_ARCH__ >= 800
+    unsigned int address = (unsigned int)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+#else
+    asm volatile("trap;");
+#endif
+}
 #endif
 
 // Two bf16 in one register, `lo` in the lower half (the lower column of an mma operand).
@@ -427,21 +442,26 @@ __device__ void flash_times_tile_t(const unsigned int (*a)[4], const unsigned sh
 }
 
 // acc += p tile: the warp's 16 x 64 `p` (as flash_times_tile_t's s, rounded to bf16 here) times
-// the tile's 64 rows of DP columns; acc[i] holds columns 8i to 8i + 7.
+// the tile's 64 rows of DP columns; acc[i] holds columns 8i to 8i + 7. The B operands of two
+// n-tiles (rows 16kk to 16kk + 15, columns 8i to 8i + 15) are one ldmatrix: this lane's row is
+// (lane / 8 % 2) 8 + lane % 8 of those, from column (lane / 16) 8.
 template <int DP>
 __device__ void flash_times_tile(const float (*p)[4], const unsigned short *tile, float (*acc)[4]) {
-    unsigned int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    unsigned int lane = threadIdx.x % 32;
+    const unsigned short *mine = tile + (lane / 8 % 2 * 8 + lane % 8) * FLASH_STRIDE(DP) + lane / 16 * 8;
 #pragma unroll
     for (int kk = 0; kk < FLASH_ROWS / 16; kk++) {
         // Two of p's n-tiles are one A operand: D's layout over 8 columns is A's over 16.
         const float *lo = p[2 * kk], *hi = p[2 * kk + 1];
         unsigned int a[4] = {bf16_pair(BF16::store(lo[0]), BF16::store(lo[1])), bf16_pair(BF16::store(lo[2]), BF16::store(lo[3])),
                              bf16_pair(BF16::store(hi[0]), BF16::store(hi[1])), bf16_pair(BF16::store(hi[2]), BF16::store(hi[3]))};
-        const unsigned short *col = tile + (kk * 16 + 2 * t) * FLASH_STRIDE(DP) + g;
 #pragma unroll
-        for (int i = 0; i < DP / 8; i++, col += 8)
-            mma_bf16_16816(acc[i], a, bf16_pair(col[0], col[FLASH_STRIDE(DP)]),
-                           bf16_pair(col[8 * FLASH_STRIDE(DP)], col[9 * FLASH_STRIDE(DP)]));
+        for (int i = 0; i < DP / 8; i += 2) {
+            unsigned int b[4];
+            ldmatrix_x4_trans(b, mine + kk * 16 * FLASH_STRIDE(DP) + i * 8);
+            mma_bf16_16816(acc[i], a, b[0], b[1]);
+            mma_bf16_16816(acc[i + 1], a, b[2], b[3]);
+        }
     }
 }
 

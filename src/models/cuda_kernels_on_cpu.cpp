@@ -42,6 +42,7 @@ static Dim3 blockDim, gridDim;
 static std::barrier<> *block_barrier;
 static std::vector<float> shuffle_slots;
 static std::vector<unsigned int> mma_slots;  // 6 registers per thread
+static std::vector<const unsigned short *> ldmatrix_slots;  // a row's address per thread
 
 #define __global__
 #define __device__
@@ -102,6 +103,19 @@ static void mma_bf16_16816(float *c, const unsigned int *a, unsigned int b0, uns
     for (int e = 0; e < 4; e++) c[e] = out[e];
 }
 
+// The warp's ldmatrix .x4 .trans, from the layout cuda_kernels.cu describes: each lane's row
+// address through the slots between two barriers, then its four registers.
+static void ldmatrix_x4_trans(unsigned int *r, const unsigned short *row) {
+    unsigned int warp = threadIdx.x / 32 * 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    ldmatrix_slots[threadIdx.x] = row;
+    __syncthreads();
+    for (unsigned int m = 0; m < 4; m++) {
+        const unsigned short *lo = ldmatrix_slots[warp + m * 8 + 2 * t], *hi = ldmatrix_slots[warp + m * 8 + 2 * t + 1];
+        r[m] = (unsigned int)lo[g] | ((unsigned int)hi[g] << 16);
+    }
+    __syncthreads();
+}
+
 #include "cuda_kernels.cu"
 
 // A grid of `grid` blocks of `block` threads, one block at a time, a host thread per CUDA thread.
@@ -112,6 +126,7 @@ static void launch(Dim3 grid, Dim3 block, F kernel) {
     unsigned int threads = block.x * block.y;
     shuffle_slots.assign(threads, 0.0f);
     mma_slots.assign(threads * 6, 0);
+    ldmatrix_slots.assign(threads, nullptr);
     for (unsigned int bz = 0; bz < grid.z; bz++)
         for (unsigned int by = 0; by < grid.y; by++)
             for (unsigned int bx = 0; bx < grid.x; bx++) {
