@@ -345,16 +345,22 @@ __device__ __forceinline__ void mma_bf16_16816(float *c, const unsigned int *a, 
 #endif
 }
 
-// Four 8 x 8 bf16 matrices from shared memory, each transposed into one register of each lane
-// (ldmatrix .x4 .trans): lane L gives the address of row L % 8 of matrix L / 8 (16-byte
-// aligned), and lane (g, t) gets rows 2t and 2t + 1 of column g of each, as an mma B operand's
-// register holds them. The harness has its own, from this layout.
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int *r, const unsigned short *row) {
+// Four 8 x 8 bf16 matrices from shared memory into one register of each lane each (ldmatrix
+// .x4): lane L gives the address of row L % 8 of matrix L / 8 (16-byte aligned), and lane (g, t)
+// gets row g's columns 2t and 2t + 1 of each; transposed (TRANS), column g's rows 2t and 2t + 1,
+// as an mma B operand's register holds them. The harness has its own, from this layout.
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(unsigned int *r, const unsigned short *row) {
 #if __CUDA_ARCH__ >= 800
     unsigned int address = (unsigned int)__cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(address));
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(address));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(address));
 #else
     asm volatile("trap;");
 #endif
@@ -364,15 +370,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned int *r, const unsigne
 // Two bf16 in one register, `lo` in the lower half (the lower column of an mma operand).
 __device__ __forceinline__ unsigned int bf16_pair(unsigned short lo, unsigned short hi) {
     return (unsigned int)lo | ((unsigned int)hi << 16);
-}
-
-// The two bf16 at `p` (4-byte aligned) in one register, one load on the GPU.
-__device__ __forceinline__ unsigned int bf16_pair_at(const unsigned short *p) {
-#ifdef __CUDACC_RTC__
-    return *reinterpret_cast<const unsigned int *>(p);
-#else
-    return bf16_pair(p[0], p[1]);
-#endif
 }
 
 // The fused attention's tiles: 64 rows (queries or keys) a block, 16 a warp, shared-memory rows
@@ -428,17 +425,24 @@ __device__ void flash_rows_as_a(const unsigned short *x, unsigned int row, unsig
 }
 
 // s = a tile^T: the warp's 16 rows (A operands `a`) against the tile's 64 rows, over DP columns;
-// s[j] holds columns 8j to 8j + 7 (tile rows) as mma's D.
+// s[j] holds columns 8j to 8j + 7 (tile rows) as mma's D. The B operands of two n-tiles (tile
+// rows 8j to 8j + 15, columns 16kk to 16kk + 15) are one ldmatrix: this lane's row is
+// (lane / 16) 8 + lane % 8 of those, from column (lane / 8 % 2) 8.
 template <int DP>
 __device__ void flash_times_tile_t(const unsigned int (*a)[4], const unsigned short *tile, float (*s)[4]) {
-    unsigned int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    unsigned int lane = threadIdx.x % 32;
+    const unsigned short *mine = tile + (lane / 16 * 8 + lane % 8) * FLASH_STRIDE(DP) + lane / 8 % 2 * 8;
 #pragma unroll
-    for (int j = 0; j < FLASH_ROWS / 8; j++) {
-        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-        const unsigned short *row = tile + (j * 8 + g) * FLASH_STRIDE(DP) + 2 * t;  // even: pairs aligned
+    for (int j = 0; j < FLASH_ROWS / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
 #pragma unroll
-        for (int kk = 0; kk < DP / 16; kk++) mma_bf16_16816(s[j], a[kk], bf16_pair_at(row + kk * 16), bf16_pair_at(row + kk * 16 + 8));
-    }
+    for (int j = 0; j < FLASH_ROWS / 8; j += 2)
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; kk++) {
+            unsigned int b[4];
+            ldmatrix_x4<false>(b, mine + j * 8 * FLASH_STRIDE(DP) + kk * 16);
+            mma_bf16_16816(s[j], a[kk], b[0], b[1]);
+            mma_bf16_16816(s[j + 1], a[kk], b[2], b[3]);
+        }
 }
 
 // acc += p tile: the warp's 16 x 64 `p` (as flash_times_tile_t's s, rounded to bf16 here) times
@@ -458,7 +462,7 @@ __device__ void flash_times_tile(const float (*p)[4], const unsigned short *tile
 #pragma unroll
         for (int i = 0; i < DP / 8; i += 2) {
             unsigned int b[4];
-            ldmatrix_x4_trans(b, mine + kk * 16 * FLASH_STRIDE(DP) + i * 8);
+            ldmatrix_x4<true>(b, mine + kk * 16 * FLASH_STRIDE(DP) + i * 8);
             mma_bf16_16816(acc[i], a, b[0], b[1]);
             mma_bf16_16816(acc[i + 1], a, b[2], b[3]);
         }

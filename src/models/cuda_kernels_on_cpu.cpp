@@ -103,15 +103,17 @@ static void mma_bf16_16816(float *c, const unsigned int *a, unsigned int b0, uns
     for (int e = 0; e < 4; e++) c[e] = out[e];
 }
 
-// The warp's ldmatrix .x4 .trans, from the layout cuda_kernels.cu describes: each lane's row
-// address through the slots between two barriers, then its four registers.
-static void ldmatrix_x4_trans(unsigned int *r, const unsigned short *row) {
+// The warp's ldmatrix .x4 (.trans with TRANS), from the layout cuda_kernels.cu describes: each
+// lane's row address through the slots between two barriers, then its four registers.
+template <bool TRANS>
+static void ldmatrix_x4(unsigned int *r, const unsigned short *row) {
     unsigned int warp = threadIdx.x / 32 * 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     ldmatrix_slots[threadIdx.x] = row;
     __syncthreads();
     for (unsigned int m = 0; m < 4; m++) {
-        const unsigned short *lo = ldmatrix_slots[warp + m * 8 + 2 * t], *hi = ldmatrix_slots[warp + m * 8 + 2 * t + 1];
-        r[m] = (unsigned int)lo[g] | ((unsigned int)hi[g] << 16);
+        const unsigned short *const *rows = &ldmatrix_slots[warp + m * 8];
+        unsigned short lo = TRANS ? rows[2 * t][g] : rows[g][2 * t], hi = TRANS ? rows[2 * t + 1][g] : rows[g][2 * t + 1];
+        r[m] = (unsigned int)lo | ((unsigned int)hi << 16);
     }
     __syncthreads();
 }
