@@ -132,15 +132,9 @@ impl Slot {
     /// The same step written into the moments and the variable (contiguous f32 on the CPU).
     fn step_in_place(&mut self, g: &Tensor, s: &StepScalars) -> Result<()> {
         let c = s.in_f32();
-        self.m.inplace_op2(g, &FirstMoment { one_minus_beta1: c.one_minus_beta1 })?;
-        self.v.inplace_op2(g, &SecondMoment { beta2: c.beta2, one_minus_beta2: c.one_minus_beta2 })?;
-        let update = Update {
-            decay: c.decay,
-            neg_step_size: c.neg_step_size,
-            inv_bias_correction2_sqrt: c.inv_bias_correction2_sqrt,
-            eps: c.eps,
-        };
-        self.var.as_tensor().inplace_op3(&self.m, &self.v, &update)?;
+        self.m.inplace_op2(g, &FirstMoment(c))?;
+        self.v.inplace_op2(g, &SecondMoment(c))?;
+        self.var.as_tensor().inplace_op3(&self.m, &self.v, &Update(c))?;
         Ok(())
     }
 
@@ -463,9 +457,7 @@ impl Adam {
 }
 
 /// `m <- m + ((g - m) (1 - beta1) + 0)`: the composed ops' `sub`, `affine` and `add` in f32.
-struct FirstMoment {
-    one_minus_beta1: f32,
-}
+struct FirstMoment(AdamScalars);
 
 impl InplaceOp2 for FirstMoment {
     fn name(&self) -> &'static str {
@@ -473,16 +465,13 @@ impl InplaceOp2 for FirstMoment {
     }
 
     fn cpu_fwd(&self, m: &mut CpuStorage, m_l: &Layout, g: &CpuStorage, g_l: &Layout) -> candle_core::Result<()> {
-        let c = self.one_minus_beta1;
+        let c = self.0.one_minus_beta1;
         in_place(self.name(), (m, m_l), [(g, g_l)], |m, [g]| m + ((g - m) * c + 0.0))
     }
 }
 
 /// `v <- (v beta2 + 0) + ((g (1 - beta2) + 0) g)`.
-struct SecondMoment {
-    beta2: f32,
-    one_minus_beta2: f32,
-}
+struct SecondMoment(AdamScalars);
 
 impl InplaceOp2 for SecondMoment {
     fn name(&self) -> &'static str {
@@ -490,19 +479,14 @@ impl InplaceOp2 for SecondMoment {
     }
 
     fn cpu_fwd(&self, v: &mut CpuStorage, v_l: &Layout, g: &CpuStorage, g_l: &Layout) -> candle_core::Result<()> {
-        let (b2, c) = (self.beta2, self.one_minus_beta2);
+        let (b2, c) = (self.0.beta2, self.0.one_minus_beta2);
         in_place(self.name(), (v, v_l), [(g, g_l)], |v, [g]| (v * b2 + 0.0) + ((g * c + 0.0) * g))
     }
 }
 
 /// `p <- p' + ((m (-step_size) + 0) / ((sqrt(v) / sqrt(1 - beta2^t) + 0) 1 + eps))`, `p' = p (1 -
 /// lr wd) + 0` with weight decay, `p` without.
-struct Update {
-    decay: Option<f32>,
-    neg_step_size: f32,
-    inv_bias_correction2_sqrt: f32,
-    eps: f32,
-}
+struct Update(AdamScalars);
 
 impl InplaceOp3 for Update {
     fn name(&self) -> &'static str {
@@ -518,7 +502,7 @@ impl InplaceOp3 for Update {
         v: &CpuStorage,
         v_l: &Layout,
     ) -> candle_core::Result<()> {
-        let Update { decay, neg_step_size, inv_bias_correction2_sqrt, eps } = *self;
+        let AdamScalars { decay, neg_step_size, inv_bias_correction2_sqrt, eps, .. } = self.0;
         in_place(self.name(), (p, p_l), [(m, m_l), (v, v_l)], |p, [m, v]| {
             let p = decay.map_or(p, |d| p * d + 0.0);
             let denom = (v.sqrt() * inv_bias_correction2_sqrt + 0.0) * 1.0 + eps;
