@@ -346,16 +346,18 @@ static std::vector<float> run(int argc, char **argv) {
         auto append = [&](const std::vector<unsigned short> &t) {
             for (unsigned short x : t) out.push_back(BF16::load(x));
         };
-        // As cuda_kernels.rs: 64 rows a block of 4 warps, a head per grid row (its entry points
-        // offset each tensor to the row's head: hq, hk, hr here).
+        // As cuda_kernels.rs: 64 rows a block of 4 warps, a head per grid row, each tensor offset
+        // to the row's head as the entry points offset it (FLASH_HEAD).
+        auto hq = [&] { return blockIdx.y * (size_t)seq_q * d; };
+        auto hk = [&] { return blockIdx.y * (size_t)seq_k * d; };
+        auto hr = [&] { return blockIdx.y * (size_t)seq_q; };
         auto kernels = [&](auto padded) {
             constexpr int DP = decltype(padded)::value;
             if (!backward) {
                 std::vector<unsigned short> o(nq);
                 std::vector<float> lse(rows);
                 launch((seq_q + 63) / 64, 128, [&] {
-                    size_t hq = blockIdx.y * (size_t)seq_q * d, hk = blockIdx.y * (size_t)seq_k * d, hr = blockIdx.y * (size_t)seq_q;
-                    flash_attention<DP>(q.data() + hq, k.data() + hk, v.data() + hk, o.data() + hq, lse.data() + hr, seq_q, seq_k, d, scale_log2);
+                    flash_attention<DP>(q.data() + hq(), k.data() + hk(), v.data() + hk(), o.data() + hq(), lse.data() + hr(), seq_q, seq_k, d, scale_log2);
                 }, n);
                 append(o);
                 out.insert(out.end(), lse.begin(), lse.end());
@@ -366,14 +368,12 @@ static std::vector<float> run(int argc, char **argv) {
             std::vector<float> delta(rows);
             std::vector<unsigned short> dq(nq), dk(nk), dv(nk);
             launch((seq_q + 63) / 64, 128, [&] {
-                size_t hq = blockIdx.y * (size_t)seq_q * d, hk = blockIdx.y * (size_t)seq_k * d, hr = blockIdx.y * (size_t)seq_q;
-                flash_attention_grad_q<DP>(q.data() + hq, k.data() + hk, v.data() + hk, g.data() + hq, o.data() + hq, lse + hr,
-                                           delta.data() + hr, dq.data() + hq, seq_q, seq_k, d, scale_log2, scale);
+                flash_attention_grad_q<DP>(q.data() + hq(), k.data() + hk(), v.data() + hk(), g.data() + hq(), o.data() + hq(), lse + hr(),
+                                           delta.data() + hr(), dq.data() + hq(), seq_q, seq_k, d, scale_log2, scale);
             }, n);
             launch((seq_k + 63) / 64, 128, [&] {
-                size_t hq = blockIdx.y * (size_t)seq_q * d, hk = blockIdx.y * (size_t)seq_k * d, hr = blockIdx.y * (size_t)seq_q;
-                flash_attention_grad_kv<DP>(q.data() + hq, k.data() + hk, v.data() + hk, g.data() + hq, lse + hr, delta.data() + hr,
-                                            dk.data() + hk, dv.data() + hk, seq_q, seq_k, d, scale_log2, scale);
+                flash_attention_grad_kv<DP>(q.data() + hq(), k.data() + hk(), v.data() + hk(), g.data() + hq(), lse + hr(), delta.data() + hr(),
+                                            dk.data() + hk(), dv.data() + hk(), seq_q, seq_k, d, scale_log2, scale);
             }, n);
             append(dq);
             append(dk);
