@@ -1252,15 +1252,17 @@ pub(crate) mod tests {
             let scale = 3.0 / (d as f64).sqrt();
             let sizes = [n, seq_q, seq_k, d].map(|v| v.to_string());
             let args = |op: &str| [&[op.into(), "bf16".into()], &sizes[..], &[scale.to_string()]].concat();
-            // The composed attention in f32 and its backward.
+            // The composed attention in f32 and its backward, rounded to bf16 where the kernels
+            // round: the output (which the backward reads), and p and ds before their products.
+            let bf16 = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
             let s = (q.matmul(&k.t()?)? * scale)?;
             let max = s.max_keepdim(2)?;
             let lse = (s.broadcast_sub(&max)?.exp()?.sum_keepdim(2)?.log()? + &max)?;
             let p = s.broadcast_sub(&lse)?.exp()?;
             let out = p.matmul(&v)?;
-            let delta = (&g * &out)?.sum_keepdim(2)?;
-            let ds = (&p * g.matmul(&v.t()?)?.broadcast_sub(&delta)?)?;
-            let grads = [(ds.matmul(&k)? * scale)?, (ds.t()?.matmul(&q)? * scale)?, p.t()?.matmul(&g)?];
+            let delta = (&g * bf16(&out)?)?.sum_keepdim(2)?;
+            let ds = bf16(&(&p * g.matmul(&v.t()?)?.broadcast_sub(&delta)?)?)?;
+            let grads = [(ds.matmul(&k)? * scale)?, (ds.t()?.matmul(&q)? * scale)?, bf16(&p)?.t()?.matmul(&g)?];
             let case = (n, seq_q, seq_k, d);
             // bf16's precision: the probabilities, the output and the gradients are rounded to it;
             // lse stays f32.
