@@ -142,11 +142,12 @@ fn all_gradients_match_torch_f32() -> Result<()> {
     check_parity_with_torch(DType::F32, 1e-5, 1e-3, 1e-3)
 }
 
-/// Gradient checkpointing ([`Tape`]): every weight's gradient and the context's equal the plain
-/// backward's (f64, so only the order of sums differs), each weight's from exactly one segment,
-/// and the output equals the plain forward's bit for bit.
+/// The backward a segment at a time ([`Tape`]), its graphs kept or (gradient checkpointing)
+/// recomputed: every weight's gradient and the context's equal the plain backward's (f64, so only
+/// the order of sums differs), each weight's from exactly one segment, and the output equals the
+/// plain forward's bit for bit.
 #[test]
-fn checkpointed_gradients_equal_the_plain_backward() -> Result<()> {
+fn segmented_gradients_equal_the_plain_backward() -> Result<()> {
     let fx = grads_fixture(DType::F64)?;
     let (_, context, plain, vars) = trainable_backward(DType::F64)?;
     // Both on the same variables: the trainable model as they are, the frozen one detached.
@@ -155,37 +156,38 @@ fn checkpointed_gradients_equal_the_plain_backward() -> Result<()> {
         Ok(UNet2DConditionModel::new(VarBuilder::from_tensors(tensors.collect(), DType::F64, &Device::Cpu), config()?)?)
     };
     let (trainable, frozen) = (model(false)?, model(true)?);
-
-    let mut tape = Tape::new(&frozen);
-    let timesteps = Tensor::full(fx.timestep as f32, fx.sample.dim(0)?, &Device::Cpu)?;
-    let (sample, t, ctx) = (tape.input(&fx.sample, false), tape.input(&timesteps, false), tape.input(&fx.context, true));
-    let out = frozen.forward_segments(&mut tape, sample, t, ctx)?;
     let plain_out = trainable.forward(&fx.sample, fx.timestep, &fx.context)?;
-    assert_eq!(tape.value(out).flatten_all()?.to_vec1::<f64>()?, plain_out.flatten_all()?.to_vec1::<f64>()?);
-
-    let pred = Var::from_tensor(tape.value(out))?;
-    let loss = (pred.as_tensor() - &fx.noise)?.sqr()?.mean_all()?;
-    let g = loss.backward()?.get(pred.as_tensor()).ok_or("no gradient for the prediction")?.clone();
     let by_id: HashMap<_, _> = vars.iter().map(|(name, v)| (v.as_tensor().id(), name.clone())).collect();
-    let mut got: HashMap<String, Tensor> = HashMap::new();
-    let ctx_grad = tape.backward(&trainable, vec![(out, g)], |store| {
-        for id in store.get_ids() {
-            if let Some(name) = by_id.get(id) {
-                let grad = store.get_id(*id).expect("listed").clone();
-                assert!(got.insert(name.clone(), grad).is_none(), "{name}: a gradient from two segments");
+
+    for (what, mut tape) in [("kept", Tape::keeping(&trainable)), ("checkpointed", Tape::checkpointed(&frozen, &trainable))] {
+        let timesteps = Tensor::full(fx.timestep as f32, fx.sample.dim(0)?, &Device::Cpu)?;
+        let (sample, t, ctx) = (tape.input(&fx.sample, false), tape.input(&timesteps, false), tape.input(&fx.context, true));
+        let out = trainable.forward_segments(&mut tape, sample, t, ctx)?;
+        assert_eq!(tape.value(out).flatten_all()?.to_vec1::<f64>()?, plain_out.flatten_all()?.to_vec1::<f64>()?, "{what}");
+
+        let pred = Var::from_tensor(tape.value(out))?;
+        let loss = (pred.as_tensor() - &fx.noise)?.sqr()?.mean_all()?;
+        let g = loss.backward()?.get(pred.as_tensor()).ok_or("no gradient for the prediction")?.clone();
+        let mut got: HashMap<String, Tensor> = HashMap::new();
+        let ctx_grad = tape.backward(vec![(out, g)], |store| {
+            for id in store.get_ids() {
+                if let Some(name) = by_id.get(id) {
+                    let grad = store.get_id(*id).expect("listed").clone();
+                    assert!(got.insert(name.clone(), grad).is_none(), "{what} {name}: a gradient from two segments");
+                }
             }
+            Ok::<_, candle_core::Error>(())
+        })?;
+        assert_eq!(got.len(), vars.len(), "{what}: some weights got no gradient");
+        for (name, var) in &vars {
+            let want = plain.get(var.as_tensor()).ok_or(format!("{name}: no plain gradient"))?;
+            let err = rel_err(&got[name], want)?;
+            assert!(err <= 1e-12, "{what} grad.{name}: relative error {err:e} against the plain backward");
         }
-        Ok::<_, candle_core::Error>(())
-    })?;
-    assert_eq!(got.len(), vars.len(), "some weights got no gradient");
-    for (name, var) in &vars {
-        let want = plain.get(var.as_tensor()).ok_or(format!("{name}: no plain gradient"))?;
-        let err = rel_err(&got[name], want)?;
-        assert!(err <= 1e-12, "grad.{name}: relative error {err:e} against the plain backward");
+        let [(_, Some(ctx_grad))] = &ctx_grad[..] else { return Err(format!("{what}: no context gradient").into()) };
+        let err = rel_err(ctx_grad, plain.get(context.as_tensor()).ok_or("no plain context gradient")?)?;
+        assert!(err <= 1e-12, "{what} grad.context: relative error {err:e}");
     }
-    let [(_, Some(ctx_grad))] = &ctx_grad[..] else { return Err("no context gradient".into()) };
-    let err = rel_err(ctx_grad, plain.get(context.as_tensor()).ok_or("no plain context gradient")?)?;
-    assert!(err <= 1e-12, "grad.context: relative error {err:e}");
     Ok(())
 }
 

@@ -195,19 +195,19 @@ impl LayeredFinetune {
         device: &Device,
     ) -> Result<Self> {
         check_lr(lr, "--finetune-lr")?;
-        let mut names: Vec<&String> = trained.keys().collect();
-        names.sort();
-        let master = master_dtype(dtype);
-        let vars = names
-            .into_iter()
-            .map(|name| {
-                Ok((name.clone(), Var::from_tensor(&trained[name].to_device(device)?.to_dtype(master)?.detach())?))
-            })
-            .collect::<Result<Vec<(String, Var)>>>()?;
         let frozen = match mode {
             FinetuneMode::Full => HashMap::new(),
             FinetuneMode::Lora => weights,
         };
+        // Each tensor given is dropped once its variable is made, before Adam's moments exist:
+        // for full fine-tuning the given weights are a model's worth of memory at the peak.
+        let mut trained: Vec<(String, Tensor)> = trained.into_iter().collect();
+        trained.sort_by(|a, b| a.0.cmp(&b.0));
+        let master = master_dtype(dtype);
+        let vars = trained
+            .into_iter()
+            .map(|(name, t)| Ok((name, Var::from_tensor(&t.to_device(device)?.to_dtype(master)?.detach())?)))
+            .collect::<Result<Vec<(String, Var)>>>()?;
         let adam = Adam::with_model_copies(vars, AdamParams { lr, ..Default::default() }, dtype)?;
         let (train_unet, unet) = Self::models(&adam, &frozen, cfg, dtype, device)?;
         Ok(Self {
@@ -324,20 +324,27 @@ impl LayeredFinetune {
                 layered_finetune_of(pred, lambda_object, lambda_background, noisy, data)
             }
         };
-        if !self.gradient_checkpointing {
+        // LoRA's gradients are small: one backward, and Adam's steps batched over all adapters.
+        if !self.gradient_checkpointing && self.mode == FinetuneMode::Lora {
             let loss = loss_of(&self.train_unet.forward_timesteps(&input, &timesteps, &context)?)?;
             self.adam.backward_step(&loss)?;
             return finite_step(&loss, &[], "", STAGE2, self.step + 1, fix);
         }
-        let mut tape = Tape::new(&self.unet);
+        // Full fine-tuning's gradients are as large as the weights: each segment's are stepped
+        // and gone before the next segment's backward.
+        let mut tape = if self.gradient_checkpointing {
+            Tape::checkpointed(&self.unet, &self.train_unet)
+        } else {
+            Tape::keeping(&self.train_unet)
+        };
         let (x, t, c) = (tape.input(&input, false), tape.input(&timesteps, false), tape.input(&context, false));
-        let out = self.unet.forward_segments(&mut tape, x, t, c)?;
+        let out = self.train_unet.forward_segments(&mut tape, x, t, c)?;
         let pred = Var::from_tensor(tape.value(out))?;
         let loss = loss_of(pred.as_tensor())?;
         let grad = loss.backward()?.get(pred.as_tensor()).cloned();
         let grad = grad.ok_or_else(|| candle_core::Error::Msg("the loss does not depend on the prediction".into()))?;
         let adam = &mut self.adam;
-        tape.backward(&self.train_unet, vec![(out, grad)], |grads| adam.step(grads))?;
+        tape.backward(vec![(out, grad)], |grads| adam.step(grads))?;
         finite_step(&loss, &[], "", STAGE2, self.step + 1, fix)
     }
 

@@ -62,12 +62,16 @@ static Counter *counter(const char *kind, const char *name) {
     abort();
 }
 
-// NULLCUDA_TRACE=1: every counted call on stderr as well, in order.
+// Device memory in use now, and its high-water mark (the memory pool's attributes).
+static unsigned long long used_now, used_high;
+
+// NULLCUDA_TRACE=1: every counted call on stderr as well, in order, with the device memory in
+// use before it.
 static int tracing = -1;
 
 static void trace(const char *kind, const char *name, unsigned long long bytes) {
     if (tracing < 0) tracing = getenv("NULLCUDA_TRACE") != NULL;
-    if (tracing) fprintf(stderr, "nullcuda %s %s %llu\n", kind, name, bytes);
+    if (tracing) fprintf(stderr, "nullcuda %s %s %llu %llu\n", kind, name, bytes, used_now);
 }
 
 // NULLCUDA_BACKTRACE=name: the caller's stack at each call or launch of that name (`*`: of
@@ -133,7 +137,6 @@ __attribute__((destructor)) static void report(void) {
 // Device memory: addresses from a bump pointer, never backed; their sizes kept for the pool's
 // used-memory counters, which the bench reads as its GPU peak.
 static CUdeviceptr next_address = 1ull << 40;
-static unsigned long long used_now, used_high;
 
 #define LIVE (1 << 22)
 static CUdeviceptr live_ptr[LIVE];
