@@ -395,9 +395,9 @@ pub fn check_memory_for_full_finetune(params: usize, device: &candle_core::Devic
         return Ok(());
     }
     // Peak RSS in multiples of the weights' f32 size, with freed memory kept for reuse and given
-    // back at once: the full-size UNet at 256 px measured 5.1 and 4.9 (3.6 and 4.25 with
-    // checkpointing; `docs/bench/cpu-2026-11-27f`), plus a margin.
-    let (kept, given_back) = if gradient_checkpointing { (4.5, 3.75) } else { (5.25, 5.0) };
+    // back at once: the full-size UNet at 256 px measured 4.24 and 3.68 (4.20 and 3.23 with
+    // checkpointing; `docs/bench/cpu-2026-11-28`), plus a margin.
+    let (kept, given_back) = if gradient_checkpointing { (4.45, 3.45) } else { (4.5, 3.9) };
     let bytes = |copies: f64| params as f64 * 4.0 * copies;
     let Some(available) = available_memory_bytes() else { return Ok(()) };
     let needed = bytes(given_back);

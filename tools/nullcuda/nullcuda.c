@@ -62,8 +62,9 @@ static Counter *counter(const char *kind, const char *name) {
     abort();
 }
 
-// Device memory in use now, and its high-water mark (the memory pool's attributes).
-static unsigned long long used_now, used_high;
+// Device memory in use now, its high-water mark (the memory pool's attributes, which a program
+// may reset), and the process's own, which the report gives.
+static unsigned long long used_now, used_high, used_max;
 
 // NULLCUDA_TRACE=1: every counted call on stderr as well, in order, with the device memory in
 // use before it.
@@ -127,6 +128,8 @@ __attribute__((destructor)) static void report(void) {
         if (c->name)
             fprintf(out, "%s\t%s\t%s\t%llu\t%llu\n", LIBNAME, c->kind, c->name, c->count, c->bytes);
     }
+    // The peak of device memory in use over the whole run (the driver's library alone has one).
+    if (used_max) fprintf(out, "%s\tmemory\tpeak\t1\t%llu\n", LIBNAME, used_max);
     fclose(out);
 }
 
@@ -214,6 +217,7 @@ static CUresult alloc(CUdeviceptr *ptr, size_t bytes) {
     record(*ptr, bytes);
     used_now += bytes;
     if (used_now > used_high) used_high = used_now;
+    if (used_now > used_max) used_max = used_now;
     pthread_mutex_unlock(&lock);
     return 0;
 }
