@@ -5,8 +5,9 @@
 //! A model writes its forward once, generic over [`Segments`]: [`Direct`] runs it as a plain
 //! forward; a [`Tape`] records it as a chain of segments, each a graph of its own whose inputs
 //! are leaves. [`Tape::backward`] then backpropagates through one segment at a time, in reverse:
-//! the vector-Jacobian product of a segment's outputs `y` with their gradients `g` is the
-//! gradient of the scalar `sum(y g)`. The weights' gradients reach a callback per segment, where
+//! the vector-Jacobian product of a segment's outputs `y` with their gradients `g`, candle's
+//! backward started from `g` (`Tensor::backward_with`, vendor/README.md), or for several outputs
+//! the gradient of the scalar `sum(y g)`. The weights' gradients reach a callback per segment, where
 //! an optimizer can step them, so not all of them exist at once; each weight must belong to one
 //! segment (a shared weight would be stepped once per segment, and under the graph of another).
 //!
@@ -173,9 +174,15 @@ impl<'m, M> Tape<'m, M> {
                     (vars, ys)
                 }
             };
-            let terms: Vec<Tensor> =
-                outs.into_iter().map(|(j, g)| (&ys[j] * g.to_dtype(ys[j].dtype())?)?.sum_all()).collect::<Result<_>>()?;
-            let store = Tensor::stack(&terms, 0)?.sum_all()?.backward()?;
+            // One output's backward starts from its gradient; several are summed as `sum(y g)`.
+            let store = match &outs[..] {
+                [(j, g)] => ys[*j].backward_with(&g.to_dtype(ys[*j].dtype())?)?,
+                _ => {
+                    let terms: Vec<Tensor> =
+                        outs.iter().map(|(j, g)| (&ys[*j] * g.to_dtype(ys[*j].dtype())?)?.sum_all()).collect::<Result<_>>()?;
+                    Tensor::stack(&terms, 0)?.sum_all()?.backward()?
+                }
+            };
             for (i, var) in segment.inputs.iter().zip(&vars) {
                 if let Some(g) = var.as_ref().and_then(|v| store.get(v.as_tensor())) {
                     // Detached: candle's gradients can record how they were computed (from the

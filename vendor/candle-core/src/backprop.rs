@@ -163,9 +163,25 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
+        self.backward_with(&self.ones_like()?)
+    }
+
+    /// The backward pass from `grad`, the gradient of some scalar with respect to this tensor
+    /// (torch's `tensor.backward(grad)`): the vector-Jacobian product of `grad` through the
+    /// graph, without a product and a sum to make that scalar on the graph first.
+    pub fn backward_with(&self, grad: &Tensor) -> Result<GradStore> {
+        if grad.shape() != self.shape() || grad.dtype() != self.dtype() {
+            crate::bail!(
+                "backward_with: a gradient of {:?} {:?} for a tensor of {:?} {:?}",
+                grad.shape(),
+                grad.dtype(),
+                self.shape(),
+                self.dtype()
+            )
+        }
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
-        grads.insert(self, self.ones_like()?.contiguous()?);
+        grads.insert(self, grad.detach().contiguous()?);
         for node in sorted_nodes.iter() {
             if node.is_variable() {
                 continue;
