@@ -194,11 +194,11 @@ pub fn imagic(
     session.info.progress = "stage3".into();
     session.write(out)?;
 
-    // 3. plain CFG sampling on eta c(T) + (1 - eta) e*
+    // 3. plain CFG sampling on eta c(T) + (1 - eta) e*, the training state freed
+    let unet = trained.stage2.into_unet();
     let t = Instant::now();
     let size = (stored.size, stored.size);
-    let stage3 =
-        Stage3 { sd, unet: trained.unet(), e_bar: &mixed, e_g: &mixed, uncond: &trained.uncond, settings: &stored.settings, size };
+    let stage3 = Stage3 { sd, unet: &unet, e_bar: &mixed, e_g: &mixed, uncond: &trained.uncond, settings: &stored.settings, size };
     let images = stage3.sample_all(&stored.seeds, out, progress)?;
     session.info.timings.insert("stage3".to_string(), t.elapsed().as_secs_f64());
     session.info.timings.insert("total".to_string(), started.elapsed().as_secs_f64());

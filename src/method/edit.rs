@@ -213,13 +213,15 @@ pub fn edit(
     info.progress = "stage3".into();
     session::write_json(&out.join(session::SESSION_JSON), &info)?;
 
-    // 9. stage 3: iterative guidance sampling (Eq. 7-8), one image per seed
+    // 9. stage 3: iterative guidance sampling (Eq. 7-8), one image per seed, on the fine-tuned
+    // UNet without its training state
+    let unet = stage2.into_unet();
     let t = Instant::now();
     let e_g = match settings.guidance_embedding {
         GuidanceEmbedding::Target => &target_object,
         GuidanceEmbedding::Optimized => stage1.object(),
     };
-    let stage3 = Stage3 { sd, unet: stage2.unet(), e_bar: &e_bar, e_g, uncond: &uncond, settings, size: (req.size, req.size) };
+    let stage3 = Stage3 { sd, unet: &unet, e_bar: &e_bar, e_g, uncond: &uncond, settings, size: (req.size, req.size) };
     let images = stage3.sample_all(&req.seeds, out, progress)?;
     info.timings.insert("stage3".to_string(), t.elapsed().as_secs_f64());
     info.timings.insert("total".to_string(), started.elapsed().as_secs_f64());
