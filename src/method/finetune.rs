@@ -195,12 +195,15 @@ impl LayeredFinetune {
         device: &Device,
     ) -> Result<Self> {
         check_lr(lr, "--finetune-lr")?;
-        let frozen = match mode {
-            FinetuneMode::Full => HashMap::new(),
-            FinetuneMode::Lora => weights,
-        };
         // Each tensor given is dropped once its variable is made, before Adam's moments exist:
         // for full fine-tuning the given weights are a model's worth of memory at the peak.
+        let frozen = match mode {
+            FinetuneMode::Full => {
+                drop(weights);
+                HashMap::new()
+            }
+            FinetuneMode::Lora => weights,
+        };
         let mut trained: Vec<(String, Tensor)> = trained.into_iter().collect();
         trained.sort_by(|a, b| a.0.cmp(&b.0));
         let master = master_dtype(dtype);
