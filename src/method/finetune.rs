@@ -365,10 +365,12 @@ impl LayeredFinetune {
         self.unet
     }
 
-    /// The fine-tuned tensors to store in a session (snapshots): full → every trained weight by
-    /// its diffusers name (not a delta: see the module docs); LoRA → the adapters,
-    /// `<module>.lora_A.weight` `[r, in]` and `<module>.lora_B.weight` `[out, r]`.
-    /// In the model's dtype, so a session holds what the sampling model used.
+    /// The fine-tuned tensors to store in a session (snapshots, on the host): full → every
+    /// trained weight by its diffusers name (not a delta: see the module docs); LoRA → the
+    /// adapters, `<module>.lora_A.weight` `[r, in]` and `<module>.lora_B.weight` `[out, r]`.
+    /// In the model's dtype, so a session holds what the sampling model used. On the host because
+    /// they go to disk: snapshots on a GPU were a model's size more at a full fine-tuning edit's
+    /// peak.
     pub fn trained_tensors(&self) -> Result<HashMap<String, Tensor>> {
         self.adam.model_vars().map(|(name, var)| Ok((name.to_string(), snapshot(var)?))).collect()
     }

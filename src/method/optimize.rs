@@ -261,9 +261,10 @@ pub(crate) fn unprefixed(state: &HashMap<String, Tensor>, prefix: &str) -> HashM
 }
 
 /// A snapshot of a variable's current value (the variable's own storage is overwritten by later
-/// steps).
+/// steps), on the host, where what it is taken for (a session) goes to disk.
 pub(crate) fn snapshot(var: &Var) -> Result<Tensor> {
-    Ok(var.as_tensor().detach().copy()?)
+    let t = var.as_tensor().detach();
+    Ok(if t.device().is_cpu() { t.copy()? } else { t.to_device(&Device::Cpu)? })
 }
 
 const STAGE1: &str = "stage 1 (layered optimization)";
