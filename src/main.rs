@@ -1140,9 +1140,9 @@ fn edit(args: EditArgs) -> Result<()> {
     if !resume {
         segment_for_edit(&args, &mut request, &out, &mut bars)?;
     }
-    let (files, sd) = load_model(&model, &args.runtime)?;
+    let (files, mut sd) = load_model(&model, &args.runtime)?;
     let images = match args.method {
-        Method::Layerdiffusion => method_edit::edit(&sd, &files, &request, &out, resume, &mut bars)?.images,
+        Method::Layerdiffusion => method_edit::edit(&mut sd, &files, &request, &out, resume, &mut bars)?.images,
         Method::Imagic => layerdiff::baselines::imagic(&sd, &files, &request, &out, &mut bars)?,
         Method::Sdedit => layerdiff::baselines::sdedit(&sd, &files, &request, args.strength, &out, &mut bars)?,
     };
@@ -1462,9 +1462,9 @@ fn toyworld_bench(args: ToyBenchArgs) -> Result<()> {
         out: args.out.clone(),
     };
     let files = ModelFiles::resolve(&args.model, &args.place.sources())?;
-    let sd = StableDiffusion::load(&files, &args.place.device()?, DType::F32)?;
+    let mut sd = StableDiffusion::load(&files, &args.place.device()?, DType::F32)?;
     let mut bars = Bars::new();
-    let results = run_bench(&sd, &files, &request, &mut bars, &mut |line| eprintln!("{line}"))?;
+    let results = run_bench(&mut sd, &files, &request, &mut bars, &mut |line| eprintln!("{line}"))?;
     print!("{}", summary_markdown(&results, &request.variants, request.tasks.len(), request.seeds.len()));
     eprintln!("{}", args.out.join("summary.md").display());
     Ok(())

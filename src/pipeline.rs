@@ -14,7 +14,9 @@ use rand_distr::{Distribution, StandardNormal};
 
 /// The four parts of a Stable Diffusion v1.x pipeline, loaded in one dtype on one device.
 pub struct StableDiffusion {
-    pub unet: UNet2DConditionModel,
+    /// `None` once [`StableDiffusion::release_unet`] freed it, until
+    /// [`StableDiffusion::reload_unet`].
+    unet: Option<UNet2DConditionModel>,
     pub vae: AutoencoderKL,
     pub text_encoder: ClipTextTransformer,
     pub tokenizer: ClipTokenizer,
@@ -23,21 +25,25 @@ pub struct StableDiffusion {
     pub dtype: DType,
 }
 
+fn load_unet(files: &ModelFiles, device: &Device, dtype: DType) -> Result<UNet2DConditionModel> {
+    let cfg = UNet2DConditionModelConfig::from_json(&files.unet_config)?;
+    let vb = files.var_builder(Component::Unet, dtype, device)?;
+    UNet2DConditionModel::new(vb, cfg).map_err(|e| files.weights_error(Component::Unet, e))
+}
+
 impl StableDiffusion {
     pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
         check_dtype(device, dtype)?;
-        let unet_cfg = UNet2DConditionModelConfig::from_json(&files.unet_config)?;
         let vae_cfg = AutoencoderKLConfig::from_json(&files.vae_config)?;
         let clip_cfg = ClipTextConfig::from_json(&files.text_encoder_config)?;
         let load = |c: Component| files.var_builder(c, dtype, device);
-        let unet = UNet2DConditionModel::new(load(Component::Unet)?, unet_cfg)
-            .map_err(|e| files.weights_error(Component::Unet, e))?;
+        let unet = load_unet(files, device, dtype)?;
         let vae = AutoencoderKL::new(load(Component::Vae)?, vae_cfg)
             .map_err(|e| files.weights_error(Component::Vae, e))?;
         let text_encoder = ClipTextTransformer::new(load(Component::TextEncoder)?, clip_cfg)
             .map_err(|e| files.weights_error(Component::TextEncoder, e))?;
         Ok(Self {
-            unet,
+            unet: Some(unet),
             vae,
             text_encoder,
             tokenizer: files.tokenizer()?,
@@ -45,6 +51,28 @@ impl StableDiffusion {
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// The UNet; an error after [`StableDiffusion::release_unet`].
+    pub fn unet(&self) -> Result<&UNet2DConditionModel> {
+        self.unet.as_ref().ok_or_else(|| {
+            bad_input("the pipeline's UNet", "released by an edit", "call StableDiffusion::reload_unet first (edit does)")
+        })
+    }
+
+    /// Frees the UNet's weights. An edit does after stage 1: stage 2 trains its own copy from the
+    /// model's files and stage 3 samples from that, so this one was a UNet's size of memory at
+    /// stage 2's peak (1.6 GiB in bf16, over a 16 GB GPU's limit with full fine-tuning).
+    pub fn release_unet(&mut self) {
+        self.unet = None;
+    }
+
+    /// Loads the UNet from `files` (the ones this pipeline was loaded from) if it was released.
+    pub fn reload_unet(&mut self, files: &ModelFiles) -> Result<()> {
+        if self.unet.is_none() {
+            self.unet = Some(load_unet(files, &self.device, self.dtype)?);
+        }
+        Ok(())
     }
 
     /// A fresh DDIM scheduler with this model's configuration.
@@ -81,7 +109,7 @@ impl StableDiffusion {
 
     /// One classifier-free-guided noise prediction with this pipeline's UNet; see [`guided_noise`].
     pub fn guided_noise(&self, latents: &Tensor, t: usize, guidance: &Guidance) -> Result<Tensor> {
-        guided_noise(&self.unet, latents, t, guidance)
+        guided_noise(self.unet()?, latents, t, guidance)
     }
 
     /// The denoising loop over `timesteps`, from `latents`, with classifier-free guidance.
@@ -95,7 +123,7 @@ impl StableDiffusion {
     ) -> Result<Tensor> {
         for (i, &t) in timesteps.iter().enumerate() {
             let input = scheduler.scale_model_input(latents.clone(), t)?;
-            let eps = guided_noise(&self.unet, &input, t, guidance)?;
+            let eps = guided_noise(self.unet()?, &input, t, guidance)?;
             latents = scheduler.step(&eps, t, &latents)?;
             on_step(i + 1, timesteps.len());
         }
@@ -244,7 +272,7 @@ pub fn generate(sd: &StableDiffusion, opts: &GenerateOptions, on_step: &mut dyn 
     if opts.steps == 0 {
         return Err(bad_input("--steps", "0 denoising steps", "use at least 1 (50 is the default)"));
     }
-    let latent_shape = [1, sd.unet.config().in_channels, opts.height / f, opts.width / f];
+    let latent_shape = [1, sd.unet()?.config().in_channels, opts.height / f, opts.width / f];
 
     // 2. encode the prompt
     let cond = sd.encode_prompt(&opts.prompt)?;

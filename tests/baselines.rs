@@ -142,7 +142,7 @@ fn imagic_stage1_reconstruction_loss_falls() {
     let ac = layerdiff::schedulers::TrainSchedule::from_scheduler(&sd.scheduler().unwrap());
     let held_out = |e: &Tensor| {
         (1000..1008)
-            .map(|k| scalar(&object_term(&sd.unet, &noisy_step(&ac, &data, 0, 77, k).unwrap(), &data, e).unwrap()))
+            .map(|k| scalar(&object_term(sd.unet().unwrap(), &noisy_step(&ac, &data, 0, 77, k).unwrap(), &data, e).unwrap()))
             .sum::<f64>()
             / 8.0
     };
@@ -217,7 +217,7 @@ fn imagic_at_eta_one_is_plain_sampling_on_the_target_text_with_the_finetuned_une
     // The fine-tuning did change the model, and eta < 1 the image.
     let x = seeded_noise(9, &[1, 4, 8, 8], &sd.device, sd.dtype).unwrap();
     let probe = |u: &layerdiff::models::unet_2d::UNet2DConditionModel| bits(&u.forward(&x, 321.0, &trained.target).unwrap());
-    assert_ne!(probe(trained.unet()), probe(&sd.unet), "stage 2 left the UNet as it was");
+    assert_ne!(probe(trained.unet()), probe(sd.unet().unwrap()), "stage 2 left the UNet as it was");
     let other = imagic(&sd, &files, &imagic_request(0.5), &dir.path().join("half"), &mut Recorder::default()).unwrap();
     assert!(other[0].1 != images[0].1, "eta 0.5 gave the eta 1 image");
 }
@@ -248,7 +248,7 @@ fn object_only_stages_equal_the_mask_trick() {
     let stage1 = |object_only: bool| {
         let s = LayeredOptimization::new(&target, &target, 1e-2).unwrap();
         let mut s = if object_only { s.object_only() } else { s };
-        s.run(&sd.unet, &ac, &data, 0, 2, &mut |_| {}).unwrap();
+        s.run(sd.unet().unwrap(), &ac, &data, 0, 2, &mut |_| {}).unwrap();
         s
     };
     let (alone, masked) = (stage1(true), stage1(false));
@@ -257,7 +257,7 @@ fn object_only_stages_equal_the_mask_trick() {
 
     let stage2 = |object_only: bool| {
         let weights = files.tensors(Component::Unet, &sd.device).unwrap();
-        let s = LayeredFinetune::new(weights, sd.unet.config().clone(), FinetuneMode::Full, 4, 1e-4, sd.dtype, &sd.device).unwrap();
+        let s = LayeredFinetune::new(weights, sd.unet().unwrap().config().clone(), FinetuneMode::Full, 4, 1e-4, sd.dtype, &sd.device).unwrap();
         let mut s = if object_only { s.object_only() } else { s };
         s.run(&target, 1.0, 0.0, &ac, &data, 0, 2, &mut |_| {}).unwrap();
         s

@@ -21,12 +21,14 @@ fn request() -> EditRequest {
 
 #[test]
 fn edit_writes_a_complete_session_and_sample_reproduces_it() {
-    let (files, sd) = load();
+    let (files, mut sd) = load();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path();
     let mut rec = Recorder::new(None);
-    let result = edit(&sd, &files, &request(), out, false, &mut rec).unwrap();
+    let result = edit(&mut sd, &files, &request(), out, false, &mut rec).unwrap();
     assert_eq!(result.images.len(), 2);
+    // Stage 2 trained its own copy: the pipeline's UNet was freed, and loads again on demand.
+    assert!(sd.unet().is_err(), "the edit kept the pipeline's UNet through stage 2");
     assert_eq!(rec.stages, ["background", "stage 1", "stage 2", "seed 1", "seed 2"]);
     for f in ["edit-1.png", "edit-2.png", "sheet.png", "mask.png", "background.png", "session.json", "session.safetensors"] {
         assert!(out.join(f).is_file(), "{f} missing");
@@ -58,18 +60,18 @@ fn edit_writes_a_complete_session_and_sample_reproduces_it() {
 
 #[test]
 fn a_resumed_edit_ends_as_an_uninterrupted_one() {
-    let (files, sd) = load();
+    let (files, mut sd) = load();
     let whole = tempfile::tempdir().unwrap();
-    edit(&sd, &files, &request(), whole.path(), false, &mut Recorder::new(None)).unwrap();
+    edit(&mut sd, &files, &request(), whole.path(), false, &mut Recorder::new(None)).unwrap();
 
     // Stop once in stage 1 and once in stage 2, resuming each time.
     let split = tempfile::tempdir().unwrap();
-    let err = edit(&sd, &files, &request(), split.path(), false, &mut Recorder::new(Some(2))).err().expect("stopped");
+    let err = edit(&mut sd, &files, &request(), split.path(), false, &mut Recorder::new(Some(2))).err().expect("stopped");
     assert!(err.to_string().contains("--resume"), "{err}");
     assert!(split.path().join(session::CHECKPOINT_JSON).exists());
-    let err = edit(&sd, &files, &request(), split.path(), true, &mut Recorder::new(Some(2))).err().expect("stopped");
+    let err = edit(&mut sd, &files, &request(), split.path(), true, &mut Recorder::new(Some(2))).err().expect("stopped");
     assert!(err.to_string().contains("stage 2"), "{err}");
-    edit(&sd, &files, &request(), split.path(), true, &mut Recorder::new(None)).unwrap();
+    edit(&mut sd, &files, &request(), split.path(), true, &mut Recorder::new(None)).unwrap();
 
     for f in ["edit-1.png", "edit-2.png", "session.safetensors"] {
         assert_eq!(bytes(&whole.path().join(f)), bytes(&split.path().join(f)), "{f} differs after resuming");
@@ -81,7 +83,7 @@ fn a_resumed_edit_ends_as_an_uninterrupted_one() {
 
 #[test]
 fn background_sources_choose_the_background_layer() {
-    let (files, sd) = load();
+    let (files, mut sd) = load();
     let dir = tempfile::tempdir().unwrap();
     // A plain picture as the background source: background.png is that picture at the working size.
     let picture = dir.path().join("plain.png");
@@ -90,7 +92,7 @@ fn background_sources_choose_the_background_layer() {
     req.seeds = vec![1];
     req.background_source = BackgroundSource::Image { image: picture.clone(), mask: None };
     let out = dir.path().join("image");
-    edit(&sd, &files, &req, &out, false, &mut Recorder::new(None)).unwrap();
+    edit(&mut sd, &files, &req, &out, false, &mut Recorder::new(None)).unwrap();
     let background = image::open(out.join("background.png")).unwrap().to_rgb8();
     assert_eq!(background.dimensions(), (32, 32));
     assert!(background.pixels().all(|p| p.0 == [20, 140, 60]));
@@ -99,7 +101,7 @@ fn background_sources_choose_the_background_layer() {
     req.background_source = BackgroundSource::Keep;
     let out = dir.path().join("keep");
     let mut rec = Recorder::new(None);
-    edit(&sd, &files, &req, &out, false, &mut rec).unwrap();
+    edit(&mut sd, &files, &req, &out, false, &mut rec).unwrap();
     assert!(!rec.stages.contains(&"background".to_string()));
     let input = image::open(root().join("assets/demo/toy-scene.png")).unwrap().to_rgb8();
     let (expected, _) = layerdiff::image_io::resize_center_crop(&input, 32, 32);
@@ -108,7 +110,7 @@ fn background_sources_choose_the_background_layer() {
 
 #[test]
 fn bad_requests_are_refused_before_any_work() {
-    let (files, sd) = load();
+    let (files, mut sd) = load();
     let dir = tempfile::tempdir().unwrap();
     let blank = dir.path().join("blank.png");
     image::GrayImage::new(256, 256).save(&blank).unwrap();
@@ -130,7 +132,7 @@ fn bad_requests_are_refused_before_any_work() {
         let mut req = request();
         change(&mut req);
         let out = dir.path().join("out");
-        let msg = edit(&sd, &files, &req, &out, false, &mut Recorder::new(None)).err().expect("refused").to_string();
+        let msg = edit(&mut sd, &files, &req, &out, false, &mut Recorder::new(None)).err().expect("refused").to_string();
         assert!(msg.contains(must_mention) && !msg.contains('\n'), "{msg}");
         assert!(!out.join("session.safetensors").exists());
     }

@@ -33,10 +33,10 @@ fn csv_lines(path: &Path) -> Vec<Vec<String>> {
 fn a_session_folder_is_scored_against_its_own_text_photo_mask_and_background() {
     let dir = tempfile::tempdir().unwrap();
     let scorer = scorer(dir.path());
-    let (files, sd) = tiny::load();
+    let (files, mut sd) = tiny::load();
     let session = dir.path().join("session");
     let settings = EditSettings { embedding_steps: 2, finetune_steps: 1, steps: 2, ..Default::default() };
-    edit(&sd, &files, &tiny::demo_request(settings), &session, false, &mut tiny::Recorder::new(None)).unwrap();
+    edit(&mut sd, &files, &tiny::demo_request(settings), &session, false, &mut tiny::Recorder::new(None)).unwrap();
 
     let csv = dir.path().join("scores.csv");
     let mut seen = Vec::new();

@@ -76,10 +76,10 @@ fn emulate(on: bool, cudnn: bool) {
 /// `cudnn`) or off: stage 1's and stage 2's losses and the images.
 fn toy_edit(mode: FinetuneMode, on: bool, cudnn: bool) -> Result<(Vec<f64>, Vec<Vec<u8>>)> {
     emulate(on, cudnn);
-    let (files, sd) = tiny::load_toy();
+    let (files, mut sd) = tiny::load_toy();
     let settings = EditSettings { embedding_steps: 6, embedding_lr: 1e-2, finetune_steps: 4, finetune_lr: 1e-4, finetune: mode, steps: 4, ..Default::default() };
     let dir = tempfile::tempdir()?;
-    let result = edit(&sd, &files, &tiny::toy_request(settings), dir.path(), false, &mut tiny::Recorder::new(None))?;
+    let result = edit(&mut sd, &files, &tiny::toy_request(settings), dir.path(), false, &mut tiny::Recorder::new(None))?;
     let losses = result.info.losses.stage1.iter().chain(&result.info.losses.stage2).map(|l| l.loss).collect();
     Ok((losses, result.images.into_iter().map(|(_, image)| image.into_raw()).collect()))
 }

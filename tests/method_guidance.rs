@@ -28,7 +28,7 @@ fn setup() -> Setup {
     let mut scheduler = sd.scheduler().unwrap();
     scheduler.set_timesteps(STEPS).unwrap();
     let f = sd.vae_factor();
-    let shape = [1, sd.unet.config().in_channels, 64 / f, 64 / f];
+    let shape = [1, sd.unet().unwrap().config().in_channels, 64 / f, 64 / f];
     let noise = seeded_noise(7, &shape, &sd.device, sd.dtype).unwrap();
     let e_bar = sd.encode_prompt("a photo of a dog in a dense forest").unwrap();
     let e_g = sd.encode_prompt("a jumping dog").unwrap();
@@ -38,7 +38,7 @@ fn setup() -> Setup {
 
 impl Setup {
     fn sample(&self, e_bar: &Tensor, e_g: &Tensor, period: usize) -> Tensor {
-        iterative_guidance_sample(&self.sd.unet, &self.scheduler, e_bar, e_g, &self.uncond, SCALE, period, self.noise.clone(), &mut |_, _| {})
+        iterative_guidance_sample(self.sd.unet().unwrap(), &self.scheduler, e_bar, e_g, &self.uncond, SCALE, period, self.noise.clone(), &mut |_, _| {})
             .unwrap()
     }
 
@@ -83,7 +83,7 @@ fn sampler_uses_e_g_on_exactly_the_named_steps() {
         let mut seen = Vec::new();
         let mut progress = Vec::new();
         iterative_guidance_sample_traced(
-            &s.sd.unet,
+            s.sd.unet().unwrap(),
             &s.scheduler,
             &s.e_bar,
             &s.e_g,
@@ -110,8 +110,8 @@ fn period_two_matches_a_hand_written_loop() {
     for (k, &t) in s.scheduler.timesteps().iter().enumerate() {
         let cond = if k % 2 == 0 { &s.e_g } else { &s.e_bar };
         let input = s.scheduler.scale_model_input(x.clone(), t).unwrap();
-        let eps_u = s.sd.unet.forward(&input, t as f64, &s.uncond).unwrap();
-        let eps_c = s.sd.unet.forward(&input, t as f64, cond).unwrap();
+        let eps_u = s.sd.unet().unwrap().forward(&input, t as f64, &s.uncond).unwrap();
+        let eps_c = s.sd.unet().unwrap().forward(&input, t as f64, cond).unwrap();
         let eps = (&eps_u + ((eps_c - &eps_u).unwrap() * SCALE).unwrap()).unwrap();
         x = s.scheduler.step(&eps, t, &x).unwrap();
     }
@@ -158,7 +158,7 @@ fn free_guided_noise_matches_the_method() {
     let t = s.scheduler.timesteps()[0];
     for scale in [1.0, SCALE] {
         let g = Guidance { cond: &s.e_g, uncond: &s.uncond, scale };
-        let a = guided_noise(&s.sd.unet, &s.noise, t, &g).unwrap();
+        let a = guided_noise(s.sd.unet().unwrap(), &s.noise, t, &g).unwrap();
         let b = s.sd.guided_noise(&s.noise, t, &g).unwrap();
         assert_eq!(values(&a), values(&b));
     }

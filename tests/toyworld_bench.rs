@@ -55,7 +55,7 @@ fn the_toy_model_draws_held_out_captions() {
 
 #[test]
 fn a_small_benchmark_keeps_its_scores() {
-    let (files, sd) = load();
+    let (files, mut sd) = load();
     let dir = tempfile::tempdir().unwrap();
     let base = toy_edit_settings();
     let request = BenchRequest {
@@ -66,7 +66,7 @@ fn a_small_benchmark_keeps_its_scores() {
         strength: layerdiff::baselines::SDEDIT_STRENGTH,
         out: dir.path().to_path_buf(),
     };
-    let results = run_bench(&sd, &files, &request, &mut Recorder::default(), &mut |_| {}).unwrap();
+    let results = run_bench(&mut sd, &files, &request, &mut Recorder::default(), &mut |_| {}).unwrap();
     assert_eq!(results.len(), 2 * BENCH_TASKS);
     assert!(dir.path().join("summary.md").is_file() && dir.path().join("sheet.png").is_file());
     // rates: background, attribute, colour, shape, dot, single, all (percent)
@@ -79,7 +79,7 @@ fn a_small_benchmark_keeps_its_scores() {
 
 #[test]
 fn every_variant_runs_stage_3_ablations_redraw_the_base_session_and_a_rerun_resumes() {
-    let (files, sd) = load();
+    let (files, mut sd) = load();
     let dir = tempfile::tempdir().unwrap();
     let base = EditSettings { embedding_steps: 3, finetune_steps: 2, steps: 3, ..toy_edit_settings() };
     let methods = ["layerdiffusion".to_string(), "imagic".into(), "sdedit".into()];
@@ -92,7 +92,7 @@ fn every_variant_runs_stage_3_ablations_redraw_the_base_session_and_a_rerun_resu
         out: dir.path().to_path_buf(),
     };
     let mut ran = Vec::new();
-    let results = run_bench(&sd, &files, &request, &mut Recorder::default(), &mut |line| ran.push(line)).unwrap();
+    let results = run_bench(&mut sd, &files, &request, &mut Recorder::default(), &mut |line| ran.push(line)).unwrap();
     assert_eq!((results.len(), ran.len()), (10, 10));
     let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 11, "{csv}");
@@ -105,13 +105,13 @@ fn every_variant_runs_stage_3_ablations_redraw_the_base_session_and_a_rerun_resu
     (whole.image, whole.mask) = (task.join("input.png"), task.join("mask.png"));
     (whole.object, whole.background, whole.seeds) = (target.object_text(), target.background_text(), vec![1]);
     let out = dir.path().join("whole");
-    edit(&sd, &files, &whole, &out, false, &mut Recorder::default()).unwrap();
+    edit(&mut sd, &files, &whole, &out, false, &mut Recorder::default()).unwrap();
     assert_eq!(bytes(&out.join("edit-1.png")), bytes(&task.join("no-guidance/edit-1.png")));
     assert_ne!(bytes(&task.join("layerdiffusion/edit-1.png")), bytes(&task.join("alpha-1/edit-1.png")));
 
     // Run again: every output is on disk, nothing is edited anew.
     ran.clear();
-    let again = run_bench(&sd, &files, &request, &mut Recorder::default(), &mut |line| ran.push(line)).unwrap();
+    let again = run_bench(&mut sd, &files, &request, &mut Recorder::default(), &mut |line| ran.push(line)).unwrap();
     assert!(ran.is_empty(), "{ran:?}");
     assert_eq!(again.len(), 10);
 }

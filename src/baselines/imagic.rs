@@ -31,7 +31,7 @@ use crate::method::finetune::LayeredFinetune;
 use crate::method::optimize::{interpolate_embeddings, LayeredOptimization};
 use crate::method::session::{self, names, Losses};
 use crate::method::{EditSettings, FinetuneMode, LayeredLatents, StepLoss};
-use crate::models::unet_2d::UNet2DConditionModel;
+use crate::models::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use crate::pipeline::StableDiffusion;
 use crate::schedulers::TrainSchedule;
 use crate::sources::{Component, ModelFiles};
@@ -119,7 +119,7 @@ pub fn imagic_train(
     let mut stage1 = LayeredOptimization::new(&target, &target, settings.embedding_lr)?.object_only();
     progress.start("stage 1", settings.embedding_steps);
     progress.step(0, None);
-    stage1.run(&sd.unet, &schedule, &data, req.train_seed, settings.embedding_steps, &mut |l: StepLoss| {
+    stage1.run(sd.unet()?, &schedule, &data, req.train_seed, settings.embedding_steps, &mut |l: StepLoss| {
         progress.step(l.step + 1, Some(l.loss))
     })?;
     progress.finish();
@@ -135,7 +135,7 @@ pub fn imagic_train(
     }
     let mut stage2 = LayeredFinetune::new(
         unet_weights,
-        sd.unet.config().clone(),
+        UNet2DConditionModelConfig::from_json(&files.unet_config)?,
         settings.finetune,
         settings.lora_rank,
         settings.finetune_lr,

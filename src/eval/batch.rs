@@ -255,13 +255,16 @@ struct Models<'a> {
 }
 
 impl Models<'_> {
-    fn sd(&mut self) -> Result<&(ModelFiles, StableDiffusion)> {
+    /// The pipeline, with its UNet (an edit before released it, in its stage 2).
+    fn sd(&mut self) -> Result<(&ModelFiles, &mut StableDiffusion)> {
         if self.sd.is_none() {
             let files = ModelFiles::resolve(&self.req.model, &self.req.source)?;
             let sd = StableDiffusion::load(&files, &self.req.device, self.req.dtype)?;
             self.sd = Some((files, sd));
         }
-        Ok(self.sd.as_ref().expect("loaded above"))
+        let (files, sd) = self.sd.as_mut().expect("loaded above");
+        sd.reload_unet(files)?;
+        Ok((files, sd))
     }
 
     fn sam(&mut self) -> Result<&Segmenter> {

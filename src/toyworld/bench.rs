@@ -242,7 +242,7 @@ pub struct BenchResult {
 /// done: a stopped run resumes), scores everything, and writes `results.csv`, `summary.md` and
 /// `sheet.png` (the first tasks' inputs and every variant's first output) into `out`.
 pub fn run_bench(
-    sd: &StableDiffusion,
+    sd: &mut StableDiffusion,
     files: &ModelFiles,
     req: &BenchRequest,
     progress: &mut dyn Progress,
@@ -286,7 +286,7 @@ pub fn run_bench(
 
 #[allow(clippy::too_many_arguments)]
 fn run_variant(
-    sd: &StableDiffusion,
+    sd: &mut StableDiffusion,
     files: &ModelFiles,
     task: &Task,
     variant: &Variant,
@@ -310,6 +310,8 @@ fn run_variant(
         settings: variant.settings.clone(),
         checkpoint_every: 1000,
     };
+    // An edit before this one released the pipeline's UNet (its stage 2).
+    sd.reload_unet(files)?;
     match (variant.method, variant.resample) {
         (Method::Layerdiffusion, Some(resample)) => {
             let base = dir.parent().unwrap_or(dir).join(BASE_SESSION);
