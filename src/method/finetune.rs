@@ -234,9 +234,9 @@ impl LayeredFinetune {
 
     /// Gradient checkpointing (see [`checkpoint`](crate::models::checkpoint)): each step keeps
     /// the outputs of the UNet's layers (resnets, transformers, samplers) only and runs each layer
-    /// again in its backward, a third more arithmetic for a fraction of the activations' memory;
-    /// and Adam steps each layer's weights as soon as their gradients exist, so not every gradient
-    /// is held at once either.
+    /// again in its backward, a third more arithmetic for a fraction of the activations' memory.
+    /// Either way full fine-tuning's backward goes a layer at a time, Adam stepping each layer's
+    /// weights as soon as their gradients exist (with checkpointing LoRA's does too).
     /// The same steps as without, to rounding (sums in another order).
     pub fn with_gradient_checkpointing(mut self, on: bool) -> Self {
         self.gradient_checkpointing = on;
@@ -359,7 +359,7 @@ impl LayeredFinetune {
 
     /// [`LayeredFinetune::unet`] alone, the training state freed: Adam's moments, the f32
     /// masters of a half-precision model and the model on the graph. For full fine-tuning that
-    /// is 3.5 times the UNet's bf16 size (6.9 GB of moments, 3.4 GB of masters), which sampling
+    /// is six times the UNet's bf16 size (6.9 GB of moments, 3.4 GB of masters), which sampling
     /// does not need.
     pub fn into_unet(self) -> UNet2DConditionModel {
         self.unet
