@@ -13,7 +13,7 @@
 //!
 //! [`Tape::keeping`] keeps each segment's graph from the forward and drops it once its backward
 //! has run, so the activations are freed as the backward goes, and no gradient lives past its
-//! segment: the plain backward's arithmetic, a weight's gradients' worth of memory less at the
+//! segment: the plain backward's arithmetic, with a model's size of gradients less at the
 //! peak. [`Tape::checkpointed`] runs the forward on a copy of the model whose weights are
 //! detached (no graph: only the segments' inputs and outputs stay) and each segment again in the
 //! backward: at most one segment's activations exist at a time, for the price of one more
@@ -61,7 +61,7 @@ pub struct Value(usize);
 
 type SegmentFn<M> = Box<dyn Fn(&M, &[Tensor]) -> Result<Vec<Tensor>>>;
 
-/// How a segment's graph is had in the backward.
+/// Where a segment's graph comes from in the backward.
 enum Graph<M> {
     /// Kept from the forward: the leaves its inputs became (`None`: no gradient wanted), its
     /// outputs.
