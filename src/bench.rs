@@ -30,8 +30,62 @@ pub fn sd_v14_unet_config() -> serde_json::Value {
     })
 }
 
+/// The machine a benchmark ran on, so that figures from two machines are never read as one run:
+/// on this project's 2-core machines the same binary was a third slower where the CPU lacked
+/// AVX-512, and PyTorch's CPU kernels pick their instructions at run time as ours do.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Host {
+    /// The CPU's model name (Linux `/proc/cpuinfo`), else the architecture.
+    pub cpu: String,
+    /// The widest vector instructions the CPU offers of those the matrix products pick from at
+    /// run time, in PyTorch's words (`torch.backends.cpu.get_cpu_capability()`, lower case):
+    /// `avx512` (gemm's AVX-512 kernels), `avx2` (its AVX2 + FMA kernels), else `default`;
+    /// `neon` on 64-bit Arm.
+    pub simd: String,
+    /// Threads of the CPU work (rayon's pool; PyTorch's `torch.get_num_threads()`).
+    pub threads: usize,
+}
+
+impl Host {
+    pub fn this() -> Self {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|info| info.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())))
+            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        Self { cpu, simd: simd_level().to_string(), threads: rayon::current_num_threads() }
+    }
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}, {} threads)", self.cpu, self.simd, self.threads)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn simd_level() -> &'static str {
+    if is_x86_feature_detected!("avx512f") {
+        "avx512"
+    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        "avx2"
+    } else {
+        "default"
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+fn simd_level() -> &'static str {
+    "neon"
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn simd_level() -> &'static str {
+    "default"
+}
+
 #[derive(Debug, Serialize)]
 pub struct UnetBench {
+    pub host: Host,
     pub device: String,
     pub dtype: String,
     pub latent_size: usize,
@@ -63,6 +117,7 @@ pub fn bench_unet(device: &Device, dtype: DType, latent_size: usize, runs: usize
         Ok(())
     })?;
     Ok(UnetBench {
+        host: Host::this(),
         device: format!("{device:?}"),
         dtype: format!("{dtype:?}"),
         latent_size,
@@ -118,6 +173,7 @@ impl Default for StageBenchOptions {
 /// | `framework` | `"candle 0.11.1"` here, `"torch <version>"` from the PyTorch script |
 /// | `unet` | `"sd-v1.4"`; `"tiny"` (the tiny test UNet) or `"custom"` for a config given in [`StageBenchOptions::unet_config`] |
 /// | `parameters` | the UNet's parameter count |
+/// | `host` | the machine's CPU: `cpu` (model), `simd` (`avx512`, `avx2`, ...) and `threads` ([`Host`]) |
 /// | `device`, `dtype` | `"cpu"` or `"cuda:N"`; `"f32"`, `"f16"` or `"bf16"` |
 /// | `size`, `latent_size` | image side in pixels, latent side (`size / 8`) |
 /// | `finetune` | the stage 2 timed: `"full"` or `"lora"` (with `lora_rank`) |
@@ -136,6 +192,9 @@ pub struct StageBench {
     pub framework: String,
     pub unet: String,
     pub parameters: usize,
+    /// Absent in older reports.
+    #[serde(default)]
+    pub host: Option<Host>,
     pub device: String,
     pub dtype: String,
     pub size: usize,
@@ -234,6 +293,9 @@ impl std::fmt::Display for StageBench {
             self.framework,
             self.steps
         )?;
+        if let Some(host) = &self.host {
+            writeln!(f, "host: {host}")?;
+        }
         let memory = match self.memory.as_deref() {
             Some("rss") => "the process's peak RSS",
             Some("cuda_pool_peak") => "the CUDA memory pool's peak",
@@ -356,6 +418,7 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
         framework: "candle 0.11.1".to_string(),
         unet: unet_name.to_string(),
         parameters,
+        host: Some(Host::this()),
         device: device_name(device),
         dtype: dtype_name(dtype).to_string(),
         size,
@@ -605,6 +668,7 @@ mod cuda_memory {
 /// one prompt's decoding (per click).
 #[derive(Debug, Serialize)]
 pub struct SamBench {
+    pub host: Host,
     pub model: String,
     pub device: String,
     pub image_size: usize,
@@ -635,7 +699,7 @@ pub fn bench_sam(model: &str, cfg: &SamConfig, device: &Device, runs: usize) -> 
         sam.predict_masks(&embeddings, Some((&coords, &labels)), None, None, true)?;
         Ok(())
     })?;
-    Ok(SamBench { model: model.to_string(), device: format!("{device:?}"), image_size: size, parameters, embed_s, embed_peak_rss_mib: embed_peak, decode_s })
+    Ok(SamBench { host: Host::this(), model: model.to_string(), device: format!("{device:?}"), image_size: size, parameters, embed_s, embed_peak_rss_mib: embed_peak, decode_s })
 }
 
 /// One warm-up call, then `runs` timed calls (at least one): the median seconds, and the peak RSS

@@ -6,7 +6,8 @@ use serde_json::Value;
 use std::process::{Command, Output};
 
 fn layerdiff(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_layerdiff")).args(args).output().expect("runs")
+    // A thread count of our own, which the report must give back.
+    Command::new(env!("CARGO_BIN_EXE_layerdiff")).args(args).env("RAYON_NUM_THREADS", "3").output().expect("runs")
 }
 
 /// The keys of the JSON, documented at `layerdiff::bench::StageBench`.
@@ -14,6 +15,7 @@ const KEYS: &[&str] = &[
     "framework",
     "unet",
     "parameters",
+    "host",
     "device",
     "dtype",
     "size",
@@ -60,6 +62,23 @@ fn f(json: &Value, key: &str) -> f64 {
     json[key].as_f64().unwrap_or_else(|| panic!("{key} is not a number: {json}"))
 }
 
+/// The machine's description, as this process sees the same CPU.
+fn check_host(host: &Value) {
+    assert!(!host["cpu"].as_str().unwrap().is_empty(), "{host}");
+    assert_eq!(host["threads"], 3, "{host}");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let simd = if is_x86_feature_detected!("avx512f") {
+            "avx512"
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            "avx2"
+        } else {
+            "default"
+        };
+        assert_eq!(host["simd"], simd, "{host}");
+    }
+}
+
 fn check_report(json: &Value, finetune: &str) {
     let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
     assert_eq!(keys.len(), KEYS.len(), "{keys:?}");
@@ -74,6 +93,7 @@ fn check_report(json: &Value, finetune: &str) {
     assert_eq!(json["finetune"], finetune);
     assert_eq!(json["steps"], 2);
     assert_eq!(json["gradient_checkpointing"], false);
+    check_host(&json["host"]);
     // On the CPU none of our GPU paths runs.
     assert_eq!(json["gpu_paths"], serde_json::json!([]));
     let defaults = EditSettings::default();

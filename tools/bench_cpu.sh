@@ -17,6 +17,8 @@ done
 import json, sys
 out = sys.argv[1]
 torch = json.load(open(f"{out}/pytorch.json"))
+ours = json.load(open(f"{out}/rust-32.json"))["host"]
+print(f"host: ours {ours['cpu']} ({ours['simd']}, {ours['threads']} threads); PyTorch {torch['host']['simd']}, {torch['host']['threads']} threads")
 print(f"{'measure':<34}{'rust s':>9}{'torch s':>9}{'ratio':>7}{'rust MiB':>10}{'torch MiB':>10}")
 for hw in (32, 64):
     rust = json.load(open(f"{out}/rust-{hw}.json"))

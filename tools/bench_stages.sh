@@ -55,6 +55,8 @@ mode = ("full" if rust["finetune"] == "full" else f"lora r{rust['lora_rank']}") 
     (", checkpointed" if rust.get("gradient_checkpointing") else "")
 print(f"{rust['unet']} UNet, {rust['size']}x{rust['size']} px, {rust['dtype']}, {rust['device']}, "
       f"median of {rust['steps']} step(s) after a warm-up; ours: {rust['framework']}; PyTorch: {torch['framework']}")
+host = lambda r: "?" if not r.get("host") else f"{r['host']['cpu']} ({r['host']['simd']}, {r['host']['threads']} threads)"
+print(f"host: ours {host(rust)}; PyTorch {host(torch)}")
 print(f"peak memory: ours {rust['memory']}, PyTorch {torch['memory']}")
 print(f"{'stage step':<28}{'ours s':>10}{'torch s':>10}{'ratio':>7}{'ours MiB':>10}{'torch MiB':>10}")
 names = {1: "1: embeddings", 2: f"2: fine-tune {mode}", 3: "3: guided sampling"}

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 import diffusers
 from diffusers import UNet2DConditionModel
-from fullsize_unet_ref import _proc_status, _reset_peak  # the process's peak RSS, as that bench reads it
+from fullsize_unet_ref import _proc_status, _reset_peak, host  # the peak RSS as that bench reads it; the machine
 
 # src/bench.rs sd_v14_unet_config(): CompVis/stable-diffusion-v1-4 unet/config.json.
 SD14_UNET_CONFIG = dict(
@@ -349,6 +349,7 @@ def main():
         "framework": f"torch {torch.__version__}, diffusers {diffusers.__version__}",
         "unet": unet_name,
         "parameters": parameters,
+        "host": host(),
         "device": "cpu" if device.type == "cpu" else f"{device.type}:{device.index}",
         "dtype": args.dtype,
         "size": args.size,

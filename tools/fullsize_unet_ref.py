@@ -29,6 +29,7 @@ the RSS before it (Linux VmHWM, reset through /proc/self/clear_refs). The result
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -60,6 +61,17 @@ SD14_UNET_CONFIG = dict(
     cross_attention_dim=768,
     attention_head_dim=8,
 )
+
+
+def host():
+    """The machine, as layerdiff's reports give it (`layerdiff::bench::Host`): CPU model, the
+    vector instructions PyTorch's CPU kernels picked, threads."""
+    cpu = platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "simd": torch.backends.cpu.get_cpu_capability().lower(), "threads": torch.get_num_threads()}
 
 
 def _proc_status(field):
@@ -147,6 +159,7 @@ def main():
     results = {
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
+        "host": host(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "params": nparams,

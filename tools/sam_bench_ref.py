@@ -15,6 +15,7 @@ import resource
 import time
 
 import torch
+from fullsize_unet_ref import host
 from make_mobile_sam_fixtures import MOBILE_SAM, build, load_tiny_encoder
 from segment_anything import sam_model_registry
 
@@ -45,7 +46,7 @@ def main():
             times.append(time.perf_counter() - start)
         times.sort()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({"model": name, "embed_s": times[len(times) // 2], "peak_rss_mib_so_far": peak}), flush=True)
+        print(json.dumps({"host": host(), "model": name, "embed_s": times[len(times) // 2], "peak_rss_mib_so_far": peak}), flush=True)
         del model
 
 
