@@ -19,7 +19,8 @@
 //! - im2col, the windows a convolution's matrix product reads, each row written once and the
 //!   channels shared out across threads: built from strided views, candle's copies run on one
 //!   thread, a row of `out_w` elements at a time, after a padded copy of the input (at 64x64 and
-//!   320 channels 65 ms of a 105 ms convolution).
+//!   320 channels 65 ms of a 105 ms convolution);
+//! - at large sizes, a stride-1 convolution with no im2col columns at all ([`ShiftedConv`]).
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use gemm::Parallelism;
@@ -573,6 +574,114 @@ impl Im2Col {
         let first = self.padding.saturating_sub(kx).div_ceil(self.stride);
         let end = (w + self.padding).saturating_sub(kx).div_ceil(self.stride).min(self.out_w);
         first.min(end)..end
+    }
+}
+
+/// A stride-1 convolution of contiguous f32 `[b, c_in, h, w]` by `[c_out, c_in, k_h, k_w]` with
+/// no im2col columns: the input is padded once into rows of `b (h + 2 padding) (w + 2 padding)`
+/// per channel, and each kernel position's `[c_out, c_in]` slice multiplies that padded input
+/// shifted by the position's offset, all `k_h k_w` products adding into one output over the
+/// padded grid, whose border columns are then dropped. At 64x64 the columns are 47 MB an image
+/// for 320 channels, out of the cache; the padded input is 5.6 MB.
+pub struct ShiftedConv {
+    pub padding: usize,
+    pub dilation: usize,
+}
+
+impl ShiftedConv {
+    /// Output pixels per image from which the shifted products beat im2col's one product. A 3x3
+    /// convolution's forward and input gradient, batch 2, on a 2-core AVX2 CPU, three
+    /// alternating rounds: at 64x64 with 320 channels 279 to 289 ms against 384 to 426, 960 to
+    /// 320 channels 713 to 891 against 1 009 to 1 042; at 32x32 with 1 920 to 640 channels 682
+    /// to 810 against 807 to 946. At 16x16 with 1 280 channels and at 8x8 im2col won: there the
+    /// padded grid's border columns (a third of it at 8x8) are computed and dropped, and each
+    /// product is short. In the whole UNet at batch 1 (`layerdiff bench`, two alternating rounds)
+    /// the 512 px forward + backward took 19.6 and 20.6 s against 22.3 and 21.9 s with im2col,
+    /// but the 256 px one (32x32 latents) 5.27 and 5.19 s against 4.17 and 4.80: so only the
+    /// 64x64 latents of 512 px take it.
+    pub const MIN_PIXELS: usize = 48 * 48;
+}
+
+impl CustomOp2 for ShiftedConv {
+    fn name(&self) -> &'static str {
+        "shifted-conv-cpu"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout, w: &CpuStorage, w_l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c_in, h, wd) = x_l.shape().dims4()?;
+        let (c_out, w_c_in, k_h, k_w) = w_l.shape().dims4()?;
+        let (p, d) = (self.padding, self.dilation);
+        let (hp, wp) = (h + 2 * p, wd + 2 * p);
+        let (Some(out_h), Some(out_w)) = ((hp + 1).checked_sub(d * (k_h - 1) + 1), (wp + 1).checked_sub(d * (k_w - 1) + 1)) else {
+            bail!("{}: a {k_h}x{k_w} kernel does not fit a {h}x{wd} input padded by {p}", self.name())
+        };
+        if w_c_in != c_in || [b, c_in, c_out, out_h, out_w, d].contains(&0) {
+            bail!("{}: input {:?} and kernel {:?} do not match", self.name(), x_l.dims(), w_l.dims())
+        }
+        let x = contiguous_f32(self.name(), x, x_l, b * c_in * h * wd)?;
+        let weight = contiguous_f32(self.name(), w, w_l, c_out * c_in * k_h * k_w)?;
+        // Each channel's row: the `b` padded images one after the other.
+        let row = b * hp * wp;
+        let mut padded = vec![0f32; c_in * row];
+        padded.par_chunks_mut(row).enumerate().for_each(|(c, dst)| {
+            for (image, dst) in dst.chunks_exact_mut(hp * wp).enumerate() {
+                let src = &x[(image * c_in + c) * h * wd..][..h * wd];
+                for (y, src) in src.chunks_exact(wd).enumerate() {
+                    dst[(y + p) * wp + p..][..wd].copy_from_slice(src);
+                }
+            }
+        });
+        // Output pixel (image, oy, ox) sits at column `image hp wp + oy wp + ox` of the padded
+        // grid and reads the padded input there plus its kernel position's offset; the columns
+        // after the last image's last output pixel are never computed.
+        let n = (b - 1) * hp * wp + (out_h - 1) * wp + out_w;
+        let taps = k_h * k_w;
+        let mut grid = vec![0f32; c_out * n];
+        let threads = rayon::current_num_threads().max(1);
+        let span = n.div_ceil(threads).next_multiple_of(16);
+        let (grid_ptr, padded) = (grid.as_mut_ptr() as usize, &padded);
+        (0..n.div_ceil(span)).into_par_iter().for_each(|part| {
+            let (first, cols) = (part * span, span.min(n - part * span));
+            for k in 0..taps {
+                let offset = (k / k_w) * d * wp + (k % k_w) * d;
+                // SAFETY: the parts' column ranges are disjoint, so no two threads write one
+                // element of `grid`; rows `c_out` of `n` and `c_in` of `row` hold every index
+                // the strides reach (`first + cols + offset <= n + offset <= row`), and the
+                // kernel's `[c_out, c_in]` slice at `k` lies inside `weight`.
+                unsafe {
+                    gemm::gemm(
+                        c_out,
+                        cols,
+                        c_in,
+                        (grid_ptr as *mut f32).add(first),
+                        1,
+                        n as isize,
+                        k > 0,
+                        weight.as_ptr().add(k),
+                        taps as isize,
+                        (c_in * taps) as isize,
+                        padded.as_ptr().add(first + offset),
+                        1,
+                        row as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    )
+                }
+            }
+        });
+        let plane = out_h * out_w;
+        let mut out = vec![0f32; b * c_out * plane];
+        out.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
+            let (image, o) = (i / c_out, i % c_out);
+            for (oy, dst) in dst.chunks_exact_mut(out_w).enumerate() {
+                dst.copy_from_slice(&grid[o * n + image * hp * wp + oy * wp..][..out_w]);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from_dims(&[b, c_out, out_h, out_w])))
     }
 }
 
