@@ -1785,6 +1785,9 @@ mod tests {
         }
         let bad = f32_randn(&[1, 3, 2, 2])?.apply_op2_no_bwd(&f32_randn(&[5, 3, 5, 5])?, &cpu_kernels::ShiftedConv { padding: 0, dilation: 1 });
         assert!(bad.unwrap_err().to_string().contains("does not fit"));
+        let empty = Tensor::zeros((5, 3, 0, 0), DType::F32, &Device::Cpu)?;
+        let bad = f32_randn(&[1, 3, 4, 4])?.apply_op2_no_bwd(&empty, &cpu_kernels::ShiftedConv { padding: 1, dilation: 1 });
+        assert!(bad.unwrap_err().to_string().contains("do not match"));
         // 50x49 outputs: past `MIN_PIXELS`, so both of these run the shifted products.
         let (x, wt) = (Var::from_tensor(&f32_randn(&[2, 3, 50, 49])?)?, f32_randn(&[4, 3, 3, 3])?);
         const { assert!(50 * 49 >= cpu_kernels::ShiftedConv::MIN_PIXELS) };
