@@ -611,12 +611,12 @@ impl CustomOp2 for ShiftedConv {
         let (b, c_in, h, wd) = x_l.shape().dims4()?;
         let (c_out, w_c_in, k_h, k_w) = w_l.shape().dims4()?;
         let (p, d) = (self.padding, self.dilation);
-        if w_c_in != c_in || [b, c_in, c_out, k_h, k_w, d].contains(&0) {
+        if w_c_in != c_in || [b, c_in, h, wd, c_out, k_h, k_w, d].contains(&0) {
             bail!("{}: input {:?} and kernel {:?} do not match", self.name(), x_l.dims(), w_l.dims())
         }
         let (hp, wp) = (h + 2 * p, wd + 2 * p);
-        let out = |padded: usize, k: usize| padded.checked_sub(d * (k - 1)).filter(|&n| n > 0);
-        let (Some(out_h), Some(out_w)) = (out(hp, k_h), out(wp, k_w)) else {
+        let size = |padded: usize, k: usize| padded.checked_sub(d * (k - 1)).filter(|&n| n > 0);
+        let (Some(out_h), Some(out_w)) = (size(hp, k_h), size(wp, k_w)) else {
             bail!("{}: a {k_h}x{k_w} kernel does not fit a {h}x{wd} input padded by {p}", self.name())
         };
         let x = contiguous_f32(self.name(), x, x_l, b * c_in * h * wd)?;
