@@ -20,7 +20,8 @@
 //!   channels shared out across threads: built from strided views, candle's copies run on one
 //!   thread, a row of `out_w` elements at a time, after a padded copy of the input (at 64x64 and
 //!   320 channels 65 ms of a 105 ms convolution);
-//! - at large sizes, a stride-1 convolution with no im2col columns at all ([`ShiftedConv`]).
+//! - at large sizes, a 3x3 stride-1 convolution by Winograd's F(2x2, 3x3) ([`WinogradConv`]),
+//!   2.25 times fewer multiplies, with no im2col columns.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use gemm::Parallelism;
@@ -577,113 +578,196 @@ impl Im2Col {
     }
 }
 
-/// A stride-1 convolution of contiguous f32 `[b, c_in, h, w]` by `[c_out, c_in, k_h, k_w]` with
-/// no im2col columns: the input is padded once into rows of `b (h + 2 padding) (w + 2 padding)`
-/// per channel, and each kernel position's `[c_out, c_in]` slice multiplies that padded input
-/// shifted by the position's offset, all `k_h k_w` products adding into one output over the
-/// padded grid, whose border columns are then dropped. At 64x64 the columns are 47 MB an image
-/// for 320 channels, out of the cache; the padded input is 5.6 MB.
-pub struct ShiftedConv {
+/// A 3x3 stride-1 convolution (dilation 1) of contiguous f32 `[b, c_in, h, w]` by `[c_out, c_in,
+/// 3, 3]` by Winograd's minimal filtering F(2x2, 3x3) (Lavin and Gray, "Fast Algorithms for
+/// Convolutional Neural Networks", 2015): each 2x2 block of outputs (a tile) is `A^T [(G g G^T) .
+/// (B^T d B)] A` for its 4x4 input window `d`, so the products are 16 of `[c_out, c_in]` by
+/// `[c_in, tiles]`, one per position in the 4x4 transformed window: 16 multiplies per 4 outputs
+/// where the direct convolution takes 36. The transforms add and subtract only (`G`'s halves are
+/// exact), so the result differs from the direct sum by rounding alone. Each task takes a block
+/// of tiles through all three steps in buffers of its own, which stay in the cache, where whole
+/// transformed inputs and products (4 times the input's and output's sizes) would not.
+pub struct WinogradConv {
     pub padding: usize,
-    pub dilation: usize,
 }
 
-impl ShiftedConv {
-    /// Output pixels per image from which the shifted products beat im2col's one product. A 3x3
-    /// convolution's forward and input gradient, batch 2, on a 2-core AVX2 CPU, three
-    /// alternating rounds: at 64x64 with 320 channels 279 to 289 ms against 384 to 426, 960 to
-    /// 320 channels 713 to 891 against 1 009 to 1 042; at 32x32 with 1 920 to 640 channels 682
-    /// to 810 against 807 to 946. At 16x16 with 1 280 channels and at 8x8 im2col won: there the
-    /// padded grid's border columns (a third of it at 8x8) are computed and dropped, and each
-    /// product is short. In the whole UNet at batch 1 (`layerdiff bench`, two alternating rounds)
-    /// the 512 px forward + backward took 19.6 and 20.6 s against 22.3 and 21.9 s with im2col,
-    /// but the 256 px one (32x32 latents) 5.27 and 5.19 s against 4.17 and 4.80: so only the
-    /// 64x64 latents of 512 px take it.
-    pub const MIN_PIXELS: usize = 48 * 48;
+impl WinogradConv {
+    /// Tiles (over the batch) from which it beats the other paths: below, the transformed kernel,
+    /// 16/9 of the kernel's size and computed afresh each call, is read for few columns.
+    pub const MIN_TILES: usize = 256;
+    /// Tiles per task: each of its 16 products then has 128 columns, and at 640 channels its
+    /// buffers take 5 MiB each.
+    const BLOCK: usize = 128;
 }
 
-impl CustomOp2 for ShiftedConv {
+impl CustomOp2 for WinogradConv {
     fn name(&self) -> &'static str {
-        "shifted-conv-cpu"
+        "winograd-conv-cpu"
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout, w: &CpuStorage, w_l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c_in, h, wd) = x_l.shape().dims4()?;
         let (c_out, w_c_in, k_h, k_w) = w_l.shape().dims4()?;
-        let (p, d) = (self.padding, self.dilation);
-        if w_c_in != c_in || [b, c_in, h, wd, c_out, k_h, k_w, d].contains(&0) {
-            bail!("{}: input {:?} and kernel {:?} do not match", self.name(), x_l.dims(), w_l.dims())
+        let p = self.padding;
+        if w_c_in != c_in || (k_h, k_w) != (3, 3) || [b, c_in, h, wd, c_out].contains(&0) {
+            bail!("{}: input {:?} and kernel {:?} do not match (it takes 3x3 kernels)", self.name(), x_l.dims(), w_l.dims())
         }
-        let (hp, wp) = (h + 2 * p, wd + 2 * p);
-        let size = |padded: usize, k: usize| padded.checked_sub(d * (k - 1)).filter(|&n| n > 0);
-        let (Some(out_h), Some(out_w)) = (size(hp, k_h), size(wp, k_w)) else {
-            bail!("{}: a {k_h}x{k_w} kernel does not fit a {h}x{wd} input padded by {p}", self.name())
+        let fits = |n: usize| (n + 2 * p).checked_sub(2).filter(|&n| n > 0);
+        let (Some(out_h), Some(out_w)) = (fits(h), fits(wd)) else {
+            bail!("{}: a 3x3 kernel does not fit a {h}x{wd} input padded by {p}", self.name())
         };
         let x = contiguous_f32(self.name(), x, x_l, b * c_in * h * wd)?;
-        let weight = contiguous_f32(self.name(), w, w_l, c_out * c_in * k_h * k_w)?;
-        // Each channel's row: the `b` padded images one after the other.
-        let row = b * hp * wp;
-        let mut padded = vec![0f32; c_in * row];
-        padded.par_chunks_mut(row).enumerate().for_each(|(c, dst)| {
-            for (image, dst) in dst.chunks_exact_mut(hp * wp).enumerate() {
-                let src = &x[(image * c_in + c) * h * wd..][..h * wd];
-                for (y, src) in src.chunks_exact(wd).enumerate() {
-                    dst[(y + p) * wp + p..][..wd].copy_from_slice(src);
-                }
-            }
-        });
-        // Output pixel (image, oy, ox) sits at column `image hp wp + oy wp + ox` of the padded
-        // grid and reads the padded input there plus its kernel position's offset; the columns
-        // after the last image's last output pixel are never computed.
-        let n = (b - 1) * hp * wp + (out_h - 1) * wp + out_w;
-        let taps = k_h * k_w;
-        let mut grid = vec![0f32; c_out * n];
+        let weight = contiguous_f32(self.name(), w, w_l, c_out * c_in * 9)?;
+        let u = transformed_kernel(weight, c_out, c_in);
+        let (tiles_h, tiles_w) = (out_h.div_ceil(2), out_w.div_ceil(2));
+        // A task takes `rows` rows of one image's tiles, `rows tiles_w` tiles: about `BLOCK`, and
+        // fewer where that leaves a thread without two tasks.
         let threads = rayon::current_num_threads().max(1);
-        let span = n.div_ceil(threads).next_multiple_of(16);
-        let (grid_ptr, padded) = (grid.as_mut_ptr() as usize, &padded);
-        (0..n.div_ceil(span)).into_par_iter().for_each(|part| {
-            let (first, cols) = (part * span, span.min(n - part * span));
-            for k in 0..taps {
-                let offset = (k / k_w) * d * wp + (k % k_w) * d;
-                // SAFETY: the parts' column ranges are disjoint, so no two threads write one
-                // element of `grid`; rows `c_out` of `n` and `c_in` of `row` hold every index
-                // the strides reach (`first + cols + offset <= n + offset <= row`), and the
-                // kernel's `[c_out, c_in]` slice at `k` lies inside `weight`.
-                unsafe {
-                    gemm::gemm(
-                        c_out,
-                        cols,
-                        c_in,
-                        (grid_ptr as *mut f32).add(first),
-                        1,
-                        n as isize,
-                        k > 0,
-                        weight.as_ptr().add(k),
-                        taps as isize,
-                        (c_in * taps) as isize,
-                        padded.as_ptr().add(first + offset),
-                        1,
-                        row as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    )
+        let rows = (Self::BLOCK / tiles_w).min((b * tiles_h).div_ceil(2 * threads)).clamp(1, tiles_h);
+        let parts_per_image = tiles_h.div_ceil(rows);
+        let mut out = vec![0f32; b * c_out * out_h * out_w];
+        let out_ptr = out.as_mut_ptr() as usize;
+        let buffers = || (vec![0f32; 16 * c_in * rows * tiles_w], vec![0f32; 16 * c_out * rows * tiles_w], RowScratch::new(tiles_w));
+        (0..b * parts_per_image).into_par_iter().for_each_init(buffers, |(v, m, scratch), part| {
+            let (image, first_row) = (part / parts_per_image, part % parts_per_image * rows);
+            let ty = first_row..tiles_h.min(first_row + rows);
+            let n = ty.len() * tiles_w;
+            // `B^T d B` per input channel and tile: 16 matrices `[c_in, n]`.
+            for c in 0..c_in {
+                let plane = &x[(image * c_in + c) * h * wd..][..h * wd];
+                for (r, ty) in ty.clone().enumerate() {
+                    let transformed = scratch.input_transform(plane, (h, wd), 2 * ty as isize - p as isize, p);
+                    for (i, row) in transformed.chunks_exact(tiles_w).enumerate() {
+                        v[(i * c_in + c) * n + r * tiles_w..][..tiles_w].copy_from_slice(row);
+                    }
                 }
             }
-        });
-        let plane = out_h * out_w;
-        let mut out = vec![0f32; b * c_out * plane];
-        out.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
-            let (image, o) = (i / c_out, i % c_out);
-            for (oy, dst) in dst.chunks_exact_mut(out_w).enumerate() {
-                dst.copy_from_slice(&grid[o * n + image * hp * wp + oy * wp..][..out_w]);
+            // The 16 products `[c_out, c_in] x [c_in, n]`.
+            for i in 0..16 {
+                matmul(&mut m[i * c_out * n..], (c_out, n, c_in), (&u[i * c_out * c_in..], false), (&v[i * c_in * n..], false), 1.0, false);
+            }
+            // `A^T m A` per output channel and tile, into the output's 2x2 blocks.
+            for o in 0..c_out {
+                for (r, ty) in ty.clone().enumerate() {
+                    let column = o * n + r * tiles_w;
+                    let first = ((image * c_out + o) * out_h + 2 * ty) * out_w;
+                    let len = out_w * (out_h - 2 * ty).min(2);
+                    // SAFETY: output rows `2 ty` and `2 ty + 1` of image `image` belong to this
+                    // task's tile row `ty` alone, and lie inside `out`.
+                    let dst = unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(first), len) };
+                    scratch.output_transform((m, c_out * n, column), dst, out_w);
+                }
             }
         });
         Ok((CpuStorage::F32(out), Shape::from_dims(&[b, c_out, out_h, out_w])))
     }
+}
+
+/// `G g G^T` of each 3x3 kernel of `weight` `[c_out, c_in, 3, 3]`, as 16 matrices `[c_out, c_in]`
+/// (the products' left operands), one output channel's rows per task.
+fn transformed_kernel(weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+    let mut u = vec![0f32; 16 * c_out * c_in];
+    let u_ptr = u.as_mut_ptr() as usize;
+    weight.par_chunks_exact(9 * c_in).enumerate().for_each(|(o, kernels)| {
+        for (c, g) in kernels.chunks_exact(9).enumerate() {
+            for (i, value) in kernel_transform(g).into_iter().enumerate() {
+                // SAFETY: row `o` of each of the 16 matrices is this task's alone, inside `u`.
+                unsafe { *(u_ptr as *mut f32).add((i * c_out + o) * c_in + c) = value };
+            }
+        }
+    });
+    u
+}
+
+/// The transforms of one row of tiles, each a few passes over rows of `tiles_w` elements (one
+/// per tile), which vectorize.
+struct RowScratch {
+    tiles_w: usize,
+    /// One input row, padded: `2 tiles_w + 2` elements.
+    padded: Vec<f32>,
+    /// `d B` for the window's 4 rows, `[4 rows][4][tiles_w]`; or `A^T m`, `[2][4][tiles_w]`.
+    rows: Vec<f32>,
+    /// `B^T d B`: `[16][tiles_w]`.
+    result: Vec<f32>,
+}
+
+impl RowScratch {
+    fn new(tiles_w: usize) -> Self {
+        Self { tiles_w, padded: vec![0.0; 2 * tiles_w + 2], rows: vec![0.0; 16 * tiles_w], result: vec![0.0; 16 * tiles_w] }
+    }
+
+    /// `B^T d B` of the tiles whose windows start at input row `y` of `plane` `[h, w]` (zeros
+    /// outside it, `padding` columns on the left): `[16][tiles_w]`, element `i` of each 4x4
+    /// result in row `i`. `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
+    fn input_transform(&mut self, plane: &[f32], (h, w): (usize, usize), y: isize, padding: usize) -> &[f32] {
+        let tw = self.tiles_w;
+        for r in 0..4 {
+            let y = y + r as isize;
+            self.padded.fill(0.0);
+            if (0..h as isize).contains(&y) {
+                // The row fits: `2 tiles_w >= out_w = w + 2 padding - 2`.
+                self.padded[padding..][..w].copy_from_slice(&plane[y as usize * w..][..w]);
+            }
+            // `d B` per tile: its 4 columns `a, b, c, e` at `2 tx` on.
+            let rows = &mut self.rows[4 * r * tw..][..4 * tw];
+            let (d0, rest) = rows.split_at_mut(tw);
+            let (d1, rest) = rest.split_at_mut(tw);
+            let (d2, d3) = rest.split_at_mut(tw);
+            for (tx, (((d0, d1), d2), d3)) in d0.iter_mut().zip(d1.iter_mut()).zip(d2.iter_mut()).zip(d3.iter_mut()).enumerate() {
+                let [a, b, c, e] = self.padded[2 * tx..][..4] else { unreachable!("4 elements") };
+                (*d0, *d1, *d2, *d3) = (a - c, b + c, c - b, b - e);
+            }
+        }
+        // `B^T` over the 4 rows, for each of the 4 columns.
+        let row = |r: usize, s: usize| &self.rows[(4 * r + s) * tw..][..tw];
+        for s in 0..4 {
+            let (r0, r1, r2, r3) = (row(0, s), row(1, s), row(2, s), row(3, s));
+            for tx in 0..tw {
+                let outputs = [r0[tx] - r2[tx], r1[tx] + r2[tx], r2[tx] - r1[tx], r1[tx] - r3[tx]];
+                for (r, value) in outputs.into_iter().enumerate() {
+                    self.result[(4 * r + s) * tw + tx] = value;
+                }
+            }
+        }
+        &self.result
+    }
+
+    /// `A^T m A` of one row of tiles, element `i` of each 4x4 `m` read from `m[i stride +
+    /// column..]` (one per tile), into the (one or two) output rows `dst` of `out_w` each. `A^T =
+    /// [[1, 1, 1, 0], [0, 1, -1, -1]]`.
+    fn output_transform(&mut self, (m, stride, column): (&[f32], usize, usize), dst: &mut [f32], out_w: usize) {
+        let tw = self.tiles_w;
+        let src = |i: usize| &m[i * stride + column..][..tw];
+        // `A^T m` per tile: 2 rows of 4, `[2][4][tiles_w]`.
+        for s in 0..4 {
+            let (m0, m1, m2, m3) = (src(s), src(4 + s), src(8 + s), src(12 + s));
+            let (top, bottom) = self.rows[s * tw..].split_at_mut(4 * tw);
+            for tx in 0..tw {
+                top[tx] = m0[tx] + m1[tx] + m2[tx];
+                bottom[tx] = m1[tx] - m2[tx] - m3[tx];
+            }
+        }
+        // `(A^T m) A`: each row's 2 outputs per tile, the last tile's second cut at an odd width.
+        for (dy, dst) in dst.chunks_exact_mut(out_w).enumerate() {
+            let t = |s: usize| &self.rows[(4 * dy + s) * tw..][..tw];
+            let (t0, t1, t2, t3) = (t(0), t(1), t(2), t(3));
+            for (tx, pair) in dst.chunks_mut(2).enumerate() {
+                pair[0] = t0[tx] + t1[tx] + t2[tx];
+                if let Some(second) = pair.get_mut(1) {
+                    *second = t1[tx] - t2[tx] - t3[tx];
+                }
+            }
+        }
+    }
+}
+
+/// `G g G^T` for a 3x3 kernel `g` (row-major), `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2],
+/// [0, 0, 1]]`: the 4x4 transformed kernel, row-major.
+fn kernel_transform(g: &[f32]) -> [f32; 16] {
+    let apply = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+    let cols: [[f32; 4]; 3] = std::array::from_fn(|j| apply(g[j], g[3 + j], g[6 + j]));
+    let rows: [[f32; 4]; 4] = std::array::from_fn(|r| apply(cols[0][r], cols[1][r], cols[2][r]));
+    std::array::from_fn(|i| rows[i / 4][i % 4])
 }
 
 pub(crate) fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout, len: usize) -> Result<&'a [f32]> {
