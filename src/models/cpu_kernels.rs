@@ -596,8 +596,12 @@ impl WinogradConv {
     /// 16/9 of the kernel's size and computed afresh each call, is read for few columns.
     pub const MIN_TILES: usize = 256;
     /// Tiles per task: each of its 16 products then has 128 columns, and at 640 channels its
-    /// buffers take 5 MiB each.
+    /// buffers take 5 MiB each. 64, 256 and 512 measured the same on 2 cores.
     const BLOCK: usize = 128;
+    /// The fewest tiles per task on many threads: each task's products pack the whole
+    /// transformed kernel (`16 c_out c_in` values) for `2 x 16 c_out c_in` flops per tile, so
+    /// with fewer tiles the packing outweighs the products.
+    const MIN_BLOCK: usize = 64;
 }
 
 impl CustomOp2 for WinogradConv {
@@ -620,10 +624,10 @@ impl CustomOp2 for WinogradConv {
         let weight = contiguous_f32(self.name(), w, w_l, c_out * c_in * 9)?;
         let u = transformed_kernel(weight, c_out, c_in);
         let (tiles_h, tiles_w) = (out_h.div_ceil(2), out_w.div_ceil(2));
-        // A task takes `rows` rows of one image's tiles, `rows tiles_w` tiles: about `BLOCK`, and
-        // fewer where that leaves a thread without two tasks.
+        // A task takes `rows` rows of one image's tiles, `rows tiles_w` tiles: about `BLOCK`, fewer
+        // where that leaves a thread without two tasks, but not under `MIN_BLOCK`.
         let threads = rayon::current_num_threads().max(1);
-        let rows = (Self::BLOCK / tiles_w).min((b * tiles_h).div_ceil(2 * threads)).clamp(1, tiles_h);
+        let rows = (Self::BLOCK / tiles_w).min((b * tiles_h).div_ceil(2 * threads)).max(Self::MIN_BLOCK.div_ceil(tiles_w)).clamp(1, tiles_h);
         let parts_per_image = tiles_h.div_ceil(rows);
         let mut out = vec![0f32; b * c_out * out_h * out_w];
         let out_ptr = out.as_mut_ptr() as usize;
