@@ -1767,8 +1767,9 @@ mod tests {
     }
 
     /// Winograd's F(2x2, 3x3) ([`cpu_kernels::WinogradConv`]) in f32 against candle's
-    /// convolution: paddings 0 to 2, odd and even output sizes (cut tiles), batches 1 to 3;
-    /// kernels that are not 3x3 or do not fit are refused.
+    /// convolution: paddings 0 to 2, odd and even output sizes (cut tiles), batches 1 to 3, and
+    /// through `conv2d_forward` tasks that end inside an image; kernels that are not 3x3 or do not
+    /// fit, and empty inputs, are refused.
     #[test]
     fn winograd_convolution_matches_candles() -> Result<()> {
         let f32_randn = |dims: &[usize]| randn(dims)?.to_dtype(DType::F32);
@@ -1782,7 +1783,7 @@ mod tests {
             let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff <= bound, "b {b} c_in {c_in} padding {padding} {h}x{w}: {diff} > {bound}");
         }
-        for (x, k, padding, what) in [([1, 3, 2, 2], 3, 0, "does not fit"), ([1, 3, 4, 4], 5, 1, "3x3")] {
+        for (x, k, padding, what) in [([1, 3, 2, 2], 3, 0, "does not fit"), ([1, 3, 4, 4], 5, 1, "3x3"), ([1, 3, 4, 0], 3, 1, "do not match")] {
             let bad = f32_randn(&x)?.apply_op2_no_bwd(&f32_randn(&[2, 3, k, k])?, &cpu_kernels::WinogradConv { padding });
             assert!(bad.unwrap_err().to_string().contains(what), "{what}");
         }
