@@ -214,16 +214,27 @@ impl CustomOp1 for FlipTransposeKernel {
     }
 }
 
-fn flip_transpose<T: Copy + Send + Sync + Default>(w: &[T], c_out: usize, c_in: usize, k: usize) -> Vec<T> {
-    let mut out = vec![T::default(); w.len()];
-    out.par_chunks_mut(c_out * k).enumerate().for_each(|(i, dst)| {
-        for (o, dst) in dst.chunks_exact_mut(k).enumerate() {
-            let src = &w[(o * c_in + i) * k..][..k];
-            for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
-                *d = *s;
+/// A block of `ROWS` input channels per task: for each output channel it reads their kernels
+/// as one run and writes them to `ROWS` rows of the result. A task per input channel read one
+/// kernel per memory page; that, and zeroing the result before writing it, took 20 ms at 1 280
+/// channels where this takes 9 (a full-size UNet's backward flips 2.2 GB of kernels).
+fn flip_transpose<T: Copy + Send + Sync>(w: &[T], c_out: usize, c_in: usize, k: usize) -> Vec<T> {
+    const ROWS: usize = 8;
+    let mut out = Vec::with_capacity(w.len());
+    out.spare_capacity_mut()[..w.len()].par_chunks_mut(ROWS * c_out * k).enumerate().for_each(|(block, dst)| {
+        let rows = dst.len() / (c_out * k);
+        for o in 0..c_out {
+            let src = &w[(o * c_in + block * ROWS) * k..][..rows * k];
+            for (r, src) in src.chunks_exact(k).enumerate() {
+                for (d, s) in dst[(r * c_out + o) * k..][..k].iter_mut().zip(src.iter().rev()) {
+                    d.write(*s);
+                }
             }
         }
     });
+    // SAFETY: the tasks wrote every element: block `b`'s task, rows `i` of `b ROWS..`, output
+    // channels `o` and kernel positions all.
+    unsafe { out.set_len(w.len()) };
     out
 }
 
@@ -923,13 +934,14 @@ mod tests {
 
     #[test]
     fn flip_transpose_kernel_matches_candles_flips() -> Result<()> {
-        for (k_h, k_w) in [(3, 3), (1, 1), (2, 3)] {
-            let w = Tensor::randn(0f32, 1.0, (5, 4, k_h, k_w), &Device::Cpu)?;
+        // 19 input channels: two whole blocks of rows and a part.
+        for (c_in, k_h, k_w, dtype) in [(4, 3, 3, DType::F32), (19, 3, 3, DType::F32), (19, 1, 1, DType::F32), (4, 2, 3, DType::F32), (19, 3, 3, DType::F64)] {
+            let w = Tensor::randn(0f32, 1.0, (5, c_in, k_h, k_w), &Device::Cpu)?.to_dtype(dtype)?;
             let expected = w.transpose(0, 1)?.contiguous()?.flip(&[2, 3])?;
             let ours = w.apply_op1_no_bwd(&FlipTransposeKernel)?;
-            assert_eq!(ours.dims(), expected.dims());
-            let err = (ours - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert_eq!(err, 0.0, "{k_h}x{k_w}");
+            assert_eq!((ours.dims(), ours.dtype()), (expected.dims(), dtype));
+            let err = (ours - expected)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            assert_eq!(err, 0.0, "{c_in} channels, {k_h}x{k_w}, {dtype:?}");
         }
         Ok(())
     }
