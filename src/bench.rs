@@ -326,8 +326,9 @@ impl std::fmt::Display for StageBench {
 /// architecture unless `opts.unet_config` says otherwise): the median of `opts.steps` timed
 /// steps after one warm-up step, with each stage's peak memory. The workloads are the real steps
 /// of [`LayeredOptimization::run`], [`LayeredFinetune::run`] and
-/// [`crate::pipeline::guided_noise`]. Stage 3 runs before stage 2 (freed memory is not always
-/// handed back, and stage 2 is the largest), and the frozen UNet of stages 1 and 3 is dropped
+/// [`crate::pipeline::guided_noise`]. Stage 3 runs before stage 2 (the largest: where the
+/// allocator keeps freed memory and [`crate::method::edit::AFTER_STAGE`] is not set, its
+/// memory would count in stage 3's peak), and the frozen UNet of stages 1 and 3 is dropped
 /// before stage 2 builds its trainable copy. `on_stage` hears when each stage starts.
 pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dyn FnMut(&str)) -> Result<StageBench> {
     let StageBenchOptions { size, dtype, finetune, steps, gradient_checkpointing, ref unet_config, profile_stage } = *opts;
@@ -382,6 +383,7 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
         stage1.run(&unet, &alphas, &data, 0, until, &mut |_| tick())
     })?;
     drop(stage1);
+    crate::method::edit::after_stage();
 
     // 2. stage 3: one classifier-free-guided call
     on_stage("stage 3");
@@ -392,6 +394,7 @@ pub fn bench_stages(device: &Device, opts: &StageBenchOptions, on_stage: &mut dy
         Ok(())
     })?;
     drop((unet, latents));
+    crate::method::edit::after_stage();
 
     // 3. stage 2: layered fine-tuning, `e_bar` frozen
     on_stage("stage 2");

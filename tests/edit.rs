@@ -19,14 +19,19 @@ fn request() -> EditRequest {
     })
 }
 
+thread_local!(static STAGES_ENDED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) });
+
 #[test]
 fn edit_writes_a_complete_session_and_sample_reproduces_it() {
     let (files, mut sd) = load();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path();
     let mut rec = Recorder::new(None);
+    // Per thread: other tests edit at the same time.
+    layerdiff::method::edit::AFTER_STAGE.get_or_init(|| || STAGES_ENDED.set(STAGES_ENDED.get() + 1));
     let result = edit(&mut sd, &files, &request(), out, false, &mut rec).unwrap();
     assert_eq!(result.images.len(), 2);
+    assert_eq!(STAGES_ENDED.get(), 2, "the allocator's hook runs after stages 1 and 2");
     // Stage 2 trained its own copy: the pipeline's UNet was freed, and loads again on demand.
     assert!(sd.unet().is_err(), "the edit kept the pipeline's UNet through stage 2");
     assert_eq!(rec.stages, ["background", "stage 1", "stage 2", "seed 1", "seed 2"]);

@@ -162,6 +162,7 @@ pub fn edit(
     }
     progress.finish();
     info.timings.insert("stage1".to_string(), t.elapsed().as_secs_f64());
+    after_stage();
 
     // 6. interpolate the layers (Eq. 3)
     let e_bar = interpolate_embeddings(stage1.object(), stage1.background(), settings.alpha)?;
@@ -214,6 +215,8 @@ pub fn edit(
     ]);
     tensors.extend(session::with_prefix(stage2.trained_tensors()?, names::UNET_PREFIX));
     session::write_tensors(&out.join(session::SESSION_TENSORS), &tensors)?;
+    // With full fine-tuning, a copy of the UNet: not held while sampling.
+    drop(tensors);
     info.losses = Losses { stage1: stage1.losses.clone(), stage2: stage2.losses.clone() };
     info.progress = "stage3".into();
     session::write_json(&out.join(session::SESSION_JSON), &info)?;
@@ -221,6 +224,7 @@ pub fn edit(
     // 9. stage 3: iterative guidance sampling (Eq. 7-8), one image per seed, on the fine-tuned
     // UNet without its training state
     let unet = stage2.into_unet();
+    after_stage();
     let t = Instant::now();
     let e_g = match settings.guidance_embedding {
         GuidanceEmbedding::Target => &target_object,
@@ -391,6 +395,19 @@ fn write_checkpoint(out: &Path, stage: &str, step: usize, losses: Losses, tensor
 /// the binary then has its allocator give freed memory back at once instead of keeping it for
 /// reuse (kept memory tipped a full-size run at 256 px over 24 GiB).
 pub static ON_TIGHT_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Called, once set, when a stage's loop is over (after stages 1 and 2 of [`edit`], and between
+/// the stages of [`crate::bench::bench_stages`]): the binary then has its allocator give back the
+/// memory the stage freed and kept for reuse, so that the next stage holds only what it needs.
+/// Sampling after a full fine-tuning otherwise held the training's peak.
+pub static AFTER_STAGE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Runs [`AFTER_STAGE`], if set.
+pub fn after_stage() {
+    if let Some(hook) = AFTER_STAGE.get() {
+        hook();
+    }
+}
 
 /// Full fine-tuning holds the weights several times over (f32 masters, gradients, two Adam
 /// moments) and the activations: refuse at once on a CPU without that much free memory, rather

@@ -193,6 +193,36 @@ fn matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), (lhs, lhs_t): (&[f3
     }
 }
 
+/// col2im, the adjoint of [`Im2Col`]: columns `[c, k_h k_w, b, out_h, out_w]` (`windows`'
+/// layout) added into the pixels of the `input` `[b, c, h, w]` they were gathered from (what
+/// fell in the padding dropped), for contiguous f32 or f64. With `W^T g` as the columns, a
+/// convolution's input gradient without its flipped kernel.
+pub struct Col2Im {
+    pub windows: Im2Col,
+    pub input: (usize, usize, usize, usize),
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im-cpu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = self.input;
+        let Im2Col { k_h, k_w, out_h, out_w, stride, .. } = self.windows;
+        if [b, c, h, w, k_h, k_w, out_h, out_w, stride].contains(&0) || layout.shape().elem_count() != c * k_h * k_w * b * out_h * out_w {
+            bail!("{}: columns {:?} do not fit an input {:?} and windows {k_h}x{k_w} to {out_h}x{out_w}", self.name(), layout.dims(), self.input)
+        }
+        let Some((start, end)) = layout.contiguous_offsets() else { bail!("{}: takes contiguous columns", self.name()) };
+        let out = match storage {
+            CpuStorage::F32(x) => CpuStorage::F32(self.windows.scatter(&x[start..end], self.input)),
+            CpuStorage::F64(x) => CpuStorage::F64(self.windows.scatter(&x[start..end], self.input)),
+            _ => bail!("{}: f32 or f64 only", self.name()),
+        };
+        Ok((out, Shape::from_dims(&[b, c, h, w])))
+    }
+}
+
 /// `[c_out, c_in, k_h, k_w]` to `[c_in, c_out, k_h, k_w]`, reversed in both kernel dimensions
 /// (reversing the flattened `k_h k_w` index), for contiguous f32 or f64.
 pub struct FlipTransposeKernel;
@@ -580,6 +610,36 @@ impl Im2Col {
         out
     }
 
+    /// [`Col2Im`]'s sums: a task per image and channel adds the channel's `k_h k_w` rows of
+    /// columns into its plane.
+    fn scatter<T: Copy + Default + Send + Sync + std::ops::AddAssign>(&self, cols: &[T], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<T> {
+        let plane = self.out_h * self.out_w;
+        let positions = self.k_h * self.k_w;
+        let mut out = vec![T::default(); b * c * h * w];
+        out.par_chunks_mut(h * w).enumerate().for_each(|(i, dst)| {
+            let (image, channel) = (i / c, i % c);
+            for k in 0..positions {
+                let src = &cols[((channel * positions + k) * b + image) * plane..][..plane];
+                let (ky, kx) = ((k / self.k_w) * self.dilation, (k % self.k_w) * self.dilation);
+                let inside = self.columns_inside(kx, w);
+                if inside.is_empty() {
+                    continue;
+                }
+                for (oy, row) in src.chunks_exact(self.out_w).enumerate() {
+                    let Some(y) = (oy * self.stride + ky).checked_sub(self.padding).filter(|&y| y < h) else { continue };
+                    let first = y * w + inside.start * self.stride + kx - self.padding;
+                    let row = &row[inside.clone()];
+                    if self.stride == 1 {
+                        dst[first..][..row.len()].iter_mut().zip(row).for_each(|(d, s)| *d += *s);
+                    } else {
+                        dst[first..].iter_mut().step_by(self.stride).zip(row).for_each(|(d, s)| *d += *s);
+                    }
+                }
+            }
+        });
+        out
+    }
+
     /// The output columns whose sample at kernel column offset `kx`, `ox stride + kx - padding`,
     /// lies inside a `w` wide row.
     fn columns_inside(&self, kx: usize, w: usize) -> std::ops::Range<usize> {
@@ -929,6 +989,28 @@ mod tests {
         let expected = expected.get(var.as_tensor()).expect("a gradient");
         let err = (x.apply_op2_no_bwd(&g, &SiluGrad)? - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(err < 1e-5, "SiLU gradient: max error {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn col2im_is_the_adjoint_of_im2col() -> Result<()> {
+        // <im2col(x), y> = <x, col2im(y)> for every x and y: col2im sums each column back into
+        // the pixel im2col read it from, and drops what im2col read from the padding.
+        for (b, (h, w), (k_h, k_w), padding, stride, dilation) in
+            [(2, (7, 6), (3, 3), 1, 1, 1), (1, (7, 6), (3, 3), 1, 2, 1), (3, (5, 8), (2, 3), 2, 2, 1), (2, (9, 7), (3, 3), 0, 1, 2), (1, (4, 4), (1, 1), 0, 1, 1)]
+        {
+            let out = |size: usize, k: usize| (size + 2 * padding - dilation * (k - 1) - 1) / stride + 1;
+            let windows = || Im2Col { k_h, k_w, out_h: out(h, k_h), out_w: out(w, k_w), padding, stride, dilation };
+            let x = Tensor::randn(0f64, 1.0, (b, 3, h, w), &Device::Cpu)?;
+            let cols = x.apply_op1_no_bwd(&windows())?;
+            let y = Tensor::randn(0f64, 1.0, cols.dims(), &Device::Cpu)?;
+            let back = y.apply_op1_no_bwd(&Col2Im { windows: windows(), input: (b, 3, h, w) })?;
+            assert_eq!(back.dims(), x.dims());
+            let (lhs, rhs) = ((cols * &y)?.sum_all()?.to_scalar::<f64>()?, (back * &x)?.sum_all()?.to_scalar::<f64>()?);
+            assert!((lhs - rhs).abs() < 1e-9 * lhs.abs().max(1.0), "{h}x{w}, {k_h}x{k_w}, padding {padding}, stride {stride}, dilation {dilation}: {lhs} against {rhs}");
+        }
+        let bad = Col2Im { windows: Im2Col { k_h: 3, k_w: 3, out_h: 4, out_w: 4, padding: 1, stride: 1, dilation: 1 }, input: (1, 2, 4, 4) };
+        assert!(Tensor::zeros((2, 9, 1, 4, 5), DType::F32, &Device::Cpu)?.apply_op1_no_bwd(&bad).is_err(), "columns of the wrong size");
         Ok(())
     }
 
