@@ -257,15 +257,15 @@ const ATTENTION_SCORES_PER_SLICE: usize = 1 << 26;
 /// 512 MiB per self-attention layer of SD at 512 px. `slice`: at most this many `(batch x head)`
 /// pairs at a time (the attention slicing of diffusers), else as many as
 /// `ATTENTION_SCORES_PER_SLICE` allows. On the CPU (contiguous f32) it runs a block of query
-/// rows at a time (`cpu_kernels::Attention`), so no `seq x seq` matrix exists and `slice` has
+/// rows at a time (`cpu_kernels::attention`), so no `seq x seq` matrix exists and `slice` has
 /// nothing left to bound. On a GPU in bf16 the forward is one fused kernel that writes no scores
 /// either ([`cuda_kernels::flash_attention`]), and so is the backward (two kernels, head
 /// dimensions up to 96: [`cuda_kernels::flash_attention_backward`]); past 96 it takes slices.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, slice: Option<usize>) -> Result<Tensor> {
     if [q, k, v].into_iter().all(cpu_kernels::applies) {
-        let out = q.detach().apply_op3_no_bwd(&k.detach(), &v.detach(), &cpu_kernels::Attention { scale: scale as f32 })?;
+        let (out, lse) = cpu_kernels::attention(&q.detach(), &k.detach(), &v.detach(), scale as f32)?;
         return attach_backward3(q, k, v, out, move |q, k, v, out, grad| {
-            let [d_q, d_k, d_v] = cpu_kernels::attention_backward(q, k, v, out, grad, scale as f32)?;
+            let [d_q, d_k, d_v] = cpu_kernels::attention_backward(q, k, v, out, &lse, grad, scale as f32)?;
             Ok((Some(d_q), Some(d_k), Some(d_v)))
         });
     }
