@@ -1514,4 +1514,3 @@ mod tests {
         assert!(after < kept - 200.0, "the end of a stage gave back only {kept} -> {after} MiB");
     }
 }
-
