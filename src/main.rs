@@ -261,8 +261,8 @@ struct BenchArgs {
     /// (500 x stage 1 + 250 x stage 2 + 50 x stage 3); a table on stderr, JSON on stdout.
     #[arg(long)]
     stages: bool,
-    /// With --stages: which stage 2 to time, every weight (full: about 14.6 GB at --size 256 on
-    /// the CPU, with --gradient-checkpointing too) or rank-4 LoRA adapters (lora: about 6.5 GB).
+    /// With --stages: which stage 2 to time, every weight (full: about 13 GB at --size 256 on
+    /// the CPU, 11.4 GB with --gradient-checkpointing) or rank-4 LoRA adapters (lora: about 5.2 GB).
     #[arg(long, value_enum, default_value_t = EditSettings::default().finetune, requires = "stages")]
     finetune: FinetuneMode,
     /// With --stages: timed steps per stage, after one warm-up step; the median is reported.

@@ -9,9 +9,9 @@
 #   sides (defaults: --size 256 --device cpu --dtype f32 --finetune full --steps 3).
 #   OUT=DIR keeps the JSON there (default target/bench); BIN=PATH uses that layerdiff binary
 #   instead of building one (a `cuda` build, say).
-# Full fine-tuning at --size 256 on the CPU peaks at about 14.6 GB (ours; 14.5 GB with
-# --gradient-checkpointing) and 15.8 GB (PyTorch's); the two never run together. LoRA: about 6.5
-# and 5.5 GB.
+# Full fine-tuning at --size 256 on the CPU peaks at about 12.9 GB (ours; 11.4 GB with
+# --gradient-checkpointing) and 15.9 GB (PyTorch's); the two never run together. LoRA: about 5.2
+# and 5.7 GB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$HOME/venv-ref/bin/python
