@@ -503,6 +503,10 @@ impl Linear {
     }
 
     fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
+        let operands = [Some(xs), Some(&self.weight), self.bias.as_ref()];
+        if operands.iter().flatten().all(|t| cpu_kernels::applies(t) && !t.track_op()) {
+            return cpu_kernels::linear(xs, &self.weight, self.bias.as_ref());
+        }
         let ys = matmul_rows(xs, &self.weight)?;
         match &self.bias {
             Some(b) => add_bias(&ys, b, ys.rank() - 1),
