@@ -160,13 +160,12 @@ impl AttentionDims {
     }
 }
 
-/// `x W^T + b` for contiguous f32 `x` `[.., in]`, `weight` `[out, in]` and `bias` `[out]`: each
-/// task takes a slab of `x`'s rows, sets its output rows to the bias and adds its product into
-/// them on its own thread. candle's product, on gemm's threads, then a broadcast add (one more
-/// read and write of the output) took 180 + 43 ms at SD's largest, the 64x64 GEGLU projection
-/// at batch 2 (`[8192, 320]` by `[2560, 320]`, 84 MB out), this 145 to 155 ms on 2 AVX2 cores.
-/// Not differentiable: for detached operands (the frozen layers' forward).
-pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// `x W^T + b` for contiguous f32 `x` `[.., in]`, `weight` `[out, in]` and `bias` `[out]`, where
+/// `x` has at least [`LINEAR_MIN_SLAB`] rows per thread (else `None`): each task takes a slab of
+/// `x`'s rows, sets its output rows to the bias and adds its product into them on its own thread,
+/// where candle's product (on gemm's threads) writes the output and a broadcast add reads it and
+/// writes it again. Not differentiable: for detached operands (the frozen layers' forward).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     const NAME: &str = "linear-cpu";
     let (n_out, n_in) = weight.dims2()?;
     let dims = x.dims();
@@ -174,6 +173,10 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         bail!("{NAME}: input {dims:?}, weight {:?} and bias {:?} do not make a linear layer", weight.dims(), bias.map(Tensor::dims))
     }
     let rows = x.elem_count() / n_in;
+    let threads = rayon::current_num_threads().max(1);
+    if rows < threads * LINEAR_MIN_SLAB {
+        return Ok(None);
+    }
     let guards = [Some(x), Some(weight), bias].map(|t| t.map(Tensor::storage_and_layout));
     let slice = |i: usize, len: usize| -> Result<Option<&[f32]>> {
         let Some((storage, layout)) = &guards[i] else { return Ok(None) };
@@ -184,11 +187,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     };
     let (Some(x), Some(w)) = (slice(0, rows * n_in)?, slice(1, n_out * n_in)?) else { unreachable!("x and weight are given") };
     let b = slice(2, n_out)?;
-    // Two slabs per thread, but no fewer than 256 rows where each thread can have one: each task
-    // packs the whole weight for its rows (at 16x16 latents, 512 rows by a 52 MB weight, four
-    // slabs took 10 % longer than two).
-    let threads = rayon::current_num_threads().max(1);
-    let slab = rows.div_ceil(2 * threads).max(256).min(rows.div_ceil(threads));
+    let slab = rows.div_ceil(2 * threads).max(LINEAR_MIN_SLAB);
     let mut out = Vec::with_capacity(rows * n_out);
     out.spare_capacity_mut()[..rows * n_out].par_chunks_mut(slab * n_out).zip(x.par_chunks(slab * n_in)).for_each(|(dst, x)| {
         for row in dst.chunks_exact_mut(n_out) {
@@ -205,8 +204,13 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     unsafe { out.set_len(rows * n_out) };
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("x has a last dimension") = n_out;
-    Tensor::from_vec(out, out_dims, &candle_core::Device::Cpu)
+    Tensor::from_vec(out, out_dims, &candle_core::Device::Cpu).map(Some)
 }
+
+/// The fewest rows per task of [`linear`]: each task packs the whole weight for its rows, where
+/// gemm's own threads share one packing. At 512 rows by SD's 52 MB GEGLU projection at 16x16
+/// latents, slabs of 256 took 1.23 times candle's product and add.
+pub const LINEAR_MIN_SLAB: usize = 512;
 
 /// `s^T = scale k q^T`, `[seq_k, m]`, for a block of query rows `q` `[m, d]` and keys `k`
 /// `[seq_k, d]`. Transposed for gemm, which computes a row-major product transposed: so it reads
@@ -1055,24 +1059,27 @@ mod tests {
     #[test]
     fn linear_matches_candles_product_and_bias_over_partial_slabs() -> Result<()> {
         let cpu = Device::Cpu;
-        // 600 rows: slabs of 256, 256 and 88 on two threads; 3 rows: one slab.
-        for (dims, n_in, n_out) in [(vec![2, 300], 48, 40), (vec![3], 7, 5)] {
-            let x_dims: Vec<usize> = dims.iter().copied().chain([n_in]).collect();
-            let x = Tensor::randn(0f32, 1.0, x_dims, &cpu)?;
+        let two_threads = rayon::ThreadPoolBuilder::new().num_threads(2).build().map_err(candle_core::Error::wrap)?;
+        two_threads.install(|| {
+            // 1 200 rows on two threads: slabs of 512, 512 and 176.
+            let (dims, n_in, n_out) = ([2, 600], 48, 40);
+            let x = Tensor::randn(0f32, 1.0, (dims[0], dims[1], n_in), &cpu)?;
             let w = Tensor::randn(0f32, 1.0, (n_out, n_in), &cpu)?;
             let b = Tensor::randn(0f32, 1.0, n_out, &cpu)?;
             let product = x.broadcast_matmul(&w.t()?)?;
             for (bias, expected) in [(Some(&b), product.broadcast_add(&b)?), (None, product.clone())] {
-                let ours = linear(&x, &w, bias)?;
+                let ours = linear(&x, &w, bias)?.expect("1 200 rows take the slabs");
                 assert_eq!(ours.dims(), expected.dims());
                 let err = (ours - &expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
                 assert!(err < 1e-4, "{:?} x [{n_out}, {n_in}], bias {}: off by {err}", x.dims(), bias.is_some());
             }
-        }
-        let x = Tensor::zeros((4, 6), DType::F32, &cpu)?;
-        assert!(linear(&x, &Tensor::zeros((3, 5), DType::F32, &cpu)?, None).is_err());
-        assert!(linear(&x, &Tensor::zeros((3, 6), DType::F32, &cpu)?, Some(&Tensor::zeros(4, DType::F32, &cpu)?)).is_err());
-        Ok(())
+            // Fewer rows than a slab per thread: left to candle.
+            assert!(linear(&x.narrow(1, 0, 500)?.contiguous()?, &w, Some(&b))?.is_none());
+            let x = Tensor::zeros((1024, 6), DType::F32, &cpu)?;
+            assert!(linear(&x, &Tensor::zeros((3, 5), DType::F32, &cpu)?, None).is_err());
+            assert!(linear(&x, &Tensor::zeros((3, 6), DType::F32, &cpu)?, Some(&Tensor::zeros(4, DType::F32, &cpu)?)).is_err());
+            Ok(())
+        })
     }
 
     #[test]

@@ -505,7 +505,9 @@ impl Linear {
     fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
         let operands = [Some(xs), Some(&self.weight), self.bias.as_ref()];
         if operands.iter().flatten().all(|t| cpu_kernels::applies(t) && !t.track_op()) {
-            return cpu_kernels::linear(xs, &self.weight, self.bias.as_ref());
+            if let Some(ys) = cpu_kernels::linear(xs, &self.weight, self.bias.as_ref())? {
+                return Ok(ys);
+            }
         }
         let ys = matmul_rows(xs, &self.weight)?;
         match &self.bias {
