@@ -811,9 +811,11 @@ impl CustomOp2 for WinogradConv {
 /// `G g G^T` of each 3x3 kernel of `weight` `[c_out, c_in, 3, 3]`, as 16 matrices `[c_out, c_in]`
 /// (the products' left operands), one output channel's rows per task, gathered in a buffer of the
 /// task's and written a row at a time (written value by value into the 16 matrices, this took
-/// twice the time: at 1 280 channels 98 against 56 ms).
+/// twice the time: at 1 280 channels 98 against 56 ms), into memory not zeroed first (zeroed on
+/// the calling thread, 21.5 against 18.5 ms at 1 280 channels, 6.8 against 4.7 at 640).
 fn transformed_kernel(weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
-    let mut u = vec![0f32; 16 * c_out * c_in];
+    let len = 16 * c_out * c_in;
+    let mut u: Vec<f32> = Vec::with_capacity(len);
     let u_ptr = u.as_mut_ptr() as usize;
     weight.par_chunks_exact(9 * c_in).enumerate().for_each_init(
         || vec![0f32; 16 * c_in],
@@ -824,11 +826,14 @@ fn transformed_kernel(weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
                 }
             }
             for (i, row) in rows.chunks_exact(c_in).enumerate() {
-                // SAFETY: row `o` of each of the 16 matrices is this task's alone, inside `u`.
-                unsafe { std::slice::from_raw_parts_mut((u_ptr as *mut f32).add((i * c_out + o) * c_in), c_in) }.copy_from_slice(row);
+                // SAFETY: row `o` of each of the 16 matrices is this task's alone, inside `u`'s
+                // capacity.
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), (u_ptr as *mut f32).add((i * c_out + o) * c_in), c_in) };
             }
         },
     );
+    // SAFETY: the tasks wrote every element: row `o` of each of the 16 matrices for every `o`.
+    unsafe { u.set_len(len) };
     u
 }
 
