@@ -1777,6 +1777,27 @@ mod tests {
     }
 
     #[test]
+    fn a_frozen_linear_layer_with_many_rows_keeps_its_value_and_input_gradient() -> Result<()> {
+        // 1 200 rows on two threads: the CPU's fused product and bias (`cpu_kernels::linear`).
+        let two_threads = rayon::ThreadPoolBuilder::new().num_threads(2).build().map_err(candle_core::Error::wrap)?;
+        two_threads.install(|| {
+            let cpu = Device::Cpu;
+            let (w, b) = (Tensor::randn(0f32, 1.0, (40, 48), &cpu)?, Tensor::randn(0f32, 1.0, 40, &cpu)?);
+            let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 600, 48), &cpu)?)?;
+            let ys = Linear::new(w.clone(), Some(b.clone())).forward(x.as_tensor())?;
+            let expected = x.as_tensor().detach().broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+            let diff = (&ys - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "forward off by {diff}");
+            // d sum(y) / dx = 1 W: every row the column sums of W.
+            let grad = ys.sum_all()?.backward()?.get(x.as_tensor()).cloned().expect("an input gradient");
+            let expected = w.sum_keepdim(0)?.broadcast_as(grad.shape())?;
+            let diff = (grad - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "input gradient off by {diff}");
+            Ok(())
+        })
+    }
+
+    #[test]
     fn lora_with_zero_b_equals_the_base_layer_and_loads_from_the_var_builder() -> Result<()> {
         let (w, b) = (randn(&[4, 6])?, randn(&[4])?);
         let mut ts = std::collections::HashMap::new();
